@@ -1,0 +1,305 @@
+"""Flax NNX layers: ``SMoADense`` (and the ``LoRADense`` / ``HiRADense`` baselines).
+
+Each is a drop-in for ``nnx.Linear``: the frozen weights keep the paths ``kernel`` ``(in, out)``
+and ``bias`` ``(out,)``, so checkpoints and sharding rules written for ``nnx.Linear`` still apply.
+The adapter adds:
+
+* ``lora_a``, ``lora_b`` -- trainable, of type :class:`SMoAParam` (a subclass of
+  ``nnx.LoRAParam``): ``nnx.Optimizer(model, tx, wrt=smoa_jax.SMoAParam)`` trains only them;
+* ``in_perm``, ``out_perm`` -- SMoA only, of type :class:`SpectralIndex`: the spectral
+  permutations, non-trainable state that is saved with the adapter.
+
+The math lives in :mod:`smoa_jax.ops`; these classes only hold state and pick the path
+(folded when the adapter's dropout is inactive, unfolded otherwise).
+
+Example::
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import smoa_jax
+    >>> linear = nnx.Linear(16, 24, rngs=nnx.Rngs(0))
+    >>> layer = smoa_jax.SMoADense.from_linear(
+    ...     linear, smoa_jax.SMoAConfig(r=4, num_blocks=2, alpha=8), rngs=nnx.Rngs(1))
+    >>> y = layer(jnp.ones((3, 16)))          # == linear(x) at step 0 (b = 0)
+    >>> layer.delta_weight().shape
+    (16, 24)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ClassVar, Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import dtypes, initializers
+from flax.typing import Dtype, Initializer, PrecisionLike
+
+from smoa_jax import ops
+from smoa_jax.config import AdapterConfig, HiRAConfig, LoRAConfig, SMoAConfig
+from smoa_jax.errors import ConfigError, KernelError
+from smoa_jax.spectral import SpectralBlocks, spectral_blocks
+
+__all__ = [
+    "SMoAParam",
+    "SpectralIndex",
+    "AdaptedDense",
+    "SMoADense",
+    "HiRADense",
+    "LoRADense",
+    "adapter_class",
+]
+
+default_kernel_init = initializers.lecun_normal()
+
+
+class SMoAParam(nnx.LoRAParam):
+  """Variable type of every trainable adapter array (and of fully fine-tuned kernels)."""
+
+
+class SpectralIndex(nnx.Variable):
+  """Non-trainable int32 permutation of a kernel's coordinates (spectral order)."""
+
+
+def _factor_sharding(kernel: nnx.Variable, a_ndim: int) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Adapter factors inherit the kernel's ``(in, out)`` mesh axes; block and rank axes replicate."""
+  spec = kernel.get_metadata("out_sharding", None)
+  if spec is None or len(spec) != 2:
+    return {}, {}
+  in_axis, out_axis = spec
+  if a_ndim == 3:  # SMoA / HiRA: a (K, max_in, max_r), b (K, max_r, max_out)
+    return {"out_sharding": (None, in_axis, None)}, {"out_sharding": (None, None, out_axis)}
+  return {"out_sharding": (in_axis, None)}, {"out_sharding": (None, out_axis)}
+
+
+class AdaptedDense(nnx.Module):
+  """``nnx.Linear`` plus a trainable low-rank update; see the module docstring.
+
+  Args:
+    in_features, out_features: kernel shape ``(in, out)``.
+    config: the adapter config; its class must match the layer class.
+    use_bias, dtype, param_dtype, precision, kernel_init, bias_init: as in ``nnx.Linear``.
+    rngs: ``params`` initializes the factors (and new weights); ``dropout`` drives adapter dropout.
+    kernel, bias: existing frozen weights (arrays or ``nnx.Param``; a Variable is reused as is,
+      metadata included) instead of freshly initialized ones.
+    blocks: precomputed spectral blocks for ``kernel`` (SMoA), e.g. from a saved adapter.
+  """
+
+  config_type: ClassVar[type[AdapterConfig]] = AdapterConfig
+
+  def __init__(
+      self,
+      in_features: int,
+      out_features: int,
+      config: AdapterConfig,
+      *,
+      use_bias: bool = True,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+      precision: PrecisionLike = None,
+      kernel_init: Initializer = default_kernel_init,
+      bias_init: Initializer = initializers.zeros_init(),
+      rngs: nnx.Rngs,
+      kernel: nnx.Param | jax.Array | None = None,
+      bias: nnx.Param | jax.Array | None = None,
+      blocks: SpectralBlocks | None = None,
+  ):
+    if not isinstance(config, self.config_type):
+      raise ConfigError(f"{type(self).__name__} needs a {self.config_type.__name__}, got "
+                        f"{type(config).__name__}; use smoa_jax.adapter_class(config) to pick the layer.")
+    config.check_layer(in_features, out_features, type(self).__name__)
+    if kernel is None:
+      kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
+    self.kernel = kernel if isinstance(kernel, nnx.Variable) else nnx.Param(jnp.asarray(kernel))
+    if tuple(self.kernel.shape) != (in_features, out_features):
+      raise KernelError(f"kernel has shape {tuple(self.kernel.shape)}, expected (in, out) = "
+                        f"{(in_features, out_features)}.")
+    if use_bias and bias is None:
+      bias = bias_init(rngs.params(), (out_features,), param_dtype)
+    if use_bias:
+      self.bias = bias if isinstance(bias, nnx.Variable) else nnx.Param(jnp.asarray(bias))
+    else:
+      self.bias = nnx.data(None)
+    self.in_features = in_features
+    self.out_features = out_features
+    self.use_bias = use_bias
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.precision = precision
+    self.config = config
+    self.merged = False
+    self.disabled = False
+    self.op = self._make_op(blocks)
+    a, b = self.op.init_factors(rngs.params(), config.param_dtype)
+    a_meta, b_meta = _factor_sharding(self.kernel, a.ndim)
+    self.lora_a = SMoAParam(a, **a_meta)
+    self.lora_b = SMoAParam(b, **b_meta)
+    self.dropout = nnx.Dropout(config.dropout, rngs=rngs if config.dropout > 0 else None)
+
+  def _make_op(self, blocks: SpectralBlocks | None) -> ops.SMoAOp | ops.LoRAOp:
+    del blocks
+    return ops.make_op(self.config, self.in_features, self.out_features)
+
+  def _perms(self) -> ops.Perms:
+    return None
+
+  @classmethod
+  def from_linear(cls, linear: nnx.Linear, config: AdapterConfig, *, rngs: nnx.Rngs,
+                  blocks: SpectralBlocks | None = None) -> "AdaptedDense":
+    """Adapt an existing ``nnx.Linear``: its ``kernel``/``bias`` Variables are reused, not copied."""
+    if not hasattr(linear, "kernel") or len(getattr(linear.kernel, "shape", ())) != 2:
+      raise KernelError(f"from_linear needs an nnx.Linear-like layer with a 2-D kernel, got "
+                        f"{type(linear).__name__}.")
+    in_features, out_features = linear.kernel.shape
+    bias = getattr(linear, "bias", None)
+    return cls(in_features, out_features, config, use_bias=bias is not None,
+               dtype=getattr(linear, "dtype", None),
+               param_dtype=getattr(linear, "param_dtype", linear.kernel.dtype),
+               precision=getattr(linear, "precision", None), rngs=rngs, kernel=linear.kernel,
+               bias=bias, blocks=blocks)
+
+  # -- math -------------------------------------------------------------------------------------
+  def base_kernel(self) -> jax.Array:
+    """The pristine frozen kernel ``W`` (recovered exactly-up-to-rounding when merged)."""
+    kernel = self.kernel[...]
+    if self.merged:
+      return self.op.unmerged_kernel(kernel, self.lora_a[...], self.lora_b[...], self._perms())
+    return kernel
+
+  def delta_weight(self) -> jax.Array:
+    """The dense update ``dW (in, out)`` (adapter dtype); zero outside SMoA's K blocks."""
+    return self.op.delta(self.base_kernel(), self.lora_a[...], self.lora_b[...], self._perms())
+
+  @property
+  def num_trainable_params(self) -> int:
+    """Trainable adapter parameters, padding excluded."""
+    return self.op.layout.num_params if isinstance(self.op, ops.SMoAOp) else self.op.num_params
+
+  def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
+               rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
+    """``y = x @ W + bias + dropout(x) @ dW`` for ``inputs (..., in)`` -> ``(..., out)``."""
+    kernel = self.kernel[...]
+    bias = self.bias[...] if self.bias is not None else None
+    x, kernel, bias = dtypes.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+    if self.merged and self.disabled:
+      y = jnp.matmul(x, self.base_kernel().astype(x.dtype), precision=self.precision)
+    elif self.merged or self.disabled:
+      y = jnp.matmul(x, kernel, precision=self.precision)
+    else:
+      drop = self.config.dropout > 0 and not (
+          deterministic if deterministic is not None else self.dropout.deterministic)
+      x_adapter = self.dropout(x, deterministic=False, rngs=rngs) if drop else None
+      y = self.op.apply(x, x_adapter, kernel, self.lora_a[...], self.lora_b[...], self._perms(),
+                        self.precision)
+    if bias is not None:
+      y = y + bias
+    return y
+
+  # -- merge ------------------------------------------------------------------------------------
+  def merge(self) -> None:
+    """Fold dW into the kernel (float32 sum, cast back); the forward then costs a plain matmul."""
+    if self.merged:
+      return
+    a, b = self.lora_a[...], self.lora_b[...]
+    if isinstance(self.op, ops.SMoAOp):
+      factor = self.op.modulation(a, b, self._perms())
+      if bool(jnp.any(jnp.abs(factor) < 1e-6)):
+        raise ConfigError(
+            f"cannot merge {type(self).__name__}: some entries of 1 + (alpha/r) a_k b_k are ~0, so "
+            "W could not be recovered by unmerge. Use merge_and_unload (which never unmerges) or "
+            "keep the layer unmerged.")
+    self.kernel[...] = self.op.merged_kernel(self.kernel[...], a, b, self._perms())
+    self.merged = True
+
+  def unmerge(self) -> None:
+    """Undo :meth:`merge` (W is recovered up to float rounding)."""
+    if not self.merged:
+      return
+    self.kernel[...] = self.base_kernel()
+    self.merged = False
+
+  def folded_kernel(self) -> jax.Array:
+    """``W + dW`` in the kernel's dtype (summed in float32), without changing the layer."""
+    if self.merged:
+      return self.kernel[...]
+    return self.op.merged_kernel(self.kernel[...], self.lora_a[...], self.lora_b[...], self._perms())
+
+  def to_linear(self) -> nnx.Linear:
+    """A plain ``nnx.Linear`` holding ``W + dW`` (the adapter folded in)."""
+    kernel = self.folded_kernel()
+    bias = self.bias[...] if self.use_bias else None
+    metadata = {k: v for k, v in self.kernel.get_metadata().items() if k == "out_sharding"}
+    bias_metadata = ({k: v for k, v in self.bias.get_metadata().items() if k == "out_sharding"}
+                     if self.use_bias else {})
+    linear = nnx.Linear(
+        self.in_features, self.out_features, use_bias=self.use_bias, dtype=self.dtype,
+        param_dtype=kernel.dtype, precision=self.precision, rngs=nnx.Rngs(0),
+        kernel_init=lambda *_: kernel, bias_init=lambda *_: bias,
+        kernel_metadata=metadata, bias_metadata=bias_metadata)
+    return linear
+
+  @contextlib.contextmanager
+  def disable(self) -> Iterator[None]:
+    """Within the block the layer computes the base ``x @ W + bias``; restores the prior state."""
+    previous = self.disabled
+    self.disabled = True
+    try:
+      yield
+    finally:
+      self.disabled = previous
+
+
+class SMoADense(AdaptedDense):
+  """SMoA layer: K spectral blocks, ``dW_k = (alpha/r)(a_k b_k) * W_k`` (see :mod:`smoa_jax.ops`).
+
+  ``lora_a`` is ``(K, max|C_k|, max r_k)`` and ``lora_b`` ``(K, max r_k, max|R_k|)``, stacked and
+  zero-padded; ``in_perm``/``out_perm`` hold the spectral order, computed from the kernel at
+  construction unless ``blocks`` is given.
+  """
+
+  config_type = SMoAConfig
+
+  def _make_op(self, blocks: SpectralBlocks | None) -> ops.SMoAOp:
+    if blocks is None:
+      blocks = spectral_blocks(self.kernel[...], self.config.num_blocks,
+                               method=self.config.spectral_method)
+    self.in_perm = SpectralIndex(jnp.asarray(blocks.in_perm, jnp.int32))
+    self.out_perm = SpectralIndex(jnp.asarray(blocks.out_perm, jnp.int32))
+    return ops.make_op(self.config, self.in_features, self.out_features, blocks)
+
+  def _perms(self) -> ops.Perms:
+    return self.in_perm[...], self.out_perm[...]
+
+  @property
+  def blocks(self) -> SpectralBlocks:
+    """The layer's :class:`SpectralBlocks` (permutations and block sizes)."""
+    layout = self.op.layout
+    return SpectralBlocks(self.in_perm[...], self.out_perm[...], layout.in_sizes, layout.out_sizes)
+
+
+class HiRADense(AdaptedDense):
+  """HiRA baseline: ``dW = (alpha/r)(a @ b) * W`` over the whole kernel (SMoA's op, K=1, no permutation).
+
+  ``lora_a`` is ``(1, in, r)`` and ``lora_b`` ``(1, r, out)``.
+  """
+
+  config_type = HiRAConfig
+
+
+class LoRADense(AdaptedDense):
+  """LoRA baseline: ``dW = (alpha/r) a @ b`` with ``lora_a (in, r)`` and ``lora_b (r, out)``."""
+
+  config_type = LoRAConfig
+
+
+_LAYERS: dict[str, type[AdaptedDense]] = {"smoa": SMoADense, "hira": HiRADense, "lora": LoRADense}
+
+
+def adapter_class(config: AdapterConfig) -> type[AdaptedDense]:
+  """The NNX layer class for a config (``SMoAConfig`` -> ``SMoADense``, ...)."""
+  try:
+    return _LAYERS[config.method]
+  except KeyError:
+    raise ConfigError(f"{type(config).__name__} has no adapter layer; expected SMoAConfig, "
+                      "LoRAConfig or HiRAConfig.") from None
