@@ -178,8 +178,9 @@ class SMoAConfig(AdapterConfig):
     alpha: scale numerator; the update is multiplied by ``alpha / r``.
     branch_ranks: optional per-block ranks, K non-negative ints summing to ``r``; a block with
       rank 0 stays frozen.
-    spectral_method: ``"gram"`` (eigh of the smaller Gram matrix + one matmul), ``"svd"``, or
-      ``"auto"`` (= ``"gram"``, measured faster at every size we tried).
+    spectral_method: ``"gram"`` (eigh of the smaller Gram matrix + one matmul, 3-5x faster),
+      ``"svd"``, or ``"auto"`` (Gram, falling back to the SVD for kernels the float32 Gram matrix
+      cannot resolve; see :mod:`smoa_jax.spectral`).
   """
 
   method: ClassVar[str] = "smoa"

@@ -93,8 +93,7 @@ class SMoADense(AdaptedDense):
     def order(which: int) -> jax.Array:
       nonlocal orders
       if orders is None:  # computed once, at init, from the freshly initialized kernel
-        orders = spectral_orders(kernel, "gram" if config.spectral_method == "auto"
-                                 else config.spectral_method)
+        orders = spectral_orders(kernel, config.spectral_method)
       return orders[which]
 
     in_perm = self.variable(SPECTRAL, "in_perm", order, 0)
@@ -117,7 +116,7 @@ class LoRADense(AdaptedDense):
   config_type = LoRAConfig
 
 
-def refresh_spectral(variables: dict[str, Any], method: str = "gram") -> dict[str, Any]:
+def refresh_spectral(variables: dict[str, Any], method: str = "auto") -> dict[str, Any]:
   """Recompute every ``"spectral"`` permutation from the kernel now in ``params``.
 
   Returns a new variables dict (inputs untouched). Raises :class:`ConfigError` if a spectral entry
@@ -130,9 +129,11 @@ def refresh_spectral(variables: dict[str, Any], method: str = "gram") -> dict[st
   refreshed: dict[str, jax.Array] = {}
   compute: Callable[[jax.Array], tuple[jax.Array, jax.Array]] = jax.jit(
       lambda w: spectral_orders(w, method))
-  for module in sorted({key.rsplit("/", 1)[0] for key in spectral}):
-    kernel = params.get(f"{module}/kernel")
+  for module in sorted({key.rpartition("/")[0] for key in spectral}):
+    prefix = f"{module}/" if module else ""
+    kernel = params.get(f"{prefix}kernel")
     if kernel is None:
-      raise ConfigError(f"spectral entry {module!r} has no params['{module}/kernel'] to refresh from.")
-    refreshed[f"{module}/in_perm"], refreshed[f"{module}/out_perm"] = compute(kernel)
+      raise ConfigError(f"spectral entry {module or '<top>'!r} has no params['{prefix}kernel'] to "
+                        "refresh from; pass the variables of the whole model.")
+    refreshed[f"{prefix}in_perm"], refreshed[f"{prefix}out_perm"] = compute(kernel)
   return {**variables, SPECTRAL: unflatten_dict(refreshed, sep="/")}

@@ -98,6 +98,11 @@ class BlockLayout:
             < np.asarray(self.in_sizes)[:, None]).astype(np.float32)[:, :, None]
 
 
+def _wide(*dtypes: Any) -> jnp.dtype:
+  """The dtype merges and sums use: float32, or wider if an input is wider (float64 under x64)."""
+  return jnp.result_type(jnp.float32, *dtypes)
+
+
 def _offsets(sizes: Sequence[int]) -> list[int]:
   return [int(o) for o in np.cumsum((0,) + tuple(sizes[:-1]))]
 
@@ -218,18 +223,20 @@ class SMoAOp:
 
   def merged_kernel(self, kernel: jax.Array, a: jax.Array, b: jax.Array, perms: Perms,
                     dtype: Any = None) -> jax.Array:
-    """``W + dW`` summed in float32, cast to ``dtype`` (default ``kernel.dtype``)."""
-    return (kernel.astype(jnp.float32) + self.delta(kernel, a, b, perms).astype(jnp.float32)).astype(
+    """``W + dW`` summed in float32 (or wider), cast to ``dtype`` (default ``kernel.dtype``)."""
+    wide = _wide(kernel.dtype, self.adapter_dtype)
+    return (kernel.astype(wide) + self.delta(kernel, a, b, perms).astype(wide)).astype(
         kernel.dtype if dtype is None else dtype)
 
   def modulation(self, a: jax.Array, b: jax.Array, perms: Perms) -> jax.Array:
     """The dense factor ``F (in, out)`` with ``W + dW = W * F``: ``1 + scaling a_k b_k`` on block k, 1 elsewhere."""
-    low_rank = self.scaling * self._low_rank(a, b).astype(jnp.float32)
+    low_rank = self.scaling * self._low_rank(a, b).astype(_wide(self.adapter_dtype))
     return 1.0 + _from_block_order(_block_diagonal(low_rank, self.layout), perms)
 
   def unmerged_kernel(self, merged: jax.Array, a: jax.Array, b: jax.Array, perms: Perms) -> jax.Array:
-    """Recover ``W`` from ``W + dW = W * F`` as ``merged / F`` (float32, cast back)."""
-    return (merged.astype(jnp.float32) / self.modulation(a, b, perms)).astype(merged.dtype)
+    """Recover ``W`` from ``W + dW = W * F`` as ``merged / F`` (float32 or wider, cast back)."""
+    wide = _wide(merged.dtype, self.adapter_dtype)
+    return (merged.astype(wide) / self.modulation(a, b, perms).astype(wide)).astype(merged.dtype)
 
   def apply(self, x: jax.Array, x_adapter: jax.Array | None, kernel: jax.Array, a: jax.Array,
             b: jax.Array, perms: Perms, precision: Any = None) -> jax.Array:
@@ -275,7 +282,7 @@ def _folded_bwd(op: SMoAOp, precision, residuals, dy):
   dyb = _split_last(_take_last(dy2, out_perm), layout.out_sizes)  # (K, T, max_out)
   # The block gradients x_k^T dy_k: the only O(T in out / K) work the adapter adds.
   grad_blocks = jnp.einsum("kti,kto->kio", xb, dyb, precision=precision,
-                           preferred_element_type=jnp.float32).astype(op.adapter_dtype)
+                           preferred_element_type=_wide(x.dtype)).astype(op.adapter_dtype)
   anchors = op.anchors(kernel, perms)
   g = op.scaling * grad_blocks * anchors  # dL/d(a_k b_k)
   dt = jnp.dtype(op.adapter_dtype)
@@ -283,8 +290,9 @@ def _folded_bwd(op: SMoAOp, precision, residuals, dy):
   da = jnp.einsum("kio,kro->kir", g, b.astype(dt), precision=_HIGHEST) * layout.rank_mask()
   db = jnp.einsum("kir,kio->kro", a_masked, g, precision=_HIGHEST)
   # Kernel cotangent (dead code under jit when the kernel is frozen, as it is in training).
-  modulated_grad = op.scaling * op._low_rank(a, b).astype(jnp.float32) * grad_blocks
-  dkernel = (jnp.matmul(x2.T, dy2, precision=precision, preferred_element_type=jnp.float32)
+  wide = _wide(x.dtype, kernel.dtype, op.adapter_dtype)
+  modulated_grad = op.scaling * op._low_rank(a, b).astype(wide) * grad_blocks
+  dkernel = (jnp.matmul(x2.T, dy2, precision=precision, preferred_element_type=wide)
              + _from_block_order(_block_diagonal(modulated_grad, layout), perms))
   return dx, dkernel.astype(kernel.dtype), da.astype(a.dtype), db.astype(b.dtype), None
 
@@ -317,12 +325,12 @@ class LoRAOp:
     return self.scaling * jnp.matmul(a.astype(dt), b.astype(dt), precision=_HIGHEST)
 
   def merged_kernel(self, kernel, a, b, perms: Perms = None) -> jax.Array:
-    return (kernel.astype(jnp.float32) + self.delta(kernel, a, b).astype(jnp.float32)).astype(
-        kernel.dtype)
+    wide = _wide(kernel.dtype, self.adapter_dtype)
+    return (kernel.astype(wide) + self.delta(kernel, a, b).astype(wide)).astype(kernel.dtype)
 
   def unmerged_kernel(self, merged, a, b, perms: Perms = None) -> jax.Array:
-    return (merged.astype(jnp.float32) - self.delta(merged, a, b).astype(jnp.float32)).astype(
-        merged.dtype)
+    wide = _wide(merged.dtype, self.adapter_dtype)
+    return (merged.astype(wide) - self.delta(merged, a, b).astype(wide)).astype(merged.dtype)
 
   def apply(self, x, x_adapter, kernel, a, b, perms: Perms = None, precision: Any = None):
     """``x @ W + scaling (x_adapter @ a) @ b`` for ``x (..., in)`` (no bias)."""

@@ -1,0 +1,152 @@
+"""GPT-2 causal LM as NNX modules with HF names.
+
+GPT-2 stores its projections as ``Conv1D`` whose ``weight`` is already ``(in, out)``, so its
+kernels load without a transpose. The fused ``c_attn`` projects to ``[q | k | v]``
+``(hidden, 3 * hidden)``. Module paths::
+
+    transformer/wte, transformer/wpe        embedding (vocab | positions, hidden)
+    transformer/h/0/ln_1, .../ln_2          LayerNorm scale, bias (hidden)
+    transformer/h/0/attn/c_attn             kernel (hidden, 3*hidden)
+    transformer/h/0/attn/c_proj             kernel (hidden, hidden)
+    transformer/h/0/mlp/c_fc                kernel (hidden, inner)
+    transformer/h/0/mlp/c_proj              kernel (inner, hidden)
+    transformer/ln_f, lm_head               lm_head absent when tied (the GPT-2 default)
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.typing import Dtype
+
+from smoa_jax.errors import ConfigError
+from smoa_jax.models._common import (HFModel, KeyMap, KeyRule, LayerFactory, activation, attention,
+                                     hf_get, linear_rules, make_attention_mask, norm_rules)
+
+__all__ = ["GPT2LMHeadModel"]
+
+
+class GPT2Attention(nnx.Module):
+  """Causal self-attention with the fused ``c_attn`` and output ``c_proj``."""
+
+  def __init__(self, hidden: int, heads: int, scale: float, f: LayerFactory):
+    self.c_attn = f.linear(hidden, 3 * hidden, True)
+    self.c_proj = f.linear(hidden, hidden, True)
+    self.num_heads, self.head_dim, self.scale = heads, hidden // heads, scale
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """``x (B, T, hidden)``, ``mask (B | 1, 1, T, T)`` -> ``(B, T, hidden)``."""
+    batch, length, hidden = x.shape
+    q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
+    shape = (batch, length, self.num_heads, self.head_dim)
+    out = attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), mask, self.scale)
+    return self.c_proj(out.reshape(batch, length, hidden))
+
+
+class GPT2MLP(nnx.Module):
+  """``c_proj(act(c_fc(x)))``."""
+
+  def __init__(self, hidden: int, inner: int, act: str, f: LayerFactory):
+    self.c_fc = f.linear(hidden, inner, True)
+    self.c_proj = f.linear(inner, hidden, True)
+    self.act = act
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.c_proj(activation(self.act)(self.c_fc(x)))
+
+
+class GPT2Block(nnx.Module):
+  """Pre-norm block: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``."""
+
+  def __init__(self, config: Mapping[str, Any], layer_idx: int, f: LayerFactory):
+    hidden, heads = config["n_embd"], config["n_head"]
+    eps = float(config.get("layer_norm_epsilon", 1e-5))
+    scale = (hidden // heads) ** -0.5 if config.get("scale_attn_weights", True) else 1.0
+    if config.get("scale_attn_by_inverse_layer_idx", False):
+      scale /= layer_idx + 1
+    self.ln_1 = f.layer_norm(hidden, eps)
+    self.attn = GPT2Attention(hidden, heads, scale, f)
+    self.ln_2 = f.layer_norm(hidden, eps)
+    self.mlp = GPT2MLP(hidden, config.get("n_inner") or 4 * hidden,
+                       config.get("activation_function", "gelu_new"), f)
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    x = x + self.attn(self.ln_1(x), mask)
+    return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Model(nnx.Module):
+  """``wte`` + ``wpe`` embeddings, the ``h`` blocks (an ``nnx.List``) and ``ln_f``."""
+
+  def __init__(self, config: Mapping[str, Any], f: LayerFactory):
+    hidden = config["n_embd"]
+    self.wte = f.embed(config["vocab_size"], hidden)
+    self.wpe = f.embed(config["n_positions"], hidden)
+    self.h = nnx.List([GPT2Block(config, i, f) for i in range(config["n_layer"])])
+    self.ln_f = f.layer_norm(hidden, float(config.get("layer_norm_epsilon", 1e-5)))
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               position_ids: jax.Array | None = None) -> jax.Array:
+    """``input_ids (B, T)`` -> hidden states ``(B, T, hidden)`` after ``ln_f``."""
+    length = input_ids.shape[1]
+    if position_ids is None:
+      position_ids = jnp.arange(length)[None]
+    x = self.wte(input_ids) + self.wpe(position_ids)
+    mask = make_attention_mask(attention_mask, length, causal=True)
+    for block in self.h:
+      x = block(x, mask)
+    return self.ln_f(x)
+
+
+class GPT2LMHeadModel(HFModel):
+  """GPT-2 causal LM: ``model(input_ids, attention_mask=None) -> logits (B, T, vocab)``.
+
+  Args:
+    hf_config: the Hugging Face config (dict or ``transformers.GPT2Config``).
+    dtype, param_dtype: compute and storage dtypes (storage float32 by default).
+    rngs: initializes the weights (``normal(initializer_range)``).
+  """
+
+  architecture: ClassVar[str] = "GPT2LMHeadModel"
+
+  def __init__(self, hf_config: Mapping[str, Any], *, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    config = self._set_hf_config(hf_config)
+    for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+      hf_get(config, name)
+    if config["n_embd"] % config["n_head"]:
+      raise ConfigError(f"n_embd={config['n_embd']} is not a multiple of n_head={config['n_head']}.")
+    if config.get("add_cross_attention"):
+      raise ConfigError("GPT-2 with add_cross_attention=True is not supported; expected a "
+                        "decoder-only GPT2LMHeadModel config.")
+    activation(config.get("activation_function", "gelu_new"))
+    f = LayerFactory(dtype, param_dtype, float(config.get("initializer_range", 0.02)), rngs)
+    self.transformer = GPT2Model(config, f)
+    self.lm_head = (None if config.get("tie_word_embeddings", True)
+                    else f.linear(config["n_embd"], config["vocab_size"], False))
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               position_ids: jax.Array | None = None) -> jax.Array:
+    """``input_ids (B, T)``, ``attention_mask (B, T)`` 1/0 -> logits ``(B, T, vocab)``."""
+    hidden = self.transformer(input_ids, attention_mask, position_ids)
+    if self.lm_head is None:
+      return self.transformer.wte.attend(hidden)
+    return self.lm_head(hidden)
+
+  def key_map(self) -> KeyMap:
+    block, path = "transformer.h.{i}", "transformer/h/{i}"
+    rules = (
+        KeyRule("transformer.{e:wte|wpe}.weight", "transformer/{e}/embedding"),
+        *norm_rules(f"{block}.{{n:ln_1|ln_2}}", f"{path}/{{n}}"),
+        *linear_rules(f"{block}.attn.{{p:c_attn|c_proj}}", f"{path}/attn/{{p}}", transpose=False),
+        *linear_rules(f"{block}.mlp.{{p:c_fc|c_proj}}", f"{path}/mlp/{{p}}", transpose=False),
+        *norm_rules("transformer.ln_f", "transformer/ln_f"),
+        KeyRule("lm_head.weight", "lm_head/kernel", transpose=True),
+    )
+    ignore = (f"{block}.attn.bias", f"{block}.attn.masked_bias")
+    if self.lm_head is None:
+      ignore += ("lm_head.weight",)
+    return KeyMap(rules, ignore=ignore, prefix="transformer")

@@ -1,0 +1,312 @@
+"""Llama-family causal LMs (Llama, Mistral, Qwen2, Qwen3) as NNX modules with HF names.
+
+One decoder serves the four families; they differ only in :class:`DecoderSpec` fields read from
+the HF config: which projections carry biases (Qwen2: q/k/v only), per-head q/k RMSNorm (Qwen3),
+sliding-window layers (Mistral, Qwen2/3 ``layer_types``). Supported: grouped-query attention,
+``head_dim != hidden/heads``, RoPE of type ``default``, ``linear`` and ``llama3`` (read from
+transformers 5.x ``rope_parameters`` or 4.x ``rope_theta`` + ``rope_scaling``), tied or untied
+embeddings, causal + padding masks. No KV cache: ``model(input_ids)`` recomputes the sequence.
+
+Module paths mirror the HF state dict, so ``target_modules`` means what it means in PEFT::
+
+    model/embed_tokens                      embedding (vocab, hidden)
+    model/layers/3/self_attn/q_proj         kernel (hidden, heads*head_dim)   [also k/v/o_proj]
+    model/layers/3/self_attn/q_norm         scale (head_dim)                  [Qwen3]
+    model/layers/3/mlp/down_proj            kernel (intermediate, hidden)     [also gate/up_proj]
+    model/layers/3/input_layernorm          scale (hidden)
+    model/norm, lm_head                     lm_head absent when embeddings are tied
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.typing import Dtype
+
+from smoa_jax.errors import ConfigError
+from smoa_jax.models._common import (HFModel, KeyMap, KeyRule, LayerFactory, activation, attention,
+                                     hf_get, linear_rules, make_attention_mask, norm_rules)
+
+__all__ = [
+    "DecoderSpec", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM", "rope_inv_freq", "apply_rope",
+]
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_inv_freq(hf_config: Mapping[str, Any], head_dim: int) -> np.ndarray:
+  """RoPE inverse frequencies ``(head_dim // 2,)`` float32, as transformers computes them.
+
+  ``default``: ``theta ** (-2i / head_dim)``; ``linear``: divided by ``factor``; ``llama3``:
+  wavelengths above ``original_max_position_embeddings / low_freq_factor`` divided by ``factor``,
+  those below ``... / high_freq_factor`` kept, a smooth blend in between.
+  """
+  params = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
+  theta = float(params.get("rope_theta", hf_config.get("rope_theta", 10000.0)))
+  rope_type = params.get("rope_type", params.get("type", "default"))
+  inv_freq = (1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)).astype(np.float32)
+  if rope_type == "default":
+    return inv_freq
+  if rope_type == "linear":
+    return (inv_freq / np.float32(params["factor"])).astype(np.float32)
+  if rope_type == "llama3":
+    factor = params["factor"]
+    low, high = params["low_freq_factor"], params["high_freq_factor"]
+    old_len = params["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return np.where(medium, blended, scaled).astype(np.float32)
+  raise ConfigError(f"rope type {rope_type!r} is not supported; expected one of {ROPE_TYPES} "
+                    "(rope_parameters.rope_type in config.json).")
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotate ``x (B, T, N, D)`` by ``cos``/``sin (B | 1, T, D)`` (HF's rotate-half layout)."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+def _rope_tables(position_ids: jax.Array, inv_freq: tuple[float, ...],
+                 dtype: Dtype) -> tuple[jax.Array, jax.Array]:
+  """``position_ids (B | 1, T)`` -> ``cos, sin (B | 1, T, D)`` computed in float32, cast to dtype."""
+  freqs = position_ids[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderSpec:
+  """Static shape and feature flags of a Llama-family decoder, read from an HF config."""
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rms_norm_eps: float
+  hidden_act: str
+  qkv_bias: bool
+  o_bias: bool
+  mlp_bias: bool
+  qk_norm: bool
+  tie_word_embeddings: bool
+  sliding_windows: tuple[int | None, ...]  # per layer; None = full causal attention
+  inv_freq: tuple[float, ...]
+  initializer_range: float
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ConfigError(f"num_attention_heads={self.num_heads} is not a multiple of "
+                        f"num_key_value_heads={self.num_kv_heads}; grouped-query attention needs it.")
+    activation(self.hidden_act)
+
+
+def _layer_windows(hf_config: Mapping[str, Any], num_layers: int) -> tuple[int | None, ...]:
+  """Per-layer sliding windows from ``layer_types`` (Qwen2/3), or the HF default rule."""
+  window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window") else None
+  types = hf_config.get("layer_types") or [
+      "sliding_attention" if window is not None and i >= hf_config.get("max_window_layers", 0)
+      else "full_attention" for i in range(num_layers)]
+  return tuple(hf_config.get("sliding_window") if t == "sliding_attention" else None for t in types)
+
+
+class LlamaAttention(nnx.Module):
+  """Self-attention with RoPE and grouped KV heads: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``."""
+
+  def __init__(self, spec: DecoderSpec, f: LayerFactory):
+    hidden, heads, kv_heads, head_dim = (spec.hidden_size, spec.num_heads, spec.num_kv_heads,
+                                         spec.head_dim)
+    self.q_proj = f.linear(hidden, heads * head_dim, spec.qkv_bias)
+    self.k_proj = f.linear(hidden, kv_heads * head_dim, spec.qkv_bias)
+    self.v_proj = f.linear(hidden, kv_heads * head_dim, spec.qkv_bias)
+    self.o_proj = f.linear(heads * head_dim, hidden, spec.o_bias)
+    self.q_norm = f.rms_norm(head_dim, spec.rms_norm_eps) if spec.qk_norm else None
+    self.k_norm = f.rms_norm(head_dim, spec.rms_norm_eps) if spec.qk_norm else None
+    self.num_heads, self.num_kv_heads, self.head_dim = heads, kv_heads, head_dim
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
+               mask: jax.Array | None) -> jax.Array:
+    """``x (B, T, hidden)``, rope tables ``(B | 1, T, head_dim)``, mask ``(B | 1, 1, T, T)``."""
+    batch, length, _ = x.shape
+    q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out = attention(q, k, v, mask, self.head_dim ** -0.5)
+    return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nnx.Module):
+  """Gated MLP: ``down_proj(act(gate_proj(x)) * up_proj(x))``."""
+
+  def __init__(self, spec: DecoderSpec, f: LayerFactory):
+    self.gate_proj = f.linear(spec.hidden_size, spec.intermediate_size, spec.mlp_bias)
+    self.up_proj = f.linear(spec.hidden_size, spec.intermediate_size, spec.mlp_bias)
+    self.down_proj = f.linear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias)
+    self.hidden_act = spec.hidden_act
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """``x (..., hidden)`` -> ``(..., hidden)``."""
+    return self.down_proj(activation(self.hidden_act)(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+  """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+  def __init__(self, spec: DecoderSpec, f: LayerFactory):
+    self.self_attn = LlamaAttention(spec, f)
+    self.mlp = LlamaMLP(spec, f)
+    self.input_layernorm = f.rms_norm(spec.hidden_size, spec.rms_norm_eps)
+    self.post_attention_layernorm = f.rms_norm(spec.hidden_size, spec.rms_norm_eps)
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
+               mask: jax.Array | None) -> jax.Array:
+    x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nnx.Module):
+  """The decoder stack: ``embed_tokens``, ``layers`` (an ``nnx.List``), final ``norm``."""
+
+  def __init__(self, spec: DecoderSpec, f: LayerFactory):
+    self.embed_tokens = f.embed(spec.vocab_size, spec.hidden_size)
+    self.layers = nnx.List([LlamaDecoderLayer(spec, f) for _ in range(spec.num_layers)])
+    self.norm = f.rms_norm(spec.hidden_size, spec.rms_norm_eps)
+    self.sliding_windows = spec.sliding_windows
+    self.inv_freq = spec.inv_freq
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               position_ids: jax.Array | None = None) -> jax.Array:
+    """``input_ids (B, T)`` -> final hidden states ``(B, T, hidden)`` (after ``norm``)."""
+    length = input_ids.shape[1]
+    if position_ids is None:
+      position_ids = jnp.arange(length)[None]
+    x = self.embed_tokens(input_ids)
+    cos, sin = _rope_tables(position_ids, self.inv_freq, x.dtype)
+    masks = {w: make_attention_mask(attention_mask, length, causal=True, sliding_window=w)
+             for w in set(self.sliding_windows)}
+    for layer, window in zip(self.layers, self.sliding_windows):
+      x = layer(x, cos, sin, masks[window])
+    return self.norm(x)
+
+
+class LlamaForCausalLM(HFModel):
+  """Llama causal LM: ``model(input_ids, attention_mask=None) -> logits (B, T, vocab)``.
+
+  Args:
+    hf_config: the Hugging Face config (``config.json`` as a dict, or a ``transformers`` config).
+    dtype: compute dtype (None: follow inputs and params).
+    param_dtype: dtype of the stored weights (float32 by default).
+    rngs: initializes the weights (``normal(initializer_range)``), e.g. before loading a checkpoint.
+  """
+
+  architecture: ClassVar[str] = "LlamaForCausalLM"
+
+  def __init__(self, hf_config: Mapping[str, Any], *, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    config = self._set_hf_config(hf_config)
+    self.spec = self.decoder_spec(config)
+    f = LayerFactory(dtype, param_dtype, self.spec.initializer_range, rngs)
+    self.model = LlamaModel(self.spec, f)
+    self.lm_head = (None if self.spec.tie_word_embeddings
+                    else f.linear(self.spec.hidden_size, self.spec.vocab_size, False))
+
+  @classmethod
+  def family_flags(cls, hf_config: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """Bias / q-k norm / sliding-window flags; the one place the families differ."""
+    bias = bool(hf_config.get("attention_bias", False))
+    return dict(qkv_bias=bias, o_bias=bias, mlp_bias=bool(hf_config.get("mlp_bias", False)),
+                qk_norm=False, sliding_windows=(None,) * num_layers)
+
+  @classmethod
+  def decoder_spec(cls, hf_config: Mapping[str, Any]) -> DecoderSpec:
+    """Read a :class:`DecoderSpec` from an HF config dict (raises ConfigError if incomplete)."""
+    hidden = hf_get(hf_config, "hidden_size")
+    heads = hf_get(hf_config, "num_attention_heads")
+    layers = hf_get(hf_config, "num_hidden_layers")
+    head_dim = hf_get(hf_config, "head_dim", default=hidden // heads)
+    return DecoderSpec(
+        vocab_size=hf_get(hf_config, "vocab_size"), hidden_size=hidden,
+        intermediate_size=hf_get(hf_config, "intermediate_size"), num_layers=layers,
+        num_heads=heads, num_kv_heads=hf_get(hf_config, "num_key_value_heads", default=heads),
+        head_dim=head_dim, rms_norm_eps=float(hf_get(hf_config, "rms_norm_eps", default=1e-6)),
+        hidden_act=hf_get(hf_config, "hidden_act", default="silu"),
+        tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+        inv_freq=tuple(float(v) for v in rope_inv_freq(hf_config, head_dim)),
+        initializer_range=float(hf_config.get("initializer_range", 0.02)),
+        **cls.family_flags(hf_config, layers))
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               position_ids: jax.Array | None = None) -> jax.Array:
+    """``input_ids (B, T)`` int, ``attention_mask (B, T)`` 1 = token / 0 = padding, optional
+    ``position_ids (B | 1, T)`` (default ``0..T-1``) -> logits ``(B, T, vocab)``."""
+    hidden = self.model(input_ids, attention_mask, position_ids)
+    if self.lm_head is None:
+      return self.model.embed_tokens.attend(hidden)
+    return self.lm_head(hidden)
+
+  def key_map(self) -> KeyMap:
+    layer = "model.layers.{i}"
+    path = "model/layers/{i}"
+    rules = (
+        KeyRule("model.embed_tokens.weight", "model/embed_tokens/embedding"),
+        *linear_rules(f"{layer}.self_attn.{{p:[qkvo]_proj}}", f"{path}/self_attn/{{p}}"),
+        *norm_rules(f"{layer}.self_attn.{{n:[qk]_norm}}", f"{path}/self_attn/{{n}}"),
+        *linear_rules(f"{layer}.mlp.{{p:gate_proj|up_proj|down_proj}}", f"{path}/mlp/{{p}}"),
+        *norm_rules(f"{layer}.{{n:input_layernorm|post_attention_layernorm}}", f"{path}/{{n}}"),
+        *norm_rules("model.norm", "model/norm"),
+        KeyRule("lm_head.weight", "lm_head/kernel", transpose=True),
+    )
+    ignore = ("model.rotary_emb.inv_freq", f"{layer}.self_attn.rotary_emb.inv_freq")
+    if self.lm_head is None:
+      ignore += ("lm_head.weight",)
+    return KeyMap(rules, ignore=ignore, prefix="model")
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+  """Mistral: Llama without biases; ``sliding_window`` (if set) applies to every layer."""
+
+  architecture: ClassVar[str] = "MistralForCausalLM"
+
+  @classmethod
+  def family_flags(cls, hf_config: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    return dict(qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False,
+                sliding_windows=(hf_config.get("sliding_window"),) * num_layers)
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+  """Qwen2: biases on q/k/v (not o_proj), sliding-window layers per ``layer_types``."""
+
+  architecture: ClassVar[str] = "Qwen2ForCausalLM"
+
+  @classmethod
+  def family_flags(cls, hf_config: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    return dict(qkv_bias=True, o_bias=False, mlp_bias=False, qk_norm=False,
+                sliding_windows=_layer_windows(hf_config, num_layers))
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+  """Qwen3: per-head RMSNorm on q and k (``q_norm``/``k_norm``) before RoPE; ``attention_bias``."""
+
+  architecture: ClassVar[str] = "Qwen3ForCausalLM"
+
+  @classmethod
+  def family_flags(cls, hf_config: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    bias = bool(hf_config.get("attention_bias", False))
+    return dict(qkv_bias=bias, o_bias=bias, mlp_bias=False, qk_norm=True,
+                sliding_windows=_layer_windows(hf_config, num_layers))
