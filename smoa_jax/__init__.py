@@ -8,23 +8,34 @@ The public surface; import from here, not from submodules (they may move)::
 """
 
 from smoa_jax import linen
+from smoa_jax.adapter_io import load_adapter, save_adapter
+from smoa_jax.checkpoint import TrainCheckpointer
 from smoa_jax.config import (AdapterConfig, FullFineTuneConfig, HiRAConfig, LoRAConfig, SMoAConfig,
                              config_from_dict)
 from smoa_jax.errors import (AdapterMismatchError, CheckpointError, ConfigError, DataError,
                              KernelError, NonFiniteLossError, SMoAError, TargetError)
+from smoa_jax.inject import (AdapterReport, adapter_layers, apply_adapter, disable_adapter,
+                             mark_trainable, merge_adapters, merge_and_unload, unmerge_adapters)
 from smoa_jax.nnx import (AdaptedDense, HiRADense, LoRADense, SMoADense, SMoAParam, SpectralIndex,
                           adapter_class)
 from smoa_jax.ops import delta_weight
+from smoa_jax.partition import freeze_base, masked_recipe, trainable_labels, trainable_mask
 from smoa_jax.spectral import (SpectralBlocks, centroid_scores, identity_blocks, spectral_blocks,
                                spectral_blocks_batched, spectral_orders)
+from smoa_jax.training import (CausalLMTask, ClassificationTask, TrainConfig, TrainResult, evaluate,
+                            train)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaptedDense", "AdapterConfig", "AdapterMismatchError", "CheckpointError", "ConfigError",
-    "DataError", "FullFineTuneConfig", "HiRAConfig", "HiRADense", "KernelError", "LoRAConfig",
-    "LoRADense", "NonFiniteLossError", "SMoAConfig", "SMoADense", "SMoAError", "SMoAParam",
-    "SpectralBlocks", "SpectralIndex", "TargetError", "adapter_class", "centroid_scores",
-    "config_from_dict", "delta_weight", "identity_blocks", "linen", "spectral_blocks",
-    "spectral_blocks_batched", "spectral_orders",
+    "AdaptedDense", "AdapterConfig", "AdapterMismatchError", "AdapterReport", "CausalLMTask",
+    "CheckpointError", "ClassificationTask", "ConfigError", "DataError", "FullFineTuneConfig",
+    "HiRAConfig", "HiRADense", "KernelError", "LoRAConfig", "LoRADense", "NonFiniteLossError",
+    "SMoAConfig", "SMoADense", "SMoAError", "SMoAParam", "SpectralBlocks", "SpectralIndex",
+    "TargetError", "TrainCheckpointer", "TrainConfig", "TrainResult", "adapter_class",
+    "adapter_layers", "apply_adapter", "centroid_scores", "config_from_dict", "delta_weight",
+    "disable_adapter", "evaluate", "freeze_base", "identity_blocks", "linen", "load_adapter",
+    "mark_trainable", "masked_recipe", "merge_adapters", "merge_and_unload", "save_adapter",
+    "spectral_blocks", "spectral_blocks_batched", "spectral_orders", "train", "trainable_labels",
+    "trainable_mask", "unmerge_adapters",
 ]

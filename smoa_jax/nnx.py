@@ -68,9 +68,11 @@ def _factor_sharding(kernel: nnx.Variable, a_ndim: int) -> tuple[dict[str, Any],
   if spec is None or len(spec) != 2:
     return {}, {}
   in_axis, out_axis = spec
+  eager = {"eager_sharding": kernel.get_metadata("eager_sharding", True)}
   if a_ndim == 3:  # SMoA / HiRA: a (K, max_in, max_r), b (K, max_r, max_out)
-    return {"out_sharding": (None, in_axis, None)}, {"out_sharding": (None, None, out_axis)}
-  return {"out_sharding": (in_axis, None)}, {"out_sharding": (None, out_axis)}
+    return ({"out_sharding": (None, in_axis, None), **eager},
+            {"out_sharding": (None, None, out_axis), **eager})
+  return {"out_sharding": (in_axis, None), **eager}, {"out_sharding": (None, out_axis), **eager}
 
 
 class AdaptedDense(nnx.Module):
@@ -229,9 +231,8 @@ class AdaptedDense(nnx.Module):
     """A plain ``nnx.Linear`` holding ``W + dW`` (the adapter folded in)."""
     kernel = self.folded_kernel()
     bias = self.bias[...] if self.use_bias else None
-    metadata = {k: v for k, v in self.kernel.get_metadata().items() if k == "out_sharding"}
-    bias_metadata = ({k: v for k, v in self.bias.get_metadata().items() if k == "out_sharding"}
-                     if self.use_bias else {})
+    metadata = self.kernel.get_metadata()
+    bias_metadata = self.bias.get_metadata() if self.use_bias else {}
     linear = nnx.Linear(
         self.in_features, self.out_features, use_bias=self.use_bias, dtype=self.dtype,
         param_dtype=kernel.dtype, precision=self.precision, rngs=nnx.Rngs(0),
