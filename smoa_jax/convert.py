@@ -37,9 +37,12 @@ from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 from flax.typing import Dtype
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from smoa_jax.errors import CheckpointError, ConfigError
@@ -93,8 +96,6 @@ def _read_index(index_path: Path) -> dict[str, str]:
 
 
 def _open_safetensors(files: list[Path], stack: contextlib.ExitStack) -> _Checkpoint:
-  from safetensors import SafetensorError, safe_open  # pylint: disable=import-outside-toplevel
-
   ckpt = _Checkpoint()
   for file in files:
     try:
@@ -112,17 +113,16 @@ def _open_safetensors(files: list[Path], stack: contextlib.ExitStack) -> _Checkp
 
 
 def _torch_to_numpy(tensor: Any) -> np.ndarray:
-  import torch  # pylint: disable=import-outside-toplevel
+  import torch
 
-  if tensor.dtype == torch.bfloat16:
-    import ml_dtypes  # pylint: disable=import-outside-toplevel
+  if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; reinterpret the bits
     return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
   return tensor.numpy()
 
 
 def _open_torch_bins(files: list[Path]) -> _Checkpoint:
   try:
-    import torch  # pylint: disable=import-outside-toplevel
+    import torch
   except ImportError as err:
     raise CheckpointError(f"{files[0]} is a PyTorch pickle checkpoint, which needs torch; install "
                           "it (pip install 'smoa-jax[torch]') or convert the checkpoint to "
@@ -155,22 +155,20 @@ def _open_torch_bins(files: list[Path]) -> _Checkpoint:
 
 @contextlib.contextmanager
 def _open_checkpoint(directory: Path) -> Iterator[_Checkpoint]:
-  """The checkpoint in ``directory``: safetensors (single or sharded), else ``pytorch_model.bin``."""
+  """The checkpoint in ``directory``: safetensors (single or sharded), else PyTorch pickles."""
   with contextlib.ExitStack() as stack:
-    for index_name, single, opener in ((SAFETENSORS_INDEX, SAFETENSORS, "st"),
-                                       (TORCH_BIN_INDEX, TORCH_BIN, "pt")):
-      weight_map = None
+    formats = ((SAFETENSORS_INDEX, SAFETENSORS, lambda files: _open_safetensors(files, stack)),
+               (TORCH_BIN_INDEX, TORCH_BIN, _open_torch_bins))
+    for index_name, single_name, open_files in formats:
       if (directory / index_name).is_file():
         weight_map = _read_index(directory / index_name)
-        files = [directory / f for f in dict.fromkeys(weight_map.values())]
-      elif (directory / single).is_file():
-        files = [directory / single]
+        ckpt = open_files([directory / f for f in dict.fromkeys(weight_map.values())])
+        ckpt.problems += [f"{index_name} names {name} (in {shard}) but that shard lacks it"
+                          for name, shard in weight_map.items() if name not in ckpt.meta]
+      elif (directory / single_name).is_file():
+        ckpt = open_files([directory / single_name])
       else:
         continue
-      ckpt = _open_safetensors(files, stack) if opener == "st" else _open_torch_bins(files)
-      for name, shard in (weight_map or {}).items():
-        if name not in ckpt.meta:
-          ckpt.problems.append(f"index names {name} (in {shard}) but no shard holds it")
       yield ckpt
       return
     raise CheckpointError(f"{directory} holds no weights; expected {SAFETENSORS}, "
@@ -235,19 +233,19 @@ def _plan(model: HFModel, ckpt: _Checkpoint, key_map: KeyMap, where: str
   fresh initialization.
   """
   params = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  plan, seen, problems = [], {}, list(ckpt.problems)
-  unexpected, wrong = [], []
-  for canon, name in sorted(key_map.normalize(list(ckpt.meta)).items()):
+  names = key_map.normalize(list(ckpt.meta))
+  problems = list(ckpt.problems) + [
+      f"{n} names the same tensor as another one (legacy and current spelling both present)"
+      for n in sorted(set(ckpt.meta) - set(names.values()))]
+  plan, seen, unexpected, wrong = [], set(), [], []
+  for canon, name in sorted(names.items()):
     found = key_map.path_for(canon)
     if found is None or found[0] not in params:
       if not key_map.ignored(canon):
         unexpected.append(name)
       continue
     path, transpose = found
-    if path in seen:
-      problems.append(f"{name} and {seen[path]} both map to {path}")
-      continue
-    seen[path] = name
+    seen.add(path)
     var = params[path]
     shape, dtype, is_float = ckpt.meta[name]
     expected = tuple(reversed(var.shape)) if transpose else tuple(var.shape)
@@ -259,10 +257,10 @@ def _plan(model: HFModel, ckpt: _Checkpoint, key_map: KeyMap, where: str
       wrong.append(f"{name}: checkpoint dtype {dtype}, model expects a floating dtype")
     else:
       plan.append((name, var, transpose))
-  missing = [p for p in params if p not in seen and not key_map.may_be_fresh(p)]
-  fresh = [p for p in params if p not in seen and key_map.may_be_fresh(p)]
-  for title, items in (("missing from the checkpoint", [
-      f"{(key_map.hf_for(p) or (p,))[0]} (-> {p})" for p in missing]),
+  absent = [p for p in params if p not in seen]
+  fresh = [p for p in absent if key_map.may_be_fresh(p)]
+  missing = [f"{key_map.hf_for(p)[0]} (-> {p})" for p in absent if p not in fresh]
+  for title, items in (("missing from the checkpoint", missing),
                        ("unexpected in the checkpoint", unexpected),
                        ("wrong shape or dtype", wrong)):
     if items:
@@ -438,8 +436,6 @@ def atomic_directory(target: Path) -> Iterator[Path]:
 
 
 def _write_shards(entries: list, directory: Path, limit: int) -> None:
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-
   shards: list[list] = [[]]
   size = 0
   for entry in entries:

@@ -138,7 +138,9 @@ class KeyMap:
 
     keys = {canon(k): k for k in hf_keys}
     if self.prefix and not any(k.startswith(self.prefix + ".") for k in keys):
-      keys = {f"{self.prefix}.{k}": v for k, v in keys.items()}
+      # a bare base-model checkpoint: its names gain the prefix, head names (lm_head) stay
+      keys = {(k if self.path_for(k) or self.ignored(k) else f"{self.prefix}.{k}"): v
+              for k, v in keys.items()}
     elif not self.prefix and self.base_prefix:
       strip = self.base_prefix + "."
       keys = {(k[len(strip):] if k.startswith(strip) else k): v for k, v in keys.items()}
