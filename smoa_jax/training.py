@@ -35,6 +35,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from smoa_jax import data as data_lib
+from smoa_jax import sharding
 from smoa_jax.checkpoint import TrainCheckpointer
 from smoa_jax.errors import ConfigError, NonFiniteLossError
 from smoa_jax.nnx import SMoAParam, SpectralIndex
@@ -274,7 +275,8 @@ class _MetricsLog:
 def train(model: nnx.Module, task: Task, train_data: dict[str, np.ndarray], config: TrainConfig,
           *, eval_data: dict[str, np.ndarray] | None = None,
           output_dir: str | os.PathLike | None = None, resume: bool = False,
-          on_save: Callable[[int], None] | None = None) -> TrainResult:
+          on_save: Callable[[int], None] | None = None,
+          mesh: jax.sharding.Mesh | None = None) -> TrainResult:
   """Train the ``SMoAParam`` arrays of ``model`` in place; see the module docstring.
 
   Args:
@@ -286,6 +288,8 @@ def train(model: nnx.Module, task: Task, train_data: dict[str, np.ndarray], conf
     output_dir: where ``metrics.jsonl`` and ``checkpoints/`` go (``None``: nothing written).
     resume: continue from the latest checkpoint in ``output_dir``.
     on_save: called with the step after every checkpoint (e.g. to export the adapter).
+    mesh: a ``("data", "fsdp", "tp")`` mesh (:func:`smoa_jax.sharding.make_mesh`): batches are
+      split over ``data`` x ``fsdp``; the model's arrays keep the shardings they already have.
 
   Raises:
     NonFiniteLossError: the loss became NaN/Inf; the message names the step and the last good
@@ -382,8 +386,9 @@ def train(model: nnx.Module, task: Task, train_data: dict[str, np.ndarray], conf
   try:
     while step < total:
       epoch, index, host_batch = next(stream)
-      batch = {k: jnp.asarray(v.reshape(accum, v.shape[0] // accum, *v.shape[1:]))
-               for k, v in host_batch.items()}
+      batch = {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in host_batch.items()}
+      batch = (sharding.shard_batch(batch, mesh, batch_axis=1) if mesh is not None
+               else {k: jnp.asarray(v) for k, v in batch.items()})
       params, opt_state, rng, sums, weight = step_fn(params, opt_state, rng, spectral, rest, batch)
       step += 1
       tokens = int(host_batch["attention_mask"].sum()) if "attention_mask" in host_batch else 0
