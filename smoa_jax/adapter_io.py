@@ -29,8 +29,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +41,15 @@ from safetensors.numpy import load_file, save_file
 
 from smoa_jax.config import AdapterConfig, SMoAConfig, config_from_dict
 from smoa_jax.errors import AdapterMismatchError, CheckpointError, SMoAError
+from smoa_jax.fileio import atomic_directory
 from smoa_jax.inject import (AdapterReport, adapter_layers, apply_adapter, mark_trainable,
                              module_path)
 from smoa_jax.nnx import AdaptedDense, SMoADense, SMoAParam
 from smoa_jax.ops import SMoAOp
 from smoa_jax.spectral import SpectralBlocks
 
-__all__ = ["save_adapter", "load_adapter", "kernel_fingerprint", "CONFIG_NAME", "WEIGHTS_NAME",
-           "atomic_directory"]
+__all__ = ["save_adapter", "load_adapter", "read_adapter", "kernel_fingerprint", "CONFIG_NAME",
+           "WEIGHTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -86,30 +85,6 @@ def _fingerprints_match(saved: dict[str, Any], now: dict[str, Any]) -> bool:
 
 def _dotted(path: str) -> str:
   return PREFIX + path.replace("/", ".")
-
-
-def atomic_directory(target: str | os.PathLike, write) -> Path:
-  """Call ``write(tmp_dir)`` and move the result to ``target`` only if it succeeds.
-
-  An existing ``target`` is replaced only after the new content is complete; on any error the
-  temporary directory is removed and ``target`` is left as it was.
-  """
-  target = Path(target)
-  target.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-  try:
-    write(tmp)
-    if target.exists():
-      old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-      os.replace(target, old / "previous")
-      os.replace(tmp, target)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, target)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return target
 
 
 def _module_tensors(path: str, layer: AdaptedDense) -> dict[str, np.ndarray]:
@@ -183,11 +158,10 @@ def save_adapter(model: nnx.Module, path: str | os.PathLike, *,
               "format_version": FORMAT_VERSION, "modules": modules,
               "trainable_arrays": trainable_arrays}
 
-  def write(tmp: Path) -> None:
-    (tmp / CONFIG_NAME).write_text(json.dumps(document, indent=2) + "\n")
-    save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "smoa-jax"})
-
-  return atomic_directory(path, write)
+  with atomic_directory(path) as staged:
+    (staged / CONFIG_NAME).write_text(json.dumps(document, indent=2) + "\n")
+    save_file(tensors, str(staged / WEIGHTS_NAME), metadata={"format": "smoa-jax"})
+  return Path(path)
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

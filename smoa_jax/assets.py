@@ -37,7 +37,7 @@ import numpy as np
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from smoa_jax.convert import atomic_directory
+from smoa_jax.fileio import atomic_directory
 from smoa_jax.errors import DataError, SMoAError
 
 __all__ = [

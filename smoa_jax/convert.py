@@ -30,7 +30,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -46,6 +45,7 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from smoa_jax.errors import CheckpointError, ConfigError
+from smoa_jax.fileio import atomic_directory
 from smoa_jax.models import build_model
 from smoa_jax.models._common import HFModel, KeyMap, path_str
 from smoa_jax.nnx import AdaptedDense
@@ -396,43 +396,6 @@ def _check_target(target: Path) -> None:
                                                   and not (target / "config.json").is_file())):
     raise CheckpointError(f"refusing to overwrite {target}: it exists and is not a model "
                           "directory (no config.json). Choose a new or empty directory.")
-
-
-@contextlib.contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-  """Yield an empty staging directory next to ``target``; on success it replaces ``target``.
-
-  On an exception the staging directory is removed and ``target`` is untouched, so readers see
-  the old directory or the complete new one, never a half-written one. Permissions follow the
-  umask (``mkdtemp`` would leave the directory private).
-  """
-  target.parent.mkdir(parents=True, exist_ok=True)
-  staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-  try:
-    yield staged
-    umask = os.umask(0)
-    os.umask(umask)
-    for root, dirs, files in os.walk(staged):
-      for name in dirs:
-        os.chmod(Path(root) / name, 0o777 & ~umask)
-      for name in files:
-        os.chmod(Path(root) / name, 0o666 & ~umask)
-    os.chmod(staged, 0o777 & ~umask)
-    if target.exists():
-      backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-      backup.rmdir()
-      target.rename(backup)
-      try:
-        staged.rename(target)
-      except OSError:
-        backup.rename(target)
-        raise
-      shutil.rmtree(backup, ignore_errors=True)
-    else:
-      staged.rename(target)
-  except BaseException:
-    shutil.rmtree(staged, ignore_errors=True)
-    raise
 
 
 def _write_shards(entries: list, directory: Path, limit: int) -> None:

@@ -1,7 +1,6 @@
 """Tests for smoa_jax/train.py (and the orbax checkpoints of smoa_jax/checkpoint.py)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +8,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
