@@ -9,8 +9,10 @@ The public surface; import from here, not from submodules (they may move)::
 
 from smoa_jax import linen
 from smoa_jax.adapter_io import load_adapter, save_adapter
+from smoa_jax.authors import load_authors_adapter, save_authors_adapter
 from smoa_jax.checkpoint import TrainCheckpointer
 from smoa_jax.convert import from_hf, to_hf
+from smoa_jax.distributed import initialize_distributed, is_main_process
 from smoa_jax.config import (AdapterConfig, FullFineTuneConfig, HiRAConfig, LoRAConfig, SMoAConfig,
                              config_from_dict)
 from smoa_jax.errors import (AdapterMismatchError, CheckpointError, ConfigError, DataError,
@@ -21,8 +23,10 @@ from smoa_jax.nnx import (AdaptedDense, HiRADense, LoRADense, SMoADense, SMoAPar
                           adapter_class)
 from smoa_jax.ops import delta_weight
 from smoa_jax.partition import freeze_base, masked_recipe, trainable_labels, trainable_mask
+from smoa_jax.sharding import make_mesh, parse_mesh
 from smoa_jax.spectral import (SpectralBlocks, centroid_scores, identity_blocks, spectral_blocks,
                                spectral_blocks_batched, spectral_orders)
+from smoa_jax.spmd import shard_model, sharding_plan
 from smoa_jax.training import (CausalLMTask, ClassificationTask, TrainConfig, TrainResult, evaluate,
                             train)
 
@@ -35,8 +39,10 @@ __all__ = [
     "SMoAConfig", "SMoADense", "SMoAError", "SMoAParam", "SpectralBlocks", "SpectralIndex",
     "TargetError", "TrainCheckpointer", "TrainConfig", "TrainResult", "adapter_class",
     "adapter_layers", "apply_adapter", "centroid_scores", "config_from_dict", "delta_weight",
-    "disable_adapter", "evaluate", "freeze_base", "from_hf", "to_hf", "identity_blocks", "linen", "load_adapter",
-    "mark_trainable", "masked_recipe", "merge_adapters", "merge_and_unload", "save_adapter",
-    "spectral_blocks", "spectral_blocks_batched", "spectral_orders", "train", "trainable_labels",
-    "trainable_mask", "unmerge_adapters",
+    "disable_adapter", "evaluate", "freeze_base", "from_hf", "to_hf", "load_authors_adapter",
+    "save_authors_adapter", "identity_blocks", "linen", "load_adapter",
+    "initialize_distributed", "is_main_process", "make_mesh", "mark_trainable", "masked_recipe",
+    "merge_adapters", "merge_and_unload", "parse_mesh", "save_adapter", "shard_model",
+    "sharding_plan", "spectral_blocks", "spectral_blocks_batched", "spectral_orders", "train",
+    "trainable_labels", "trainable_mask", "unmerge_adapters",
 ]

@@ -170,15 +170,19 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.
   if not path.is_dir():
     raise CheckpointError(f"adapter directory {str(path)!r} does not exist.")
   config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
-  for f in (config_file, weights_file):
-    if not f.is_file():
-      raise CheckpointError(f"{str(path)!r} is not an adapter directory: {f.name} is missing.")
+  if not config_file.is_file():
+    raise CheckpointError(f"{str(path)!r} is not an adapter directory: {CONFIG_NAME} is missing.")
   try:
     document = json.loads(config_file.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as err:
     raise CheckpointError(f"{config_file} is not valid JSON ({err}).") from err
   if not isinstance(document, dict):
     raise CheckpointError(f"{config_file} must hold a JSON object.")
+  if document.get("peft_type") == "SMOA" and document.get("library") != "smoa-jax":
+    raise CheckpointError(f"{str(path)!r} holds an adapter saved by the authors' PyTorch SMoA code; "
+                          "load it with smoa_jax.load_authors_adapter(model, path).")
+  if not weights_file.is_file():
+    raise CheckpointError(f"{str(path)!r} is not an adapter directory: {WEIGHTS_NAME} is missing.")
   try:
     tensors = load_file(str(weights_file))
   except (SafetensorError, OSError, ValueError) as err:
