@@ -231,10 +231,9 @@ class SMoAConfig(AdapterConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class LoRAConfig(AdapterConfig):
-  """LoRA baseline: ``dW = (alpha/r) a @ b``, ``a`` uniform in ``+-1/sqrt(in)``, ``b`` zeros."""
+class _SingleBlockConfig(AdapterConfig):
+  """A rank-r pair ``a (in, r)``, ``b (r, out)`` over the whole kernel, scaled by ``alpha / r``."""
 
-  method: ClassVar[str] = "lora"
   r: int = 8
   alpha: float = 16.0
 
@@ -244,16 +243,17 @@ class LoRAConfig(AdapterConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class HiRAConfig(AdapterConfig):
+class LoRAConfig(_SingleBlockConfig):
+  """LoRA baseline: ``dW = (alpha/r) a @ b``, ``a`` uniform in ``+-1/sqrt(in)``, ``b`` zeros."""
+
+  method: ClassVar[str] = "lora"
+
+
+@dataclasses.dataclass(frozen=True)
+class HiRAConfig(_SingleBlockConfig):
   """HiRA baseline: ``dW = (alpha/r) (a @ b) * W`` over the whole kernel (SMoA with K=1, no permutation)."""
 
   method: ClassVar[str] = "hira"
-  r: int = 8
-  alpha: float = 16.0
-
-  def __post_init__(self):
-    super().__post_init__()
-    self._check_rank_and_alpha()
 
 
 @dataclasses.dataclass(frozen=True)
