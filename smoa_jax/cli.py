@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "into the cache (once)")
   fetch.add_argument("names", nargs="*", metavar="NAME",
                      help=f"{', '.join(ASSETS)} (default: all)")
+  fetch.add_argument("--jsonl", type=_path, metavar="DIR",
+                     help="also write the fixed train/validation/test splits of the sentiment and "
+                          "Shakespeare data as JSONL files into DIR (for finetune/eval)")
   return parser
 
 
@@ -676,6 +679,10 @@ def cmd_fetch_assets(args: argparse.Namespace) -> int:
                      f"{', '.join(ASSETS)}")
   for name in args.names or ASSETS:
     print(f"{name}: {getattr(assets, f'fetch_{name}')()}")
+  if args.jsonl is not None:
+    from smoa_jax.datasets import write_jsonl_splits
+    for name, path in write_jsonl_splits(args.jsonl).items():
+      print(f"{name}: {path}")
   return 0
 
 

@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from smoa_jax.errors import SMoAError
+from smoa_jax.datasets import split_sentiment
 
-__all__ = ["DemoSettings", "FULL", "QUICK", "MethodResult", "split_sentiment", "run_demo"]
+__all__ = ["DemoSettings", "FULL", "QUICK", "MethodResult", "run_demo"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,22 +81,6 @@ class MethodResult:
   test_loss: float
   train_seconds: float
   history: list[dict[str, Any]]
-
-
-def split_sentiment(examples: list[tuple[str, int]], settings: DemoSettings
-                    ) -> dict[str, tuple[list[str], np.ndarray]]:
-  """``{"train", "validation", "test"}`` -> ``(texts, labels)`` from one seeded permutation."""
-  order = np.random.default_rng(settings.seed).permutation(len(examples))
-  bounds = {"validation": (0, settings.val_size),
-            "test": (settings.val_size, settings.val_size + settings.test_size)}
-  start = settings.val_size + settings.test_size
-  bounds["train"] = (start, len(examples) if settings.train_size is None
-                     else start + settings.train_size)
-  if bounds["train"][1] > len(examples) or bounds["train"][0] >= bounds["train"][1]:
-    raise SMoAError(f"the demo split needs more than the {len(examples)} sentences available.")
-  return {name: ([examples[i][0] for i in order[lo:hi]],
-                 np.asarray([examples[i][1] for i in order[lo:hi]], np.int32))
-          for name, (lo, hi) in bounds.items()}
 
 
 def _fetch() -> tuple[Path, list[tuple[str, int]]]:
@@ -181,7 +165,9 @@ def run_demo(output: str | Path, *, quick: bool = False, settings: DemoSettings 
   model_dir, examples = _fetch()
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
   splits = {}
-  for name, (texts, labels) in split_sentiment(examples, settings).items():
+  parts = split_sentiment(examples, seed=settings.seed, val_size=settings.val_size,
+                          test_size=settings.test_size, train_size=settings.train_size)
+  for name, (texts, labels) in parts.items():
     records = data_lib.Records(texts, labels, 2, f"sentiment/{name}")
     splits[name] = data_lib.tokenize(records, tokenizer, settings.seq_len).arrays
   p = settings.lora_r
