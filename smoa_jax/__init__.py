@@ -12,7 +12,6 @@ from smoa_jax.adapter_io import load_adapter, save_adapter
 from smoa_jax.authors import load_authors_adapter, save_authors_adapter
 from smoa_jax.checkpoint import TrainCheckpointer
 from smoa_jax.convert import from_hf, to_hf
-from smoa_jax.distributed import initialize_distributed, is_main_process
 from smoa_jax.config import (AdapterConfig, FullFineTuneConfig, HiRAConfig, LoRAConfig, SMoAConfig,
                              config_from_dict)
 from smoa_jax.errors import (AdapterMismatchError, CheckpointError, ConfigError, DataError,
@@ -23,7 +22,7 @@ from smoa_jax.nnx import (AdaptedDense, HiRADense, LoRADense, SMoADense, SMoAPar
                           adapter_class)
 from smoa_jax.ops import delta_weight
 from smoa_jax.partition import freeze_base, masked_recipe, trainable_labels, trainable_mask
-from smoa_jax.sharding import make_mesh, parse_mesh
+from smoa_jax.sharding import initialize_distributed, is_main_process, make_mesh, parse_mesh
 from smoa_jax.spectral import (SpectralBlocks, centroid_scores, identity_blocks, spectral_blocks,
                                spectral_blocks_batched, spectral_orders)
 from smoa_jax.spmd import shard_model, sharding_plan

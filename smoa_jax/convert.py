@@ -7,6 +7,12 @@ headers alone; every mismatch goes into ONE :class:`~smoa_jax.errors.CheckpointE
 are tensors read, one at a time (``safetensors.safe_open``), converted (a transpose for torch
 ``nn.Linear`` ``torch_weight (out, in)`` -> ``kernel (in, out)``) and placed into their Variables.
 
+With ``mesh=``, the abstract model is annotated with its family's ``sharding_rules``
+(:mod:`smoa_jax.spmd`) and every parameter is created by ``jax.make_array_from_callback``: each
+device reads only its slice of the tensor from the file. With ``scan_layers=True`` the per-layer
+tensors ``model.layers.{i}....`` fill the layer axis of stacked Params, and export writes them
+back per layer.
+
 The correspondence of names is each model's key map (:meth:`HFModel.key_map`), the same table
 for both directions. Export folds adapters: a module that is an :class:`smoa_jax.AdaptedDense`
 contributes ``folded_kernel()`` (``W + dW``) as its kernel and its bias; its adapter arrays
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import os
 import pickle
@@ -44,10 +51,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
+from jax.sharding import Mesh
+
+from smoa_jax import sharding, spmd
 from smoa_jax.errors import CheckpointError, ConfigError
 from smoa_jax.fileio import atomic_directory
 from smoa_jax.models import build_model
-from smoa_jax.models._common import HFModel, KeyMap, path_str
+from smoa_jax.models._common import HFModel, KeyMap, layer_path, path_str, split_layer_path
 from smoa_jax.nnx import AdaptedDense
 
 __all__ = ["from_hf", "to_hf", "param_bytes", "atomic_directory", "TOKENIZER_FILES"]
@@ -64,21 +74,30 @@ _PROGRESS_BYTES = 256 * 2**20  # show a progress bar above this many bytes of we
 
 
 # -- reading checkpoints ---------------------------------------------------------------------------
+Index = tuple[slice, ...]
+
+
 class _Checkpoint:
-  """Tensor names -> ``(shape, dtype name, is_float)`` from headers, and ``get(name)`` one by one."""
+  """Tensor names -> ``(shape, dtype name, is_float)`` from headers; ``get(name, index)`` reads a slice.
+
+  A reader takes a tuple of slices (one per axis) and returns only that part of the tensor
+  (safetensors reads just those bytes), so a sharded load never materializes a whole tensor.
+  """
 
   def __init__(self):
     self.meta: dict[str, tuple[tuple[int, ...], str, bool]] = {}
     self.problems: list[str] = []
-    self._readers: dict[str, Callable[[], np.ndarray]] = {}
+    self._readers: dict[str, Callable[[Index], np.ndarray]] = {}
 
   def add(self, name: str, shape: tuple[int, ...], dtype: str, is_float: bool,
-          reader: Callable[[], np.ndarray]) -> None:
+          reader: Callable[[Index], np.ndarray]) -> None:
     self.meta[name] = (tuple(shape), dtype, is_float)
     self._readers[name] = reader
 
-  def get(self, name: str) -> np.ndarray:
-    return self._readers[name]()
+  def get(self, name: str, index: Index | None = None) -> np.ndarray:
+    if index is None:
+      index = tuple(slice(None) for _ in self.meta[name][0])
+    return self._readers[name](index)
 
 
 def _read_index(index_path: Path) -> dict[str, str]:
@@ -105,7 +124,7 @@ def _open_safetensors(files: list[Path], stack: contextlib.ExitStack) -> _Checkp
         sl = handle.get_slice(name)
         dtype = sl.get_dtype()
         ckpt.add(name, sl.get_shape(), dtype, dtype.startswith(("F", "BF")),
-                 lambda h=handle, n=name: h.get_tensor(n))
+                 lambda index, h=handle, n=name: h.get_slice(n)[index])
     except (SafetensorError, OSError) as err:
       raise CheckpointError(f"{file} is not a readable safetensors file ({err}); it may be truncated "
                             "or corrupted. Re-download or re-export it.") from err
@@ -149,7 +168,7 @@ def _open_torch_bins(files: list[Path]) -> _Checkpoint:
                             "tensor name -> tensor.")
     for name, tensor in state.items():
       ckpt.add(name, tensor.shape, str(tensor.dtype).removeprefix("torch."),
-               tensor.is_floating_point(), lambda t=tensor: _torch_to_numpy(t))
+               tensor.is_floating_point(), lambda index, t=tensor: _torch_to_numpy(t)[index])
   return ckpt
 
 
@@ -193,10 +212,19 @@ def _read_config(directory: Path) -> dict[str, Any]:
 
 
 # -- memory ----------------------------------------------------------------------------------------
-def param_bytes(model: nnx.Module) -> int:
-  """Bytes of all ``nnx.Param`` arrays of a (possibly abstract, ``nnx.eval_shape``) model."""
-  return sum(int(np.prod(v.shape)) * jnp.dtype(v.dtype).itemsize
-             for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+def param_bytes(model: nnx.Module, mesh: Mesh | None = None) -> int:
+  """Bytes of all ``nnx.Param`` arrays of a (possibly abstract, ``nnx.eval_shape``) model.
+
+  With ``mesh`` (and ``out_sharding`` metadata, :func:`smoa_jax.spmd.annotate`): the bytes one
+  device holds.
+  """
+  total = 0
+  for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    ways = 1
+    if mesh is not None:
+      ways = int(np.prod([sharding.axis_size(mesh, e) for e in v.get_metadata("out_sharding", ())]))
+    total += int(np.prod(v.shape)) * jnp.dtype(v.dtype).itemsize // ways
+  return total
 
 
 def _available_bytes() -> tuple[int | None, str]:
@@ -225,41 +253,67 @@ def _check_size(needed: int, max_bytes: int | None, what: str) -> None:
 
 
 # -- loading ---------------------------------------------------------------------------------------
+Piece = tuple[int | None, str, bool]  # (layer index of a stacked Param or None, name, transpose)
+
+
+def _target(path: str, params: dict[str, nnx.Variable], scanned: bool) -> tuple[str, int | None] | None:
+  """Our Param for a key-map path: itself, or (scanned models) one layer of a stacked Param."""
+  if path in params:
+    return path, None
+  split = split_layer_path(path) if scanned else None
+  if split is not None and split[0] in params and split[1] < params[split[0]].shape[0]:
+    return split
+  return None
+
+
 def _plan(model: HFModel, ckpt: _Checkpoint, key_map: KeyMap, where: str
-          ) -> tuple[list[tuple[str, nnx.Variable, bool]], list[str]]:
+          ) -> tuple[dict[str, list[Piece]], list[str]]:
   """Match checkpoint tensors to the model's Params; raise one error listing every mismatch.
 
-  Returns ``(name in checkpoint, Variable, transpose)`` per tensor, and the paths that keep a
-  fresh initialization.
+  Returns, per Param path, its pieces ``(layer, name in checkpoint, transpose)`` (one tensor, or
+  one per layer of a stacked Param), and the paths that keep a fresh initialization.
   """
   params = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   names = key_map.normalize(list(ckpt.meta))
   problems = list(ckpt.problems) + [
       f"{n} names the same tensor as another one (legacy and current spelling both present)"
       for n in sorted(set(ckpt.meta) - set(names.values()))]
-  plan, seen, unexpected, wrong = [], set(), [], []
+  plan: dict[str, list[Piece]] = collections.defaultdict(list)
+  unexpected, wrong = [], []
   for canon, name in sorted(names.items()):
     found = key_map.path_for(canon)
-    if found is None or found[0] not in params:
+    target = None if found is None else _target(found[0], params, model.scan_layers)
+    if target is None:
       if not key_map.ignored(canon):
         unexpected.append(name)
       continue
-    path, transpose = found
-    seen.add(path)
+    (path, layer), transpose = target, found[1]
     var = params[path]
+    var_shape = tuple(var.shape[1:] if layer is not None else var.shape)
     shape, dtype, is_float = ckpt.meta[name]
-    expected = tuple(reversed(var.shape)) if transpose else tuple(var.shape)
+    expected = tuple(reversed(var_shape)) if transpose else var_shape
     if shape != expected:
-      layout = (f" (torch_weight (out, in) of our kernel (in, out) {tuple(var.shape)})"
+      layout = (f" (torch_weight (out, in) of our kernel (in, out) {var_shape})"
                 if transpose else "")
       wrong.append(f"{name}: checkpoint {shape}, model expects {expected}{layout}")
     elif not is_float and jnp.issubdtype(var.dtype, jnp.floating):
       wrong.append(f"{name}: checkpoint dtype {dtype}, model expects a floating dtype")
     else:
-      plan.append((name, var, transpose))
-  absent = [p for p in params if p not in seen]
+      plan[path].append((layer, name, transpose))
+  absent = [p for p in params if p not in plan]
   fresh = [p for p in absent if key_map.may_be_fresh(p)]
-  missing = [f"{key_map.hf_for(p)[0]} (-> {p})" for p in absent if p not in fresh]
+  missing = []
+  for p in params:
+    if p in fresh:
+      continue
+    found = key_map.hf_for(p)
+    if found is not None or not model.scan_layers or layer_path(p, 0) is None:  # a plain Param
+      if p not in plan:
+        missing.append(f"{found[0] if found else '(no Hugging Face name)'} (-> {p})")
+      continue
+    have = {layer for layer, _, _ in plan.get(p, ())}  # a stacked Param needs every layer
+    missing += [f"{key_map.hf_for(layer_path(p, i))[0]} (-> {p}[{i}])"
+                for i in range(params[p].shape[0]) if i not in have]
   for title, items in (("missing from the checkpoint", missing),
                        ("unexpected in the checkpoint", unexpected),
                        ("wrong shape or dtype", wrong)):
@@ -271,7 +325,36 @@ def _plan(model: HFModel, ckpt: _Checkpoint, key_map: KeyMap, where: str
         + "\n  ".join(problems)
         + "\nCheck that config.json belongs to these weights (sizes, biases, tie_word_embeddings, "
         "architectures) and that no file is from another model.")
-  return plan, fresh
+  return dict(plan), fresh
+
+
+def _read(ckpt: _Checkpoint, var: nnx.Variable, pieces: list[Piece], index: Index) -> np.ndarray:
+  """The part ``index`` of a Param from its checkpoint pieces, in the Param's dtype (host array)."""
+  dtype = np.dtype(var.dtype)
+  if pieces[0][0] is None:
+    _, name, transpose = pieces[0]
+    part = ckpt.get(name, index[::-1]).T if transpose else ckpt.get(name, index)
+    return part.astype(dtype, copy=False)
+  by_layer = {layer: (name, transpose) for layer, name, transpose in pieces}
+  rows = []
+  for layer in range(var.shape[0])[index[0]]:
+    name, transpose = by_layer[layer]
+    rows.append(ckpt.get(name, index[:0:-1]).T if transpose else ckpt.get(name, index[1:]))
+  return np.stack(rows).astype(dtype, copy=False)
+
+
+def _load(ckpt: _Checkpoint, var: nnx.Variable, pieces: list[Piece], mesh: Mesh | None) -> jax.Array:
+  """A Param's value on the device(s): on a mesh, each device reads and receives only its slice."""
+  if mesh is not None:
+    return jax.make_array_from_callback(
+        tuple(var.shape), sharding.named(mesh, var.get_metadata("out_sharding")),
+        lambda index: _read(ckpt, var, pieces, index))
+  full = tuple(slice(None) for _ in var.shape)
+  if pieces[0][0] is None:
+    return jnp.asarray(_read(ckpt, var, pieces, full))
+  # Stacked: one layer on the host at a time.
+  return jnp.concatenate([jnp.asarray(_read(ckpt, var, pieces, (slice(i, i + 1),) + full[1:]))
+                          for i in range(var.shape[0])])
 
 
 def _fresh_value(path: str, shape: tuple[int, ...], dtype: Any, std: float,
@@ -287,7 +370,8 @@ def _fresh_value(path: str, shape: tuple[int, ...], dtype: Any, std: float,
 
 def from_hf(path: str | os.PathLike[str], dtype: Dtype = jnp.float32, *,
             param_dtype: Dtype | None = None, num_labels: int | None = None,
-            max_bytes: int | None = None, seed: int = 0) -> HFModel:
+            max_bytes: int | None = None, seed: int = 0, mesh: Mesh | None = None,
+            scan_layers: bool = False) -> HFModel:
   """Load a Hugging Face model directory as an NNX model of the matching family.
 
   Args:
@@ -299,8 +383,15 @@ def from_hf(path: str | os.PathLike[str], dtype: Dtype = jnp.float32, *,
     num_labels: BERT only: build ``BertForSequenceClassification`` with this many classes; a
       head absent from the checkpoint is freshly initialized (a warning names it).
     max_bytes: refuse models whose parameters exceed this many bytes (default: the memory free on
-      the default device, or the host's available memory on CPU).
+      the default device, or the host's available memory on CPU); on a mesh, the bytes of one
+      device (all local devices on CPU, which share the host's memory).
     seed: seeds fresh initializations (new heads).
+    mesh: lay the weights out on this ``("data", "fsdp", "tp")`` mesh by the family's
+      ``sharding_rules`` (:mod:`smoa_jax.spmd`): every tensor is read slice by slice straight into
+      its sharding, so no host or device ever holds a full copy it does not own. Under
+      multi-process JAX every process calls ``from_hf`` and reads only its devices' slices.
+    scan_layers: stack the layers (``(L, ...)`` Params) and run them under ``nnx.scan``; the
+      layer body compiles once instead of L times.
 
   Returns:
     The model (``LlamaForCausalLM``, ``GPT2LMHeadModel``, ``BertModel``, ...) with ``hf_config``
@@ -317,27 +408,33 @@ def from_hf(path: str | os.PathLike[str], dtype: Dtype = jnp.float32, *,
   param_dtype = dtype if param_dtype is None else param_dtype
   try:
     model = nnx.eval_shape(lambda: build_model(config, num_labels=num_labels, dtype=dtype,
-                                               param_dtype=param_dtype, rngs=nnx.Rngs(seed)))
+                                               param_dtype=param_dtype, rngs=nnx.Rngs(seed),
+                                               scan_layers=scan_layers))
   except ConfigError as err:
     raise CheckpointError(f"{directory / 'config.json'}: {err}") from err
-  needed = param_bytes(model)
+  if mesh is not None:
+    spmd.annotate(model, mesh)
+  needed = param_bytes(model, mesh)
+  if mesh is not None and jax.devices()[0].platform == "cpu":
+    needed *= len(mesh.local_devices)
   _check_size(needed, max_bytes, f"{type(model).__name__} from {directory}")
   key_map = model.key_map()
+  params = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   with _open_checkpoint(directory) as ckpt:
     plan, fresh = _plan(model, ckpt, key_map, str(directory))
     with tqdm(total=len(plan), desc=f"loading {directory.name}", unit="tensor",
               disable=needed < _PROGRESS_BYTES) as bar:
-      for name, var, transpose in plan:
-        array = ckpt.get(name)
-        var.set_value(jnp.asarray(array.T if transpose else array, dtype=var.dtype))
-        del array
+      for p, pieces in plan.items():
+        params[p].set_value(_load(ckpt, params[p], pieces, mesh))
         bar.update()
   if fresh:
-    params = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     std = float(config.get("initializer_range", 0.02))
     keys = jax.random.split(jax.random.key(seed), len(fresh))
     for key, p in zip(keys, fresh):
-      params[p].set_value(_fresh_value(p, params[p].shape, params[p].dtype, std, key))
+      value = _fresh_value(p, params[p].shape, params[p].dtype, std, key)
+      if mesh is not None:
+        value = sharding.place(value, sharding.named(mesh, params[p].get_metadata("out_sharding")))
+      params[p].set_value(value)
     warnings.warn(f"{len(fresh)} parameters are not in {directory} and were freshly initialized "
                   f"(train them before use): {fresh}", stacklevel=2)
   model.source_dir = str(directory.resolve())
@@ -362,7 +459,11 @@ def _parse_size(size: int | str) -> int:
 
 
 def _export_entries(model: HFModel) -> list[tuple[str, tuple[int, ...], Any, Callable[[], Any]]]:
-  """``(hf name, torch-layout shape, dtype, value getter)`` for every exported tensor."""
+  """``(hf name, torch-layout shape, dtype, value getter)`` for every exported tensor.
+
+  A stacked Param of a scanned model ``(L, ...)`` gives L tensors, one per layer (the value of
+  the whole stack is computed once per Param, when its first layer is written).
+  """
   key_map = model.key_map()
   adapters = {p: m for p, m in nnx.iter_graph(model) if isinstance(m, AdaptedDense)}
   entries, unmapped = [], []
@@ -377,13 +478,22 @@ def _export_entries(model: HFModel) -> list[tuple[str, tuple[int, ...], Any, Cal
     else:
       continue
     found = key_map.hf_for(path_str(path))
-    if found is None:
-      unmapped.append(path_str(path))
-      continue
-    name, transpose = found
-    shape = tuple(reversed(var.shape)) if transpose else tuple(var.shape)
-    entries.append((name, shape, var.dtype,
-                    (lambda g=getter: g().T) if transpose else getter))
+    if found is not None:
+      layers = [(found, None)]
+    elif model.scan_layers and layer_path(path_str(path), 0) is not None:
+      layers = [(key_map.hf_for(layer_path(path_str(path), i)), i) for i in range(var.shape[0])]
+      getter = functools.lru_cache(maxsize=1)(getter)
+    else:
+      layers = [(None, None)]
+    for found, layer in layers:
+      if found is None:
+        unmapped.append(path_str(path))
+        break
+      name, transpose = found
+      one = (lambda g=getter: g()) if layer is None else (lambda g=getter, i=layer: g()[i])
+      shape = tuple(var.shape[0 if layer is None else 1:])
+      entries.append((name, shape[::-1] if transpose else shape, var.dtype,
+                      (lambda g=one: g().T) if transpose else one))
   if unmapped:
     raise CheckpointError(f"cannot export {type(model).__name__}: parameters with no Hugging Face "
                           f"name: {unmapped}. Only the family's own layers (and adapter layers "

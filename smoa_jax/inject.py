@@ -14,8 +14,11 @@ Matching (module paths are the ``/``-joined attribute path, e.g. ``model/layers/
   ``layers`` / ``layer`` / ``h`` / ``blocks`` component.
 
 SMoA's spectral preprocessing runs batched over targets of one shape, with a progress bar when
-there are many. The returned :class:`AdapterReport` lists every adapted module; printing it gives
-the table and the trainable share of parameters.
+there are many; kernels laid out on a device mesh are decomposed on the devices, a chunk of
+(at least) one kernel per device at a time (:func:`smoa_jax.spectral_blocks_batched`). Stacked
+kernels ``(L, in, out)`` of scanned models get stacked adapter layers with per-layer spectral
+blocks (:mod:`smoa_jax.stacked`). The returned :class:`AdapterReport` lists every adapted module;
+printing it gives the table and the trainable share of parameters.
 """
 
 from __future__ import annotations
@@ -28,17 +31,18 @@ import sys
 from collections import defaultdict
 from typing import Any, Iterator, Sequence
 
-import jax
 import numpy as np
 from flax import nnx
 from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
+from smoa_jax import sharding
 from smoa_jax.config import AdapterConfig, FullFineTuneConfig, SMoAConfig
 from smoa_jax.errors import ConfigError, TargetError
 from smoa_jax.nnx import AdaptedDense, SMoAParam, adapter_class
 from smoa_jax.spectral import SpectralBlocks, spectral_blocks_batched
+from smoa_jax.stacked import adapt_stacked, stack_blocks
 
 __all__ = [
     "AdapterReport",
@@ -196,25 +200,38 @@ def _replace(model: nnx.Module, path: tuple[Any, ...], new: nnx.Module) -> None:
 
 def _spectral_blocks_by_shape(targets, config: SMoAConfig, show_progress: bool | None
                               ) -> dict[str, SpectralBlocks]:
-  """Spectral blocks of every target, one batched computation per kernel shape."""
-  by_shape: dict[tuple[int, ...], list[tuple[str, jax.Array]]] = defaultdict(list)
+  """Spectral blocks of every target, one batched computation per kernel shape.
+
+  A stacked (scanned) target ``kernel (L, in, out)`` contributes L kernels and gets its blocks
+  stacked (:func:`smoa_jax.stacked.stack_blocks`). Layers are sliced chunk by chunk, so at most
+  one chunk of kernel copies exists at a time.
+  """
+  by_shape: dict[tuple[int, ...], list[tuple[str, int | None, nnx.Variable]]] = defaultdict(list)
   for path, layer in targets:
-    config.check_layer(*layer.kernel.shape, module_path(path))
-    by_shape[tuple(layer.kernel.shape)].append((module_path(path), layer.kernel[...]))
-  show = len(targets) >= PROGRESS_MIN_TARGETS if show_progress is None else show_progress
-  out: dict[str, SpectralBlocks] = {}
-  with tqdm(total=len(targets), desc="spectral blocks", unit="kernel", disable=not show,
+    shape = tuple(layer.kernel.shape[-2:])
+    config.check_layer(*shape, module_path(path))
+    stacked = len(layer.kernel.shape) == 3
+    for i in (range(layer.kernel.shape[0]) if stacked else (None,)):
+      by_shape[shape].append((module_path(path), i, layer.kernel))
+  total = sum(len(items) for items in by_shape.values())
+  show = total >= PROGRESS_MIN_TARGETS if show_progress is None else show_progress
+  found: dict[str, list[SpectralBlocks]] = defaultdict(list)
+  with tqdm(total=total, desc="spectral blocks", unit="kernel", disable=not show,
             file=sys.stderr) as bar:
     for shape, items in by_shape.items():
       bar.set_postfix_str(f"{shape[0]}x{shape[1]}")
-      chunk = 8
+      mesh = sharding.mesh_of(items[0][2].get_value())
+      chunk = max(8, mesh.size if mesh is not None else 1)  # on a mesh: >= one kernel per device
       for start in range(0, len(items), chunk):
         group = items[start:start + chunk]
-        blocks = spectral_blocks_batched([k for _, k in group], config.num_blocks,
+        kernels = [var[...] if i is None else var[i] for _, i, var in group]
+        blocks = spectral_blocks_batched(kernels, config.num_blocks,
                                          method=config.spectral_method, chunk_size=chunk)
-        out.update({path: b for (path, _), b in zip(group, blocks)})
+        for (path, _, _), b in zip(group, blocks):
+          found[path].append(b)
         bar.update(len(group))
-  return out
+  stacked_paths = {module_path(p) for p, layer in targets if len(layer.kernel.shape) == 3}
+  return {path: stack_blocks(bs) if path in stacked_paths else bs[0] for path, bs in found.items()}
 
 
 def apply_adapter(model: nnx.Module, config: AdapterConfig, *, rngs: nnx.Rngs,
@@ -244,15 +261,17 @@ def apply_adapter(model: nnx.Module, config: AdapterConfig, *, rngs: nnx.Rngs,
                       f"FullFineTuneConfig, got {type(config).__name__}.")
   targets = _select(model, config)
   for path, layer in targets:
-    if len(layer.kernel.shape) != 2:
+    if len(layer.kernel.shape) not in (2, 3):
       raise ConfigError(f"{module_path(path)} has a kernel of shape {tuple(layer.kernel.shape)}; "
-                        "only 2-D (in, out) kernels can be adapted.")
+                        "only (in, out) kernels and stacked (layers, in, out) kernels of scanned "
+                        "models can be adapted.")
   entries = []
   if isinstance(config, FullFineTuneConfig):
     for path, layer in targets:
-      n_in, n_out = layer.kernel.shape
+      n_in, n_out = layer.kernel.shape[-2:]
       _retype(model, path + ("kernel",), SMoAParam)
-      entries.append(ModuleReport(module_path(path), n_in, n_out, config.method, 1, (), n_in * n_out))
+      entries.append(ModuleReport(module_path(path), n_in, n_out, config.method, 1, (),
+                                  int(np.prod(layer.kernel.shape))))
   else:
     known = dict(blocks or {})
     if isinstance(config, SMoAConfig):
@@ -261,7 +280,10 @@ def apply_adapter(model: nnx.Module, config: AdapterConfig, *, rngs: nnx.Rngs,
     cls = adapter_class(config)
     for path, layer in targets:
       name = module_path(path)
-      new = cls.from_linear(layer, config, rngs=rngs, blocks=known.get(name))
+      if len(layer.kernel.shape) == 3:
+        new = adapt_stacked(layer, config, rngs=rngs, blocks=known.get(name))
+      else:
+        new = cls.from_linear(layer, config, rngs=rngs, blocks=known.get(name))
       _replace(model, path, new)
       layout = getattr(new.op, "layout", None)
       ranks = layout.ranks if layout is not None else (config.r,)

@@ -12,6 +12,11 @@ The adapter adds:
 The math lives in :mod:`smoa_jax.ops`; these classes only hold state and pick the path
 (folded when the adapter's dropout is inactive, unfolded otherwise).
 
+Sharding: when the kernel carries ``out_sharding`` metadata, the factors inherit its in/out mesh
+axes (:func:`factor_specs`) and the permutations are replicated; on a kernel laid out on a mesh
+they are created there (:func:`shard_like_kernel`). A stacked kernel ``(L, in, out)`` (scanned
+layers, :mod:`smoa_jax.stacked`) gives stacked factors; the methods below then map over L.
+
 Example::
 
     >>> import jax.numpy as jnp
@@ -28,7 +33,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +41,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PrecisionLike
 
-from smoa_jax import ops
+from smoa_jax import ops, sharding
 from smoa_jax.config import AdapterConfig, HiRAConfig, LoRAConfig, SMoAConfig
 from smoa_jax.errors import ConfigError, KernelError
 from smoa_jax.spectral import SpectralBlocks, spectral_blocks
@@ -49,6 +54,8 @@ __all__ = [
     "HiRADense",
     "LoRADense",
     "adapter_class",
+    "factor_specs",
+    "shard_like_kernel",
 ]
 
 default_kernel_init = initializers.lecun_normal()
@@ -62,17 +69,40 @@ class SpectralIndex(nnx.Variable):
   """Non-trainable int32 permutation of a kernel's coordinates (spectral order)."""
 
 
-def _factor_sharding(kernel: nnx.Variable, a_ndim: int) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Adapter factors inherit the kernel's ``(in, out)`` mesh axes; block and rank axes replicate."""
-  spec = kernel.get_metadata("out_sharding", None)
-  if spec is None or len(spec) != 2:
-    return {}, {}
-  in_axis, out_axis = spec
-  eager = {"eager_sharding": kernel.get_metadata("eager_sharding", True)}
-  if a_ndim == 3:  # SMoA / HiRA: a (K, max_in, max_r), b (K, max_r, max_out)
-    return ({"out_sharding": (None, in_axis, None), **eager},
-            {"out_sharding": (None, None, out_axis), **eager})
-  return {"out_sharding": (in_axis, None), **eager}, {"out_sharding": (None, out_axis), **eager}
+def factor_specs(kernel_spec: tuple[Any, ...], a_ndim: int) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+  """``(lora_a, lora_b)`` specs from the kernel's ``(..., in, out)`` spec.
+
+  The factors inherit the kernel's in/out mesh axes and any leading (stacked layer) axes; block
+  and rank axes are replicated. SMoA / HiRA: ``a (..., K, max_in, max_r) -> (..., None, in, None)``
+  and ``b (..., K, max_r, max_out) -> (..., None, None, out)``; LoRA: ``a (..., in, r) -> (..., in,
+  None)`` and ``b (..., r, out) -> (..., None, out)``.
+  """
+  *lead, in_axis, out_axis = kernel_spec
+  if a_ndim - len(lead) == 3:
+    return (*lead, None, in_axis, None), (*lead, None, None, out_axis)
+  return (*lead, in_axis, None), (*lead, None, out_axis)
+
+
+def shard_like_kernel(kernel: nnx.Variable, value: jax.Array,
+                      spec: tuple[Any, ...] | None) -> tuple[jax.Array, dict[str, Any]]:
+  """A new array of the layer sharded like its kernel: ``(value, Variable metadata)``.
+
+  Only when the kernel carries ``out_sharding`` metadata. ``spec`` falls back to replication on
+  axes that do not divide the mesh (``sharding.fit_spec``); when the kernel is laid out on a mesh
+  and not eagerly sharded by Flax, the value is placed on that mesh.
+  """
+  kernel_spec = kernel.get_metadata("out_sharding", None)
+  if kernel_spec is None or len(kernel_spec) != len(kernel.shape):
+    return value, {}
+  eager = kernel.get_metadata("eager_sharding", True)
+  mesh = sharding.mesh_of(kernel.get_value())
+  context = jax.sharding.get_abstract_mesh()
+  fit_mesh = mesh if mesh is not None else (None if context.empty else context)
+  if fit_mesh is not None:
+    spec = sharding.fit_spec(spec, value.shape, fit_mesh)
+  if mesh is not None and not eager:
+    value = sharding.place(value, sharding.named(mesh, spec))
+  return value, {"out_sharding": tuple(spec), "eager_sharding": eager}
 
 
 class AdaptedDense(nnx.Module):
@@ -134,7 +164,10 @@ class AdaptedDense(nnx.Module):
     self.disabled = False
     self.op = self._make_op(blocks)
     a, b = self.op.init_factors(rngs.params(), config.param_dtype)
-    a_meta, b_meta = _factor_sharding(self.kernel, a.ndim)
+    kernel_spec = self.kernel.get_metadata("out_sharding", None)
+    a_spec, b_spec = factor_specs(kernel_spec, a.ndim) if kernel_spec else (None, None)
+    a, a_meta = shard_like_kernel(self.kernel, a, a_spec)
+    b, b_meta = shard_like_kernel(self.kernel, b, b_spec)
     self.lora_a = SMoAParam(a, **a_meta)
     self.lora_b = SMoAParam(b, **b_meta)
     self.dropout = nnx.Dropout(config.dropout, rngs=rngs if config.dropout > 0 else None)
@@ -162,21 +195,34 @@ class AdaptedDense(nnx.Module):
                bias=bias, blocks=blocks)
 
   # -- math -------------------------------------------------------------------------------------
+  @property
+  def num_layers(self) -> int | None:
+    """L for a stacked layer (``kernel (L, in, out)``, see :mod:`smoa_jax.stacked`), else None."""
+    return self.kernel.shape[0] if len(self.kernel.shape) == 3 else None
+
+  def _layerwise(self, fn: Callable[..., jax.Array], *args: Any) -> jax.Array:
+    """``fn`` on one layer's arrays, mapped over the leading layer axis of a stacked layer."""
+    return fn(*args) if self.num_layers is None else jax.vmap(fn)(*args)
+
   def base_kernel(self) -> jax.Array:
     """The pristine frozen kernel ``W`` (recovered exactly-up-to-rounding when merged)."""
     kernel = self.kernel[...]
     if self.merged:
-      return self.op.unmerged_kernel(kernel, self.lora_a[...], self.lora_b[...], self._perms())
+      return self._layerwise(self.op.unmerged_kernel, kernel, self.lora_a[...], self.lora_b[...],
+                             self._perms())
     return kernel
 
   def delta_weight(self) -> jax.Array:
     """The dense update ``dW (in, out)`` (adapter dtype); zero outside SMoA's K blocks."""
-    return self.op.delta(self.base_kernel(), self.lora_a[...], self.lora_b[...], self._perms())
+    return self._layerwise(self.op.delta, self.base_kernel(), self.lora_a[...], self.lora_b[...],
+                           self._perms())
 
   @property
   def num_trainable_params(self) -> int:
-    """Trainable adapter parameters, padding excluded."""
-    return self.op.layout.num_params if isinstance(self.op, ops.SMoAOp) else self.op.num_params
+    """Trainable adapter parameters, padding excluded (all layers of a stacked layer)."""
+    per_layer = (self.op.layout.num_params if isinstance(self.op, ops.SMoAOp)
+                 else self.op.num_params)
+    return per_layer * (self.num_layers or 1)
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
                rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
@@ -205,13 +251,13 @@ class AdaptedDense(nnx.Module):
       return
     a, b = self.lora_a[...], self.lora_b[...]
     if isinstance(self.op, ops.SMoAOp):
-      factor = self.op.modulation(a, b, self._perms())
+      factor = self._layerwise(self.op.modulation, a, b, self._perms())
       if bool(jnp.any(jnp.abs(factor) < 1e-6)):
         raise ConfigError(
             f"cannot merge {type(self).__name__}: some entries of 1 + (alpha/r) a_k b_k are ~0, so "
             "W could not be recovered by unmerge. Use merge_and_unload (which never unmerges) or "
             "keep the layer unmerged.")
-    self.kernel[...] = self.op.merged_kernel(self.kernel[...], a, b, self._perms())
+    self.kernel[...] = self._layerwise(self.op.merged_kernel, self.kernel[...], a, b, self._perms())
     self.merged = True
 
   def unmerge(self) -> None:
@@ -225,7 +271,8 @@ class AdaptedDense(nnx.Module):
     """``W + dW`` in the kernel's dtype (summed in float32), without changing the layer."""
     if self.merged:
       return self.kernel[...]
-    return self.op.merged_kernel(self.kernel[...], self.lora_a[...], self.lora_b[...], self._perms())
+    return self._layerwise(self.op.merged_kernel, self.kernel[...], self.lora_a[...],
+                           self.lora_b[...], self._perms())
 
   def to_linear(self) -> nnx.Linear:
     """A plain ``nnx.Linear`` holding ``W + dW`` (the adapter folded in)."""
@@ -265,8 +312,10 @@ class SMoADense(AdaptedDense):
     if blocks is None:
       blocks = spectral_blocks(self.kernel[...], self.config.num_blocks,
                                method=self.config.spectral_method)
-    self.in_perm = SpectralIndex(jnp.asarray(blocks.in_perm, jnp.int32))
-    self.out_perm = SpectralIndex(jnp.asarray(blocks.out_perm, jnp.int32))
+    in_perm, meta = shard_like_kernel(self.kernel, jnp.asarray(blocks.in_perm, jnp.int32), (None,))
+    self.in_perm = SpectralIndex(in_perm, **meta)
+    out_perm, meta = shard_like_kernel(self.kernel, jnp.asarray(blocks.out_perm, jnp.int32), (None,))
+    self.out_perm = SpectralIndex(out_perm, **meta)
     return ops.make_op(self.config, self.in_features, self.out_features, blocks)
 
   def _perms(self) -> ops.Perms:

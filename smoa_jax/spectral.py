@@ -32,12 +32,15 @@ rows) are always broken by index, because the sort is stable.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
+from smoa_jax import sharding
 from smoa_jax.config import split_sizes
 from smoa_jax.errors import ConfigError, KernelError
 
@@ -172,19 +175,48 @@ def _argsort(scores: jax.Array) -> jax.Array:
   return jnp.argsort(scores, stable=True).astype(jnp.int32)
 
 
-def _batched_orders(kernels: jax.Array, method: str) -> tuple[jax.Array, jax.Array]:
+def _gram_orders(w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(in_perm, out_perm, unreliable)`` of one kernel by the Gram path (see :func:`_gram_scores`)."""
+  s_in, s_out, unreliable = _gram_scores(w.astype(jnp.float32))
+  return _argsort(s_in), _argsort(s_out), unreliable
+
+
+@functools.lru_cache(maxsize=None)
+def _batched_jits(out_sharding: NamedSharding | None):
+  """Vmapped ``(orders, gram orders)``, outputs laid out as ``out_sharding`` (None: XLA's choice)."""
+  kwargs = {} if out_sharding is None else {"out_shardings": out_sharding}
+  return (jax.jit(jax.vmap(spectral_orders, in_axes=(0, None)), static_argnums=1, **kwargs),
+          jax.jit(jax.vmap(_gram_orders), **kwargs))
+
+
+def _batched_orders(kernels: jax.Array, method: str,
+                    out_sharding: NamedSharding | None = None) -> tuple[jax.Array, jax.Array]:
   """Vmapped orders; for ``"auto"`` the Gram pass is batched and only flagged kernels rerun the SVD.
 
   (Under ``vmap`` a ``lax.cond`` would evaluate both branches for every kernel.)
   """
+  orders, gram = _batched_jits(out_sharding)
   if method != "auto":
-    return _orders_batched_jit(kernels, method)
-  s_in, s_out, unreliable = _gram_batched_jit(kernels)
-  in_perms, out_perms = _argsort(s_in), _argsort(s_out)
+    return orders(kernels, method)
+  in_perms, out_perms, unreliable = gram(kernels)
   for i in np.flatnonzero(np.asarray(unreliable) > UNRELIABLE_ENERGY):
     in_perm, out_perm = _orders_jit(kernels[i], method="svd")
     in_perms, out_perms = in_perms.at[i].set(in_perm), out_perms.at[i].set(out_perm)
   return in_perms, out_perms
+
+
+@functools.lru_cache(maxsize=None)
+def _mesh_stack(mesh: Mesh, width: int):
+  """Jitted: kernels (a tuple, or a stacked array) -> ``(width, in, out)`` split over all devices.
+
+  Missing rows repeat the last kernel (their orders are dropped), so each device receives whole
+  kernels and runs its eigendecompositions locally.
+  """
+  def stack(items):
+    chunk = jnp.stack(items) if isinstance(items, tuple) else items
+    pad = width - chunk.shape[0]
+    return jnp.concatenate([chunk, jnp.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
+  return jax.jit(stack, out_shardings=sharding.named(mesh, (mesh.axis_names, None, None)))
 
 
 def _check_kernel(kernel, num_blocks: int, name: str) -> tuple[int, int]:
@@ -206,8 +238,6 @@ def _check_kernel(kernel, num_blocks: int, name: str) -> tuple[int, int]:
 
 
 _orders_jit = jax.jit(spectral_orders, static_argnames="method")
-_orders_batched_jit = jax.jit(jax.vmap(spectral_orders, in_axes=(0, None)), static_argnums=1)
-_gram_batched_jit = jax.jit(jax.vmap(lambda w: _gram_scores(w.astype(jnp.float32))))
 
 
 def _resolve(method: str) -> str:
@@ -244,6 +274,10 @@ def spectral_blocks_batched(kernels: jax.Array | Sequence[jax.Array], num_blocks
   """Spectral blocks of many same-shape kernels ``(B, in, out)``, vmapped in chunks of ``chunk_size``.
 
   Chunking bounds device memory (a chunk holds ``chunk_size`` Gram matrices and eigenbases).
+  Kernels laid out on a multi-device mesh (sharded or not) never visit the host: each chunk
+  (``chunk_size`` rounded up to a multiple of the device count) is resharded so that every device
+  holds whole kernels, each device decomposes its own, and the permutations come back replicated
+  on the mesh.
   """
   if isinstance(kernels, (list, tuple)):
     if not kernels:
@@ -253,13 +287,24 @@ def spectral_blocks_batched(kernels: jax.Array | Sequence[jax.Array], num_blocks
       raise KernelError(f"spectral_blocks_batched needs kernels of one shape, got {sorted(shapes)}.")
   n = len(kernels)
   resolved = _resolve(method)
+  mesh = sharding.mesh_of(kernels[0] if isinstance(kernels, (list, tuple)) else kernels)
+  if mesh is not None and mesh.size == 1:
+    mesh = None
+  if mesh is not None:
+    chunk_size = -(-chunk_size // mesh.size) * mesh.size
   out: list[SpectralBlocks] = []
   for start in range(0, n, chunk_size):
-    chunk = jnp.stack([jnp.asarray(k) for k in kernels[start:start + chunk_size]])
-    n_in, n_out = _check_kernel(chunk, num_blocks, f"kernels[{start}:{start + len(chunk)}]")
-    in_perms, out_perms = _batched_orders(chunk, resolved)
+    items = kernels[start:start + chunk_size]
+    count = len(items)
+    if mesh is None:
+      chunk = jnp.stack([jnp.asarray(k) for k in items])
+    else:
+      chunk = _mesh_stack(mesh, chunk_size)(tuple(items) if isinstance(items, list) else items)
+    n_in, n_out = _check_kernel(chunk, num_blocks, f"kernels[{start}:{start + count}]")
+    in_perms, out_perms = _batched_orders(chunk, resolved,
+                                          None if mesh is None else sharding.named(mesh, ()))
     sizes = split_sizes(n_in, num_blocks), split_sizes(n_out, num_blocks)
-    out.extend(SpectralBlocks(i, o, *sizes) for i, o in zip(in_perms, out_perms))
+    out.extend(SpectralBlocks(i, o, *sizes) for i, o in zip(in_perms[:count], out_perms[:count]))
   return out
 
 

@@ -35,7 +35,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from smoa_jax import data as data_lib
-from smoa_jax import sharding
+from smoa_jax import sharding, spmd
 from smoa_jax.checkpoint import TrainCheckpointer
 from smoa_jax.errors import ConfigError, NonFiniteLossError
 from smoa_jax.nnx import SMoAParam, SpectralIndex
@@ -237,11 +237,35 @@ def evaluate(model: nnx.Module, task: Task, eval_data: dict[str, np.ndarray], *,
     model.train()
 
 
-def _evaluate(eval_step, task, state, eval_data, batch_size) -> dict[str, float]:
+def _under_mesh(fn: Callable[..., Any], mesh: jax.sharding.Mesh | None) -> Callable[..., Any]:
+  """``fn`` called (hence traced) under ``jax.set_mesh(mesh)``, so the models' activation
+  constraints (:func:`smoa_jax.sharding.constrain_batch`) apply."""
+  if mesh is None:
+    return fn
+
+  def call(*args):
+    with jax.set_mesh(mesh):
+      return fn(*args)
+  return call
+
+
+def _place_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh | None,
+                 batch_axis: int = 0) -> dict[str, jax.Array]:
+  """A host batch on the device(s): split over ``data`` x ``fsdp`` when it divides, else replicated."""
+  if mesh is None:
+    return jax.tree.map(jnp.asarray, batch)
+  rows = next(iter(batch.values())).shape[batch_axis]
+  if rows % sharding.axis_size(mesh, sharding.BATCH_AXES):
+    return sharding.replicate(batch, mesh)
+  return sharding.shard_batch(batch, mesh, batch_axis=batch_axis)
+
+
+def _evaluate(eval_step, task, state, eval_data, batch_size,
+              mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
   sums: dict[str, float] = {}
   total = 0.0
   for batch in data_lib.eval_batches(eval_data, batch_size):
-    metrics, weight = eval_step(*state, jax.tree.map(jnp.asarray, batch))
+    metrics, weight = eval_step(*state, _place_batch(batch, mesh))
     for k, v in jax.device_get(metrics).items():
       sums[k] = sums.get(k, 0.0) + float(v)
     total += float(weight)
@@ -249,12 +273,16 @@ def _evaluate(eval_step, task, state, eval_data, batch_size) -> dict[str, float]
 
 
 class _MetricsLog:
-  """Append-only JSONL metrics; on resume, lines after the restored step are dropped first."""
+  """Append-only JSONL metrics; on resume, lines after the restored step are dropped first.
+
+  Under multi-process JAX only process 0 touches the file (every process keeps the history).
+  """
 
   def __init__(self, path: Path | None, resume_step: int | None):
     self.path = path
     self.history: list[dict[str, Any]] = []
-    if path is None:
+    self._writes = path is not None and jax.process_index() == 0
+    if not self._writes:
       return
     if resume_step is not None and path.exists():
       kept = [line for line in path.read_text().splitlines()
@@ -267,7 +295,7 @@ class _MetricsLog:
 
   def write(self, record: dict[str, Any]) -> None:
     self.history.append(record)
-    if self.path is not None:
+    if self._writes:
       with open(self.path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -288,8 +316,12 @@ def train(model: nnx.Module, task: Task, train_data: dict[str, np.ndarray], conf
     output_dir: where ``metrics.jsonl`` and ``checkpoints/`` go (``None``: nothing written).
     resume: continue from the latest checkpoint in ``output_dir``.
     on_save: called with the step after every checkpoint (e.g. to export the adapter).
-    mesh: a ``("data", "fsdp", "tp")`` mesh (:func:`smoa_jax.sharding.make_mesh`): batches are
-      split over ``data`` x ``fsdp``; the model's arrays keep the shardings they already have.
+    mesh: a ``("data", "fsdp", "tp")`` mesh (:func:`smoa_jax.make_mesh`): the model is laid out
+      on it first (:func:`smoa_jax.shard_model`: arrays already placed stay put, the family's
+      rules annotate the rest), batches are split over ``data`` x ``fsdp``, activations are
+      constrained to that split, and the step keeps every array's sharding. Under multi-process
+      JAX every process calls ``train`` with the same data; only process 0 writes the metrics
+      file, orbax coordinates the checkpoint.
 
   Raises:
     NonFiniteLossError: the loss became NaN/Inf; the message names the step and the last good
@@ -305,6 +337,8 @@ def train(model: nnx.Module, task: Task, train_data: dict[str, np.ndarray], conf
   if resume and (checkpointer is None or checkpointer.latest_step() is None):
     raise ConfigError(f"resume=True but there is no checkpoint in {output}.")
 
+  if mesh is not None:
+    spmd.shard_model(model, mesh)
   model.eval()
   eval_graphdef = nnx.graphdef(model)
   model.train()
@@ -313,6 +347,9 @@ def train(model: nnx.Module, task: Task, train_data: dict[str, np.ndarray], conf
   # The step donates params/rng buffers; copies keep the model's own arrays valid meanwhile.
   params, rng = jax.tree.map(jnp.copy, (params, rng))
   opt_state = tx.init(params)
+  if mesh is not None:  # moments follow their params; scalars (step counts) are replicated
+    opt_state = jax.tree.map(lambda x: x if sharding.mesh_of(x) == mesh else
+                             sharding.replicate(x, mesh), opt_state)
   step, epoch, index = 0, 0, 0
   if resume:
     trees, meta = checkpointer.restore(params=params, opt_state=opt_state, rng=rng, spectral=spectral)
@@ -352,8 +389,13 @@ def train(model: nnx.Module, task: Task, train_data: dict[str, np.ndarray], conf
     params = optax.apply_updates(params, updates)
     return params, opt_state, rng, {"loss": loss_sum, **metric_sums}, weight
 
-  step_fn = jax.jit(train_step, donate_argnums=(0, 1, 2))
-  eval_step = _make_eval_step(task, eval_graphdef)
+  out_shardings = {}
+  if mesh is not None:  # keep every array where it is: no resharding between steps
+    replicated = sharding.named(mesh, ())
+    out_shardings = {"out_shardings": (*jax.tree.map(lambda x: x.sharding, (params, opt_state, rng)),
+                                       replicated, replicated)}
+  step_fn = _under_mesh(jax.jit(train_step, donate_argnums=(0, 1, 2), **out_shardings), mesh)
+  eval_step = _under_mesh(_make_eval_step(task, eval_graphdef), mesh)
   bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not config.progress,
              file=sys.stderr, dynamic_ncols=True)
   pending: list[tuple[int, Any, Any, int]] = []  # (step, metric sums, weight, tokens), unchecked
@@ -407,7 +449,7 @@ def train(model: nnx.Module, task: Task, train_data: dict[str, np.ndarray], conf
                         tok_s=f"{record['tokens_per_sec']:.0f}")
         window = {"sums": {}, "weight": 0.0, "tokens": 0, "start": time.perf_counter()}
       if eval_data is not None and ((config.eval_every and step % config.eval_every == 0) or last):
-        eval_metrics = _evaluate(eval_step, task, state(), eval_data, config.batch_size)
+        eval_metrics = _evaluate(eval_step, task, state(), eval_data, config.batch_size, mesh)
         log.write({"step": step, "split": "eval", **eval_metrics})
       if checkpointer is not None and ((config.save_every and step % config.save_every == 0) or last):
         flush()  # never checkpoint params produced by a non-finite step

@@ -4,7 +4,9 @@ Every projection is a plain ``nnx.Linear`` (``kernel (in, out)``) at the path of
 (``model/layers/3/self_attn/q_proj``, ``transformer/h/0/attn/c_attn``,
 ``bert/encoder/layer/0/attention/self/query``), so adapter ``target_modules`` mean what they mean
 in PEFT. Each model keeps its HF config (``model.hf_config``) and its key map
-(``model.key_map()``), which :mod:`smoa_jax.convert` uses to load and export checkpoints.
+(``model.key_map()``), which :mod:`smoa_jax.convert` uses to load and export checkpoints, and
+its partitioning table (``sharding_rules``, used by :mod:`smoa_jax.spmd`). Built with
+``scan_layers=True``, the layers are one stacked module run under ``nnx.scan``.
 
 Supported architectures (``config.json`` ``architectures[0]``): see :data:`ARCHITECTURES`;
 ``BertForMaskedLM`` / ``BertForPreTraining`` checkpoints load as the encoder (their ``cls``
@@ -71,8 +73,12 @@ def model_class(hf_config: Mapping[str, Any], num_labels: int | None = None) -> 
 
 def build_model(hf_config: Mapping[str, Any], *, num_labels: int | None = None,
                 dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
-                rngs: nnx.Rngs) -> HFModel:
-  """A randomly initialized model for an HF config dict (wrap in ``nnx.eval_shape`` for shapes)."""
+                rngs: nnx.Rngs, scan_layers: bool = False) -> HFModel:
+  """A randomly initialized model for an HF config dict (wrap in ``nnx.eval_shape`` for shapes).
+
+  ``scan_layers`` stacks the layers under ``nnx.scan`` (see :func:`smoa_jax.models._common.stack_layers`).
+  """
   cls = model_class(hf_config, num_labels)
   kwargs = {"num_labels": num_labels} if cls is BertForSequenceClassification else {}
-  return cls(hf_config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kwargs)
+  return cls(hf_config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, scan_layers=scan_layers,
+             **kwargs)

@@ -25,9 +25,14 @@ from smoa_jax.errors import ConfigError
 
 __all__ = [
     "KeyRule", "KeyMap", "linear_rules", "norm_rules", "prefixed", "HFModel", "LayerFactory",
-    "activation", "attention", "make_attention_mask", "hf_get", "path_str",
+    "activation", "attention", "make_attention_mask", "hf_get", "path_str", "ShardingRule",
+    "stack_layers", "scan_layers", "split_layer_path", "layer_path",
 ]
 
+# (regex over a Variable path, mesh axis or None per array axis); see smoa_jax.spmd.
+ShardingRule = tuple[str, tuple[str | None, ...]]
+# Module names that hold the numbered layers of a family (``model/layers/3``, ``transformer/h/3``).
+LAYER_CONTAINERS = ("layers", "h", "layer")
 _PLACEHOLDER = re.compile(r"\{(\w+)(?::([^}]*))?\}")
 
 
@@ -191,13 +196,17 @@ def hf_get(config: Mapping[str, Any], *names: str, default: Any = _REQUIRED) -> 
 class HFModel(nnx.Module):
   """Base of every model family: keeps the HF config and knows its key map.
 
-  Subclasses set ``architecture`` (the HF class name written to ``config.json``) and implement
-  :meth:`key_map`. ``hf_config`` is a copy of the Hugging Face config dict (stored as JSON so the
-  module stays hashable under ``nnx.jit``); ``source_dir`` is the directory the weights came from
-  (set by :func:`smoa_jax.from_hf`) so an export can copy its tokenizer files.
+  Subclasses set ``architecture`` (the HF class name written to ``config.json``) and
+  ``sharding_rules`` (Megatron-style partitioning, :mod:`smoa_jax.spmd`) and implement
+  :meth:`key_map`. ``scan_layers`` is True when the layers are stacked (:func:`stack_layers`).
+  ``hf_config`` is a copy of the Hugging Face config dict (stored as JSON so the module stays
+  hashable under ``nnx.jit``); ``source_dir`` is the directory the weights came from (set by
+  :func:`smoa_jax.from_hf`) so an export can copy its tokenizer files.
   """
 
   architecture: ClassVar[str] = ""
+  sharding_rules: ClassVar[tuple[ShardingRule, ...]] = ()
+  scan_layers: bool = False
 
   def _set_hf_config(self, hf_config: Mapping[str, Any] | Any) -> dict[str, Any]:
     """Store the config (a dict or a ``transformers`` config object); returns it as a dict."""
@@ -303,3 +312,51 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Arra
   instead of NaN.
   """
   return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale)
+
+
+# -- stacked (scanned) layers ----------------------------------------------------------------------
+def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
+                 rngs: nnx.Rngs) -> nnx.Module:
+  """``num_layers`` layers as ONE module whose Variables carry a leading layer axis ``(L, ...)``.
+
+  Built under ``nnx.vmap`` with split rngs (every layer initialized differently) and run by
+  :func:`scan_layers`: the layer body is traced and compiled once instead of L times.
+  """
+  @nnx.split_rngs(splits=num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=num_layers)
+  def build(layer_rngs: nnx.Rngs) -> nnx.Module:
+    return make_layer(layer_rngs)
+
+  return build(rngs)
+
+
+def scan_layers(step: Callable[[nnx.Module, jax.Array, Any], jax.Array], layers: nnx.Module,
+                x: jax.Array, per_layer: Any = None) -> jax.Array:
+  """``x = step(layer_i, x, per_layer[i])`` for i = 0..L-1 under ``nnx.scan``.
+
+  ``layers`` is a stacked module (:func:`stack_layers`); ``per_layer`` a pytree of arrays with a
+  leading ``L`` axis (or None); ``x`` the carry, e.g. hidden states ``(B, T, hidden)``.
+  """
+  @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry)
+  def body(carry: jax.Array, layer: nnx.Module, item: Any) -> jax.Array:
+    return step(layer, carry, item)
+
+  return body(x, layers, per_layer)
+
+
+_NUMBERED = re.compile(rf"(.*?(?:^|/)(?:{'|'.join(LAYER_CONTAINERS)}))/(\d+)/(.*)")
+
+
+def split_layer_path(path: str) -> tuple[str, int] | None:
+  """``model/layers/3/mlp/up_proj/kernel`` -> ``("model/layers/mlp/up_proj/kernel", 3)``; else None."""
+  m = _NUMBERED.fullmatch(path)
+  return None if m is None else (f"{m.group(1)}/{m.group(3)}", int(m.group(2)))
+
+
+def layer_path(stacked_path: str, index: int) -> str | None:
+  """Inverse of :func:`split_layer_path`: the path of layer ``index`` (None without a container)."""
+  parts = stacked_path.split("/")
+  for i, part in enumerate(parts[:-1]):
+    if part in LAYER_CONTAINERS:
+      return "/".join(parts[:i + 1] + [str(index)] + parts[i + 1:])
+  return None

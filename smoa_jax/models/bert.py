@@ -17,10 +17,14 @@ Post-norm transformer encoder with absolute position and token-type embeddings. 
 Loading a pretraining checkpoint (``BertForMaskedLM`` / ``BertForPreTraining``, keys ``bert.*``
 and ``cls.*``) keeps the encoder and drops the ``cls.*`` heads; a missing pooler or classifier
 is initialized fresh (``normal(initializer_range)``, zero bias), as transformers does.
+
+``scan_layers=True`` stacks the encoder layers (``encoder/layer/attention/self/query`` kernel
+``(L, hidden, hidden)``) under ``nnx.scan``; ``sharding_rules`` give the Megatron layout.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar, Mapping
 
 import jax
@@ -29,8 +33,11 @@ from flax import nnx
 from flax.typing import Dtype
 
 from smoa_jax.errors import ConfigError
-from smoa_jax.models._common import (HFModel, KeyMap, KeyRule, LayerFactory, activation, attention,
-                                     hf_get, linear_rules, make_attention_mask, norm_rules, prefixed)
+from smoa_jax.models._common import (HFModel, KeyMap, KeyRule, LayerFactory, ShardingRule,
+                                     activation, attention, hf_get, linear_rules,
+                                     make_attention_mask, norm_rules, prefixed, scan_layers,
+                                     stack_layers)
+from smoa_jax.sharding import constrain_batch
 
 __all__ = ["BertModel", "BertForSequenceClassification"]
 
@@ -49,6 +56,18 @@ _BASE_RULES = (
 # Buffers some checkpoints carry, and the heads of the pretraining architectures.
 _BASE_IGNORE = ("embeddings.position_ids", "embeddings.token_type_ids", "cls.{rest:.*}")
 _RENAMES = (("LayerNorm.gamma", "LayerNorm.weight"), ("LayerNorm.beta", "LayerNorm.bias"))
+# Megatron: query/key/value and intermediate column-parallel, the two output denses row-parallel,
+# vocab over tp; the same table serves BertModel and BertForSequenceClassification (bert/ prefix).
+_LAYER = r"(bert/)?encoder/layer/(\d+/)?"
+_SHARDING_RULES = (
+    (r"(bert/)?embeddings/word_embeddings/embedding", ("tp", "fsdp")),
+    (r"(bert/)?embeddings/(position|token_type)_embeddings/embedding", (None, "fsdp")),
+    (_LAYER + r"(attention/self/(query|key|value)|intermediate/dense)/kernel", ("fsdp", "tp")),
+    (_LAYER + r"(attention/self/(query|key|value)|intermediate/dense)/bias", ("tp",)),
+    (_LAYER + r"(attention/output|output)/dense/kernel", ("tp", "fsdp")),
+    (r"(bert/)?pooler/dense/kernel", ("fsdp", None)),
+    (r"classifier/kernel", ("fsdp", None)),
+)
 
 
 class BertSelfAttention(nnx.Module):
@@ -118,14 +137,23 @@ class BertLayer(nnx.Module):
 
 
 class BertEncoder(nnx.Module):
-  """The ``layer`` stack (an ``nnx.List``)."""
+  """The ``layer`` stack: an ``nnx.List``, or with ``scan_layers`` one stacked layer under ``nnx.scan``."""
 
-  def __init__(self, config: Mapping[str, Any], f: LayerFactory):
-    self.layer = nnx.List([BertLayer(config, f) for _ in range(config["num_hidden_layers"])])
+  def __init__(self, config: Mapping[str, Any], f: LayerFactory, scan_layers: bool = False):
+    if scan_layers:
+      self.layer = stack_layers(lambda rngs: BertLayer(config, dataclasses.replace(f, rngs=rngs)),
+                                config["num_hidden_layers"], f.rngs)
+    else:
+      self.layer = nnx.List([BertLayer(config, f) for _ in range(config["num_hidden_layers"])])
+    self.scan_layers = scan_layers
 
   def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """``x (B, T, hidden)``, ``mask (B, 1, 1, T)`` -> ``(B, T, hidden)``."""
+    x = constrain_batch(x)
+    if self.scan_layers:
+      return scan_layers(lambda layer, h, _: constrain_batch(layer(h, mask)), self.layer, x)
     for layer in self.layer:
-      x = layer(x, mask)
+      x = constrain_batch(layer(x, mask))
     return x
 
 
@@ -188,14 +216,16 @@ class BertModel(HFModel):
   """
 
   architecture: ClassVar[str] = "BertModel"
+  sharding_rules: ClassVar[tuple[ShardingRule, ...]] = _SHARDING_RULES
 
   def __init__(self, hf_config: Mapping[str, Any], *, dtype: Dtype | None = None,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs, scan_layers: bool = False):
     config = self._set_hf_config(hf_config)
     _check_config(config)
     f = LayerFactory(dtype, param_dtype, float(config.get("initializer_range", 0.02)), rngs)
     self.embeddings = BertEmbeddings(config, f)
-    self.encoder = BertEncoder(config, f)
+    self.encoder = BertEncoder(config, f, scan_layers)
+    self.scan_layers = scan_layers
     self.pooler = BertPooler(config["hidden_size"], f)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
@@ -226,9 +256,11 @@ class BertForSequenceClassification(HFModel):
   """
 
   architecture: ClassVar[str] = "BertForSequenceClassification"
+  sharding_rules: ClassVar[tuple[ShardingRule, ...]] = _SHARDING_RULES
 
   def __init__(self, hf_config: Mapping[str, Any], *, num_labels: int | None = None,
-               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs,
+               scan_layers: bool = False):
     config = dict(hf_config.to_dict() if hasattr(hf_config, "to_dict") else hf_config)
     if num_labels is None:
       num_labels = config.get("num_labels") or len(config.get("id2label") or {}) or 2
@@ -239,7 +271,9 @@ class BertForSequenceClassification(HFModel):
       config["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
     config.pop("num_labels", None)  # transformers derives it from id2label
     config = self._set_hf_config(config)
-    self.bert = BertModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.bert = BertModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                          scan_layers=scan_layers)
+    self.scan_layers = scan_layers
     f = LayerFactory(dtype, param_dtype, float(config.get("initializer_range", 0.02)), rngs)
     self.classifier = f.linear(config["hidden_size"], num_labels, True)
     self.num_labels = num_labels

@@ -11,10 +11,14 @@ kernels load without a transpose. The fused ``c_attn`` projects to ``[q | k | v]
     transformer/h/0/mlp/c_fc                kernel (hidden, inner)
     transformer/h/0/mlp/c_proj              kernel (inner, hidden)
     transformer/ln_f, lm_head               lm_head absent when tied (the GPT-2 default)
+
+``scan_layers=True`` stacks the blocks (``transformer/h/attn/c_attn`` kernel ``(L, hidden,
+3*hidden)``) under ``nnx.scan``; ``sharding_rules`` give the Megatron layout.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar, Mapping
 
 import jax
@@ -23,8 +27,10 @@ from flax import nnx
 from flax.typing import Dtype
 
 from smoa_jax.errors import ConfigError
-from smoa_jax.models._common import (HFModel, KeyMap, KeyRule, LayerFactory, activation, attention,
-                                     hf_get, linear_rules, make_attention_mask, norm_rules)
+from smoa_jax.models._common import (HFModel, KeyMap, KeyRule, LayerFactory, ShardingRule,
+                                     activation, attention, hf_get, linear_rules,
+                                     make_attention_mask, norm_rules, scan_layers, stack_layers)
+from smoa_jax.sharding import constrain_batch
 
 __all__ = ["GPT2LMHeadModel"]
 
@@ -79,14 +85,23 @@ class GPT2Block(nnx.Module):
 
 
 class GPT2Model(nnx.Module):
-  """``wte`` + ``wpe`` embeddings, the ``h`` blocks (an ``nnx.List``) and ``ln_f``."""
+  """``wte`` + ``wpe`` embeddings, the ``h`` blocks and ``ln_f``.
 
-  def __init__(self, config: Mapping[str, Any], f: LayerFactory):
+  ``h`` is an ``nnx.List``, or with ``scan_layers`` one block with stacked ``(n_layer, ...)``
+  Variables run under ``nnx.scan``.
+  """
+
+  def __init__(self, config: Mapping[str, Any], f: LayerFactory, scan_layers: bool = False):
     hidden = config["n_embd"]
     self.wte = f.embed(config["vocab_size"], hidden)
     self.wpe = f.embed(config["n_positions"], hidden)
-    self.h = nnx.List([GPT2Block(config, i, f) for i in range(config["n_layer"])])
+    if scan_layers:
+      self.h = stack_layers(lambda rngs: GPT2Block(config, 0, dataclasses.replace(f, rngs=rngs)),
+                            config["n_layer"], f.rngs)
+    else:
+      self.h = nnx.List([GPT2Block(config, i, f) for i in range(config["n_layer"])])
     self.ln_f = f.layer_norm(hidden, float(config.get("layer_norm_epsilon", 1e-5)))
+    self.scan_layers = scan_layers
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                position_ids: jax.Array | None = None) -> jax.Array:
@@ -94,10 +109,13 @@ class GPT2Model(nnx.Module):
     length = input_ids.shape[1]
     if position_ids is None:
       position_ids = jnp.arange(length)[None]
-    x = self.wte(input_ids) + self.wpe(position_ids)
+    x = constrain_batch(self.wte(input_ids) + self.wpe(position_ids))
     mask = make_attention_mask(attention_mask, length, causal=True)
-    for block in self.h:
-      x = block(x, mask)
+    if self.scan_layers:
+      x = scan_layers(lambda block, h, _: constrain_batch(block(h, mask)), self.h, x)
+    else:
+      for block in self.h:
+        x = constrain_batch(block(x, mask))
     return self.ln_f(x)
 
 
@@ -108,12 +126,22 @@ class GPT2LMHeadModel(HFModel):
     hf_config: the Hugging Face config (dict or ``transformers.GPT2Config``).
     dtype, param_dtype: compute and storage dtypes (storage float32 by default).
     rngs: initializes the weights (``normal(initializer_range)``).
+    scan_layers: stack the blocks under ``nnx.scan`` (paths ``transformer/h/attn/...``, ``(L, ...)``).
   """
 
   architecture: ClassVar[str] = "GPT2LMHeadModel"
+  # Megatron: c_attn / c_fc column-parallel, both c_proj row-parallel, vocab over tp.
+  sharding_rules: ClassVar[tuple[ShardingRule, ...]] = (
+      (r"transformer/wte/embedding", ("tp", "fsdp")),
+      (r"transformer/wpe/embedding", (None, "fsdp")),
+      (r"transformer/h/(\d+/)?(attn/c_attn|mlp/c_fc)/kernel", ("fsdp", "tp")),
+      (r"transformer/h/(\d+/)?(attn/c_attn|mlp/c_fc)/bias", ("tp",)),
+      (r"transformer/h/(\d+/)?(attn|mlp)/c_proj/kernel", ("tp", "fsdp")),
+      (r"lm_head/kernel", ("fsdp", "tp")),
+  )
 
   def __init__(self, hf_config: Mapping[str, Any], *, dtype: Dtype | None = None,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs, scan_layers: bool = False):
     config = self._set_hf_config(hf_config)
     for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
       hf_get(config, name)
@@ -122,9 +150,13 @@ class GPT2LMHeadModel(HFModel):
     if config.get("add_cross_attention"):
       raise ConfigError("GPT-2 with add_cross_attention=True is not supported; expected a "
                         "decoder-only GPT2LMHeadModel config.")
+    if scan_layers and config.get("scale_attn_by_inverse_layer_idx", False):
+      raise ConfigError("scan_layers=True needs identical layers, but scale_attn_by_inverse_layer_idx "
+                        "gives every layer its own attention scale; load with scan_layers=False.")
     activation(config.get("activation_function", "gelu_new"))
     f = LayerFactory(dtype, param_dtype, float(config.get("initializer_range", 0.02)), rngs)
-    self.transformer = GPT2Model(config, f)
+    self.transformer = GPT2Model(config, f, scan_layers)
+    self.scan_layers = scan_layers
     self.lm_head = (None if config.get("tie_word_embeddings", True)
                     else f.linear(config["n_embd"], config["vocab_size"], False))
 

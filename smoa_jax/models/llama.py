@@ -15,6 +15,10 @@ Module paths mirror the HF state dict, so ``target_modules`` means what it means
     model/layers/3/mlp/down_proj            kernel (intermediate, hidden)     [also gate/up_proj]
     model/layers/3/input_layernorm          scale (hidden)
     model/norm, lm_head                     lm_head absent when embeddings are tied
+
+With ``scan_layers=True`` the layers are one stacked module run under ``nnx.scan``: paths lose the
+index and Params gain a leading layer axis (``model/layers/self_attn/q_proj`` kernel
+``(L, hidden, heads*head_dim)``). ``sharding_rules`` give the Megatron layout (:mod:`smoa_jax.spmd`).
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ from flax import nnx
 from flax.typing import Dtype
 
 from smoa_jax.errors import ConfigError
-from smoa_jax.models._common import (HFModel, KeyMap, KeyRule, LayerFactory, activation, attention,
-                                     hf_get, linear_rules, make_attention_mask, norm_rules)
+from smoa_jax.models._common import (HFModel, KeyMap, KeyRule, LayerFactory, ShardingRule,
+                                     activation, attention, hf_get, linear_rules,
+                                     make_attention_mask, norm_rules, scan_layers, stack_layers)
+from smoa_jax.sharding import constrain_batch
 
 __all__ = [
     "DecoderSpec", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
@@ -181,14 +187,23 @@ class LlamaDecoderLayer(nnx.Module):
 
 
 class LlamaModel(nnx.Module):
-  """The decoder stack: ``embed_tokens``, ``layers`` (an ``nnx.List``), final ``norm``."""
+  """The decoder stack: ``embed_tokens``, ``layers``, final ``norm``.
 
-  def __init__(self, spec: DecoderSpec, f: LayerFactory):
+  ``layers`` is an ``nnx.List`` of decoder layers, or with ``scan_layers`` one decoder layer whose
+  Variables are stacked ``(num_layers, ...)`` and run under ``nnx.scan`` (compiled once).
+  """
+
+  def __init__(self, spec: DecoderSpec, f: LayerFactory, scan_layers: bool = False):
     self.embed_tokens = f.embed(spec.vocab_size, spec.hidden_size)
-    self.layers = nnx.List([LlamaDecoderLayer(spec, f) for _ in range(spec.num_layers)])
+    if scan_layers:
+      self.layers = stack_layers(lambda rngs: LlamaDecoderLayer(spec, dataclasses.replace(f, rngs=rngs)),
+                                 spec.num_layers, f.rngs)
+    else:
+      self.layers = nnx.List([LlamaDecoderLayer(spec, f) for _ in range(spec.num_layers)])
     self.norm = f.rms_norm(spec.hidden_size, spec.rms_norm_eps)
     self.sliding_windows = spec.sliding_windows
     self.inv_freq = spec.inv_freq
+    self.scan_layers = scan_layers
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                position_ids: jax.Array | None = None) -> jax.Array:
@@ -196,12 +211,20 @@ class LlamaModel(nnx.Module):
     length = input_ids.shape[1]
     if position_ids is None:
       position_ids = jnp.arange(length)[None]
-    x = self.embed_tokens(input_ids)
+    x = constrain_batch(self.embed_tokens(input_ids))
     cos, sin = _rope_tables(position_ids, self.inv_freq, x.dtype)
-    masks = {w: make_attention_mask(attention_mask, length, causal=True, sliding_window=w)
-             for w in set(self.sliding_windows)}
-    for layer, window in zip(self.layers, self.sliding_windows):
-      x = layer(x, cos, sin, masks[window])
+    windows = sorted(set(self.sliding_windows), key=lambda w: -1 if w is None else w)
+    masks = [make_attention_mask(attention_mask, length, causal=True, sliding_window=w)
+             for w in windows]
+    if self.scan_layers:
+      # One mask per distinct window, picked per layer by index: (W, B | 1, 1, T, T), (L,).
+      table = jnp.stack(masks)
+      which = jnp.asarray([windows.index(w) for w in self.sliding_windows], jnp.int32)
+      x = scan_layers(lambda layer, h, i: constrain_batch(layer(h, cos, sin, table[i])),
+                      self.layers, x, which)
+    else:
+      for layer, window in zip(self.layers, self.sliding_windows):
+        x = constrain_batch(layer(x, cos, sin, masks[windows.index(window)]))
     return self.norm(x)
 
 
@@ -213,16 +236,30 @@ class LlamaForCausalLM(HFModel):
     dtype: compute dtype (None: follow inputs and params).
     param_dtype: dtype of the stored weights (float32 by default).
     rngs: initializes the weights (``normal(initializer_range)``), e.g. before loading a checkpoint.
+    scan_layers: stack the decoder layers and run them under ``nnx.scan`` (paths then lose the
+      layer index: ``model/layers/self_attn/q_proj/kernel (L, hidden, heads*head_dim)``).
   """
 
   architecture: ClassVar[str] = "LlamaForCausalLM"
+  # Megatron: q/k/v and gate/up column-parallel, o/down row-parallel, vocab over tp.
+  sharding_rules: ClassVar[tuple[ShardingRule, ...]] = (
+      (r"model/embed_tokens/embedding", ("tp", "fsdp")),
+      (r"model/layers/(\d+/)?self_attn/[qkv]_proj/kernel", ("fsdp", "tp")),
+      (r"model/layers/(\d+/)?self_attn/[qkv]_proj/bias", ("tp",)),
+      (r"model/layers/(\d+/)?self_attn/o_proj/kernel", ("tp", "fsdp")),
+      (r"model/layers/(\d+/)?mlp/(gate|up)_proj/kernel", ("fsdp", "tp")),
+      (r"model/layers/(\d+/)?mlp/(gate|up)_proj/bias", ("tp",)),
+      (r"model/layers/(\d+/)?mlp/down_proj/kernel", ("tp", "fsdp")),
+      (r"lm_head/kernel", ("fsdp", "tp")),
+  )
 
   def __init__(self, hf_config: Mapping[str, Any], *, dtype: Dtype | None = None,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs, scan_layers: bool = False):
     config = self._set_hf_config(hf_config)
     self.spec = self.decoder_spec(config)
     f = LayerFactory(dtype, param_dtype, self.spec.initializer_range, rngs)
-    self.model = LlamaModel(self.spec, f)
+    self.model = LlamaModel(self.spec, f, scan_layers)
+    self.scan_layers = scan_layers
     self.lm_head = (None if self.spec.tie_word_embeddings
                     else f.linear(self.spec.hidden_size, self.spec.vocab_size, False))
 
