@@ -36,17 +36,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from smoa_jax.config import AdapterConfig, SMoAConfig, config_from_dict
 from smoa_jax.errors import AdapterMismatchError, CheckpointError, SMoAError
 from smoa_jax.fileio import atomic_directory
-from smoa_jax.inject import (AdapterReport, adapter_layers, apply_adapter, mark_trainable,
-                             module_path)
+from smoa_jax.inject import AdapterReport, adapter_layers, apply_adapter, mark_trainable
+from smoa_jax.paths import layer_path, module_path
 from smoa_jax.nnx import AdaptedDense, SMoADense, SMoAParam
 from smoa_jax.ops import SMoAOp
 from smoa_jax.spectral import SpectralBlocks
+from smoa_jax.stacked import stack_blocks
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter", "kernel_fingerprint", "CONFIG_NAME",
            "WEIGHTS_NAME"]
@@ -87,21 +89,61 @@ def _dotted(path: str) -> str:
   return PREFIX + path.replace("/", ".")
 
 
-def _module_tensors(path: str, layer: AdaptedDense) -> dict[str, np.ndarray]:
-  name = _dotted(path)
-  a, b = np.asarray(layer.lora_a[...], np.float32), np.asarray(layer.lora_b[...], np.float32)
+def _host(value: jax.Array) -> np.ndarray:
+  """A host copy; arrays spread over several processes are all-gathered first (a collective)."""
+  if isinstance(value, jax.Array) and not value.is_fully_addressable:
+    value = multihost_utils.process_allgather(value, tiled=True)
+  return np.asarray(value)
+
+
+def _per_layer(name: str, layer: AdaptedDense) -> list[tuple[str, int | None]]:
+  """``(module name, layer index)`` of every layer an adapter layer holds (L for stacked ones)."""
+  if layer.num_layers is None:
+    return [(name, None)]
+  names = [layer_path(name, i) for i in range(layer.num_layers)]
+  if None in names:
+    raise AdapterMismatchError(f"stacked adapter layer {name!r} has no layer container in its path.")
+  return list(zip(names, range(layer.num_layers)))
+
+
+def _module_tensors(name: str, layer: AdaptedDense, a: np.ndarray, b: np.ndarray,
+                    perms: tuple[np.ndarray, np.ndarray] | None) -> dict[str, np.ndarray]:
+  """Tensors of one (unstacked) layer: ``a``/``b`` as stored in the layer, ``perms`` for SMoA."""
+  dotted = _dotted(name)
   if not isinstance(layer.op, SMoAOp):  # LoRA: a (in, r), b (r, out)
-    return {f"{name}.lora_A.weight": a.T.copy(), f"{name}.lora_B.weight": b.T.copy()}
+    return {f"{dotted}.lora_A.weight": a.T.copy(), f"{dotted}.lora_B.weight": b.T.copy()}
+  if perms is None:  # HiRA: one unpermuted block
+    return {f"{dotted}.lora_A.weight": a[0].T.copy(), f"{dotted}.lora_B.weight": b[0].T.copy()}
   layout = layer.op.layout
-  if not isinstance(layer, SMoADense):  # HiRA: one unpermuted block
-    return {f"{name}.lora_A.weight": a[0].T.copy(), f"{name}.lora_B.weight": b[0].T.copy()}
-  out = {f"{name}.smoa_in_perm": np.asarray(layer.in_perm[...], np.int32),
-         f"{name}.smoa_out_perm": np.asarray(layer.out_perm[...], np.int32)}
+  out = {f"{dotted}.smoa_in_perm": perms[0].astype(np.int32),
+         f"{dotted}.smoa_out_perm": perms[1].astype(np.int32)}
   for k, (c, o, r) in enumerate(zip(layout.in_sizes, layout.out_sizes, layout.ranks)):
     if r > 0:  # rank-0 blocks are frozen and have no tensors (as in the authors' code)
-      out[f"{name}.lora_A.{k}.weight"] = a[k, :c, :r].T.copy()
-      out[f"{name}.lora_B.{k}.weight"] = b[k, :r, :o].T.copy()
+      out[f"{dotted}.lora_A.{k}.weight"] = a[k, :c, :r].T.copy()
+      out[f"{dotted}.lora_B.{k}.weight"] = b[k, :r, :o].T.copy()
   return out
+
+
+def _layer_entries(name: str, layer: AdaptedDense, config: AdapterConfig
+                   ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """``adapter_config.json`` entries and tensors of an adapter layer, one per held layer."""
+  a, b = _host(layer.lora_a[...]).astype(np.float32), _host(layer.lora_b[...]).astype(np.float32)
+  perms = (_host(layer.in_perm[...]), _host(layer.out_perm[...])) if isinstance(layer, SMoADense) else None
+  layout = getattr(layer.op, "layout", None)
+  base = layer.base_kernel()
+  entries, tensors = {}, {}
+  for sub_name, i in _per_layer(name, layer):
+    pick = (lambda x: x) if i is None else (lambda x: x[i])
+    entries[sub_name] = {
+        "in_features": layer.in_features, "out_features": layer.out_features,
+        "in_sizes": list(layout.in_sizes) if layout else None,
+        "out_sizes": list(layout.out_sizes) if layout else None,
+        "ranks": list(layout.ranks) if layout else [config.r],
+        "fingerprint": kernel_fingerprint(pick(base)),
+    }
+    tensors.update(_module_tensors(sub_name, layer, pick(a), pick(b),
+                                   None if perms is None else (pick(perms[0]), pick(perms[1]))))
+  return entries, tensors
 
 
 def _extra_trainables(model: nnx.Module) -> list[tuple[str, nnx.Variable]]:
@@ -116,9 +158,12 @@ def save_adapter(model: nnx.Module, path: str | os.PathLike, *,
   """Write the model's adapter (factors, permutations, fingerprints, config) to directory ``path``.
 
   Trainable arrays outside adapter layers (``FullFineTuneConfig`` kernels, heads made trainable
-  with ``mark_trainable``) are saved too, under ``base_model.model.<path>`` in Flax layout. The
-  write is atomic: a failure leaves no partial directory (and an existing one untouched).
-  ``config`` defaults to the config of the adapter layers (pass it for full fine-tuning).
+  with ``mark_trainable``) are saved too, under ``base_model.model.<path>`` in Flax layout. A
+  stacked (scanned) adapter layer is saved layer by layer under the unrolled module names, so the
+  file is the same for a scanned and an unrolled model. The write is atomic: a failure leaves no
+  partial directory (and an existing one untouched). With several processes every process must
+  call this (arrays are gathered); process 0 writes. ``config`` defaults to the config of the
+  adapter layers (pass it for full fine-tuning).
 
   Raises:
     AdapterMismatchError: the model holds nothing trainable, or adapters of different configs.
@@ -140,27 +185,22 @@ def save_adapter(model: nnx.Module, path: str | os.PathLike, *,
   modules: dict[str, Any] = {}
   tensors: dict[str, np.ndarray] = {}
   for name, layer in layers:
-    layout = getattr(layer.op, "layout", None)
-    modules[name] = {
-        "in_features": layer.in_features, "out_features": layer.out_features,
-        "in_sizes": list(layout.in_sizes) if layout else None,
-        "out_sizes": list(layout.out_sizes) if layout else None,
-        "ranks": list(layout.ranks) if layout else [config.r],
-        "fingerprint": kernel_fingerprint(layer.base_kernel()),
-    }
-    tensors.update(_module_tensors(name, layer))
+    entries, layer_tensors = _layer_entries(name, layer, config)
+    modules.update(entries)
+    tensors.update(layer_tensors)
   trainable_arrays = {}
   for name, variable in extras:
     trainable_arrays[name] = list(variable.shape)
-    tensors[_dotted(name)] = np.asarray(variable[...], np.float32)
+    tensors[_dotted(name)] = _host(variable[...]).astype(np.float32)
   from smoa_jax import __version__
   document = {**config.to_dict(), "library": "smoa-jax", "library_version": __version__,
               "format_version": FORMAT_VERSION, "modules": modules,
               "trainable_arrays": trainable_arrays}
 
-  with atomic_directory(path) as staged:
-    (staged / CONFIG_NAME).write_text(json.dumps(document, indent=2) + "\n")
-    save_file(tensors, str(staged / WEIGHTS_NAME), metadata={"format": "smoa-jax"})
+  if jax.process_index() == 0:  # every process gathered the arrays above; one writes them
+    with atomic_directory(path) as staged:
+      (staged / CONFIG_NAME).write_text(json.dumps(document, indent=2) + "\n")
+      save_file(tensors, str(staged / WEIGHTS_NAME), metadata={"format": "smoa-jax"})
   return Path(path)
 
 
@@ -245,27 +285,37 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *,
     raise AdapterMismatchError(f"{path}/{WEIGHTS_NAME} does not match its config: missing keys "
                                f"{missing[:10]}, unexpected keys {unexpected[:10]}.")
 
-  present = {module_path(p): m for p, m in nnx.iter_graph(model)
-             if isinstance(m, (nnx.Linear, AdaptedDense))}
+  targets = _targets(model)
   for name, entry in modules.items():
-    layer = present.get(name)
-    if layer is None:
+    if name not in targets:
       raise AdapterMismatchError(f"the adapter targets module {name!r}, which the model does not "
                                  "have: is this the base model the adapter was trained on?")
+    module, layer, index = targets[name]
     shape = (entry["in_features"], entry["out_features"])
-    if tuple(layer.kernel.shape) != shape:
-      raise AdapterMismatchError(f"module {name!r}: kernel shape {tuple(layer.kernel.shape)} but the "
-                                 f"adapter was trained on {shape}.")
+    if tuple(layer.kernel.shape[-2:]) != shape:
+      raise AdapterMismatchError(f"module {name!r}: kernel shape {tuple(layer.kernel.shape[-2:])} but "
+                                 f"the adapter was trained on {shape}.")
     if isinstance(layer, AdaptedDense):
       _check_layer_fits(layer, name, config, entry)
       base = layer.base_kernel()
     else:
       base = layer.kernel[...]
+    base = base if index is None else base[index]
     if "fingerprint" in entry and not _fingerprints_match(entry["fingerprint"], kernel_fingerprint(base)):
       raise AdapterMismatchError(
           f"module {name!r}: its kernel differs from the one the adapter was trained on (norm "
           f"{kernel_fingerprint(base)['norm']:.6g} vs {entry['fingerprint']['norm']:.6g}); refusing to "
           "load onto a different base model.")
+  by_module: dict[str, list[str]] = {}
+  for name in modules:
+    by_module.setdefault(targets[name][0], []).append(name)
+  for module, names in by_module.items():
+    layer = targets[names[0]][1]
+    if len(layer.kernel.shape) == 3 and len(names) != layer.kernel.shape[0]:
+      raise AdapterMismatchError(
+          f"{module!r} holds {layer.kernel.shape[0]} stacked (scanned) layers, but the adapter has "
+          f"only {len(names)} of them; load it into the unrolled model (scan_layers=False).")
+    by_module[module] = sorted(names, key=lambda n: targets[n][2] or 0)
 
   blocks: dict[str, SpectralBlocks] = {}
   if isinstance(config, SMoAConfig):
@@ -289,24 +339,62 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *,
                                  f"{tuple(shape)} in the adapter.")
 
   report = None
-  to_inject = [n for n in modules if not isinstance(present[n], AdaptedDense)]
+  to_inject = [m for m, names in by_module.items()
+               if not isinstance(targets[names[0]][1], AdaptedDense)]
   if to_inject:
     exact = "|".join(re.escape(n) for n in to_inject)
     inject_config = type(config)(**{**_init_kwargs(config), "target_modules": exact,
                                     "exclude_modules": None, "layers_to_transform": None})
+    module_blocks = {m: (blocks[names[0]] if targets[names[0]][2] is None
+                         else stack_blocks([blocks[n] for n in names]))
+                     for m, names in by_module.items() if blocks}
     report = apply_adapter(model, inject_config, rngs=rngs or nnx.Rngs(0), verbose=verbose,
-                           blocks=blocks)
-  present = {module_path(p): m for p, m in nnx.iter_graph(model)
-             if isinstance(m, (nnx.Linear, AdaptedDense))}
-  for name, entry in modules.items():
-    _assign(present[name], name, entry, tensors, blocks.get(name))
+                           blocks=module_blocks)
+  targets = _targets(model)
+  for module, names in by_module.items():
+    layer = targets[names[0]][1]
+    values = [_layer_values(layer, n, modules[n], tensors, blocks.get(n)) for n in names]
+    stacked = [np.stack(v) if targets[names[0]][2] is not None else v[0] for v in zip(*values)]
+    layer_vars = [layer.lora_a, layer.lora_b] + ([layer.in_perm, layer.out_perm]
+                                                 if isinstance(layer, SMoADense) else [])
+    for variable, value in zip(layer_vars, stacked):
+      _set_like(variable, value)
   frozen = [n for n in extras if not isinstance(variables[n], SMoAParam)]
   if frozen:
     mark_trainable(model, "|".join(re.escape(n) for n in frozen))
   variables = {module_path(p): v for p, v in nnx.iter_graph(model) if isinstance(v, SMoAParam)}
   for name in extras:
-    variables[name][...] = jnp.asarray(tensors[_dotted(name)], variables[name].dtype)
+    _set_like(variables[name], tensors[_dotted(name)])
   return report
+
+
+def _targets(model: nnx.Module) -> dict[str, tuple[str, nnx.Module, int | None]]:
+  """Unrolled module name -> ``(module path, linear or adapter layer, layer index or None)``.
+
+  A stacked (scanned) layer at ``model/layers/self_attn/q_proj`` answers for every
+  ``model/layers/<i>/self_attn/q_proj``.
+  """
+  out = {}
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, (nnx.Linear, AdaptedDense)):
+      name = module_path(path)
+      if len(node.kernel.shape) == 3:
+        out.update({layer_path(name, i): (name, node, i) for i in range(node.kernel.shape[0])
+                    if layer_path(name, i) is not None})
+      else:
+        out[name] = (name, node, None)
+  return out
+
+
+def _set_like(variable: nnx.Variable, value: np.ndarray) -> None:
+  """Assign host ``value`` keeping the Variable's dtype and device layout (sharded or not)."""
+  current = variable[...]
+  value = np.asarray(value).astype(current.dtype)
+  sharding = getattr(current, "sharding", None)
+  if sharding is not None and not sharding.is_fully_replicated:
+    variable.set_value(jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx]))
+  else:
+    variable[...] = jnp.asarray(value)
 
 
 def _check_layer_fits(layer: AdaptedDense, name: str, config: AdapterConfig,
@@ -333,24 +421,19 @@ def _init_kwargs(config: AdapterConfig) -> dict[str, Any]:
   return data
 
 
-def _assign(layer: AdaptedDense, name: str, entry: dict[str, Any], tensors: dict[str, np.ndarray],
-            blocks: SpectralBlocks | None) -> None:
+def _layer_values(layer: AdaptedDense, name: str, entry: dict[str, Any],
+                  tensors: dict[str, np.ndarray], blocks: SpectralBlocks | None) -> list[np.ndarray]:
+  """One layer's ``[a, b]`` (+ ``[in_perm, out_perm]`` for SMoA) in the layer's stored layout."""
   dotted = _dotted(name)
-  a_dtype, b_dtype = layer.lora_a.dtype, layer.lora_b.dtype
-  if not isinstance(layer.op, SMoAOp) or blocks is None:
+  if not isinstance(layer, SMoADense):
     r = entry["ranks"][0]
     a = _check_tensor(f"{dotted}.lora_A.weight", tensors, (r, entry["in_features"])).T
     b = _check_tensor(f"{dotted}.lora_B.weight", tensors, (entry["out_features"], r)).T
-    if isinstance(layer.op, SMoAOp):  # HiRA: stacked with K = 1
-      a, b = a[None], b[None]
-    layer.lora_a[...], layer.lora_b[...] = jnp.asarray(a, a_dtype), jnp.asarray(b, b_dtype)
-    return
-  a = np.zeros(layer.lora_a.shape, np.float32)
-  b = np.zeros(layer.lora_b.shape, np.float32)
+    return [a[None], b[None]] if isinstance(layer.op, SMoAOp) else [a, b]  # HiRA: K = 1
+  a = np.zeros(layer.lora_a.shape[-3:], np.float32)
+  b = np.zeros(layer.lora_b.shape[-3:], np.float32)
   for k, (c, o, r) in enumerate(zip(entry["in_sizes"], entry["out_sizes"], entry["ranks"])):
     if r > 0:
       a[k, :c, :r] = _check_tensor(f"{dotted}.lora_A.{k}.weight", tensors, (r, c)).T
       b[k, :r, :o] = _check_tensor(f"{dotted}.lora_B.{k}.weight", tensors, (o, r)).T
-  layer.in_perm[...] = blocks.in_perm
-  layer.out_perm[...] = blocks.out_perm
-  layer.lora_a[...], layer.lora_b[...] = jnp.asarray(a, a_dtype), jnp.asarray(b, b_dtype)
+  return [a, b, np.asarray(blocks.in_perm), np.asarray(blocks.out_perm)]

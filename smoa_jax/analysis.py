@@ -36,7 +36,8 @@ import numpy as np
 from flax import nnx
 
 from smoa_jax.config import AdapterConfig
-from smoa_jax.inject import adapter_layers, module_path
+from smoa_jax.inject import adapter_layers
+from smoa_jax.paths import module_path
 from smoa_jax.nnx import SMoADense, SMoAParam
 from smoa_jax.spectral import SpectralBlocks
 

@@ -57,7 +57,8 @@ from smoa_jax.config import SMoAConfig, split_sizes
 from smoa_jax.errors import (AdapterMismatchError, CheckpointError, ConfigError, KernelError,
                              SMoAError)
 from smoa_jax.fileio import atomic_directory
-from smoa_jax.inject import AdapterReport, adapter_layers, apply_adapter, module_path
+from smoa_jax.inject import AdapterReport, adapter_layers, apply_adapter
+from smoa_jax.paths import module_path
 from smoa_jax.models._common import HFModel
 from smoa_jax.nnx import AdaptedDense, SMoADense, SMoAParam
 from smoa_jax.spectral import SpectralBlocks, spectral_blocks

@@ -325,14 +325,14 @@ def _tokenized(path: str, task: str, tokenizer: Any, seq_len: int, num_labels: i
 
 
 def _load_model(model_dir: str, task: str, num_labels: int | None, dtype: str | None,
-                seq_len: int | None = None):
+                seq_len: int | None = None, mesh: Any = None):
   """``from_hf`` with the task's head; refuses a sequence length beyond the model's positions."""
   import jax.numpy as jnp
 
   import smoa_jax
 
   model = smoa_jax.from_hf(model_dir, dtype=jnp.dtype(dtype or "float32"),
-                           num_labels=num_labels if task == "classification" else None)
+                           num_labels=num_labels if task == "classification" else None, mesh=mesh)
   config = model.hf_config
   limit = config.get("max_position_embeddings") or config.get("n_positions")
   if seq_len is not None and limit and seq_len > limit:
@@ -442,22 +442,6 @@ def _train_config(flags: dict[str, Any], progress: bool):
       progress=progress)
 
 
-def _initialize_distributed(args: argparse.Namespace) -> None:
-  """Join a multi-host job when any of the multi-host flags is given (before any JAX work)."""
-  values = (args.coordinator_address, args.num_processes, args.process_id)
-  if all(v is None for v in values):
-    return
-  from smoa_jax import sharding
-
-  initialize = getattr(sharding, "initialize_distributed", None)
-  if initialize is None:
-    raise ConfigError("multi-host flags need smoa_jax.sharding.initialize_distributed, which this "
-                      "version of smoa-jax lacks; run on one host (drop --coordinator-address, "
-                      "--num-processes, --process-id).")
-  initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
-             process_id=args.process_id)
-
-
 def _finetune_data(flags: dict[str, Any], saved: dict[str, Any] | None):
   """``(train tokens, eval tokens or None, num_labels, sha256 of the training file)``."""
   from smoa_jax import data as data_lib
@@ -479,13 +463,14 @@ def _finetune_data(flags: dict[str, Any], saved: dict[str, Any] | None):
 
 
 def _finetune_model(flags: dict[str, Any], config: Any, num_labels: int | None,
-                    adapter_dir: Path, resume: bool):
+                    adapter_dir: Path, resume: bool, mesh: Any = None):
   """The model with fresh adapters (and a trainable head), or with the run's adapter on resume."""
   from flax import nnx
 
   import smoa_jax
 
-  model = _load_model(flags["model"], flags["task"], num_labels, flags["dtype"], flags["seq_len"])
+  model = _load_model(flags["model"], flags["task"], num_labels, flags["dtype"], flags["seq_len"],
+                      mesh=mesh)
   rngs = nnx.Rngs(params=flags["seed"], dropout=flags["seed"] + 1)
   if resume:  # the layers, permutations and head come back without spectral recomputation
     smoa_jax.load_adapter(model, adapter_dir, rngs=rngs)
@@ -506,7 +491,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
   config = adapter_config(flags)  # every check that needs no data or model comes first
   train_config = _train_config(flags, progress=not args.no_progress)
   mesh_shape = sharding.parse_mesh(flags["mesh"]) if flags["mesh"] else None
-  _initialize_distributed(args)
+  # Before any JAX work: joins a multi-host job from the flags, the environment or the launcher
+  # (Slurm, Open MPI, Cloud TPU); a no-op on a single process.
+  sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
 
   import jax
 
@@ -515,13 +502,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
   train_tokens, eval_tokens, num_labels, digest = _finetune_data(flags, saved)
   adapter_dir = output / ADAPTER_DIR
-  model = _finetune_model(flags, config, num_labels, adapter_dir, saved is not None)
-  mesh = None
-  if mesh_shape is not None:
-    from smoa_jax.spmd import shard_model
-
-    mesh = sharding.make_mesh(**mesh_shape)
-    shard_model(model, mesh)
+  # On a mesh every tensor is loaded straight into its shard; no host holds the whole model.
+  mesh = sharding.make_mesh(**mesh_shape) if mesh_shape is not None else None
+  model = _finetune_model(flags, config, num_labels, adapter_dir, saved is not None, mesh)
   writer = jax.process_index() == 0
   if writer:
     if args.overwrite:
@@ -533,12 +516,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         "num_examples": {"train": len(train_tokens),
                          "eval": len(eval_tokens) if eval_tokens is not None else 0},
         "versions": _versions(), "resumed": saved["resumed"] + [args.argv] if saved else []})
-    if not saved:
-      smoa_jax.save_adapter(model, adapter_dir, config=config)
+  if not saved:  # every process gathers its shards; process 0 writes
+    smoa_jax.save_adapter(model, adapter_dir, config=config)
 
   def on_save(step: int) -> None:
-    if writer:
-      smoa_jax.save_adapter(model, adapter_dir, config=config)
+    smoa_jax.save_adapter(model, adapter_dir, config=config)
 
   result = smoa_jax.train(model, _task(flags["task"]), train_tokens.arrays, train_config,
                           eval_data=eval_tokens.arrays if eval_tokens is not None else None,

@@ -57,7 +57,8 @@ from smoa_jax import sharding, spmd
 from smoa_jax.errors import CheckpointError, ConfigError
 from smoa_jax.fileio import atomic_directory
 from smoa_jax.models import build_model
-from smoa_jax.models._common import HFModel, KeyMap, layer_path, path_str, split_layer_path
+from smoa_jax.models._common import HFModel, KeyMap
+from smoa_jax.paths import layer_path, module_path, split_layer_path
 from smoa_jax.nnx import AdaptedDense
 
 __all__ = ["from_hf", "to_hf", "param_bytes", "atomic_directory", "TOKENIZER_FILES"]
@@ -273,7 +274,7 @@ def _plan(model: HFModel, ckpt: _Checkpoint, key_map: KeyMap, where: str
   Returns, per Param path, its pieces ``(layer, name in checkpoint, transpose)`` (one tensor, or
   one per layer of a stacked Param), and the paths that keep a fresh initialization.
   """
-  params = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  params = {module_path(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   names = key_map.normalize(list(ckpt.meta))
   problems = list(ckpt.problems) + [
       f"{n} names the same tensor as another one (legacy and current spelling both present)"
@@ -419,7 +420,7 @@ def from_hf(path: str | os.PathLike[str], dtype: Dtype = jnp.float32, *,
     needed *= len(mesh.local_devices)
   _check_size(needed, max_bytes, f"{type(model).__name__} from {directory}")
   key_map = model.key_map()
-  params = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  params = {module_path(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   with _open_checkpoint(directory) as ckpt:
     plan, fresh = _plan(model, ckpt, key_map, str(directory))
     with tqdm(total=len(plan), desc=f"loading {directory.name}", unit="tensor",
@@ -477,17 +478,17 @@ def _export_entries(model: HFModel) -> list[tuple[str, tuple[int, ...], Any, Cal
       getter = lambda v=var: v[...]
     else:
       continue
-    found = key_map.hf_for(path_str(path))
+    found = key_map.hf_for(module_path(path))
     if found is not None:
       layers = [(found, None)]
-    elif model.scan_layers and layer_path(path_str(path), 0) is not None:
-      layers = [(key_map.hf_for(layer_path(path_str(path), i)), i) for i in range(var.shape[0])]
+    elif model.scan_layers and layer_path(module_path(path), 0) is not None:
+      layers = [(key_map.hf_for(layer_path(module_path(path), i)), i) for i in range(var.shape[0])]
       getter = functools.lru_cache(maxsize=1)(getter)
     else:
       layers = [(None, None)]
     for found, layer in layers:
       if found is None:
-        unmapped.append(path_str(path))
+        unmapped.append(module_path(path))
         break
       name, transpose = found
       one = (lambda g=getter: g()) if layer is None else (lambda g=getter, i=layer: g()[i])

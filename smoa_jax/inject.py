@@ -29,7 +29,7 @@ import io
 import re
 import sys
 from collections import defaultdict
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 from flax import nnx
@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from smoa_jax import sharding
 from smoa_jax.config import AdapterConfig, FullFineTuneConfig, SMoAConfig
 from smoa_jax.errors import ConfigError, TargetError
+from smoa_jax.paths import layer_index, module_path
 from smoa_jax.nnx import AdaptedDense, SMoAParam, adapter_class
 from smoa_jax.spectral import SpectralBlocks, spectral_blocks_batched
 from smoa_jax.stacked import adapt_stacked, stack_blocks
@@ -53,19 +54,12 @@ __all__ = [
     "merge_adapters",
     "unmerge_adapters",
     "disable_adapter",
-    "module_path",
     "count_params",
     "mark_trainable",
 ]
 
-LAYER_CONTAINERS = ("layers", "layer", "h", "blocks")
 # Show a progress bar for spectral preprocessing from this many SMoA targets on.
 PROGRESS_MIN_TARGETS = 8
-
-
-def module_path(path: Sequence[Any]) -> str:
-  """``('model', 'layers', 3, 'q_proj')`` -> ``'model/layers/3/q_proj'``."""
-  return "/".join(str(p) for p in path)
 
 
 def _matches(patterns: tuple[str, ...] | str, path: str) -> bool:
@@ -77,14 +71,6 @@ def _matches(patterns: tuple[str, ...] | str, path: str) -> bool:
     if parts[-len(wanted):] == wanted:
       return True
   return False
-
-
-def _layer_index(path: str) -> int | None:
-  parts = path.split("/")
-  for container, index in zip(parts, parts[1:]):
-    if container in LAYER_CONTAINERS and index.isdigit():
-      return int(index)
-  return None
 
 
 def _linear_layers(model: nnx.Module) -> list[tuple[tuple[Any, ...], nnx.Module]]:
@@ -167,13 +153,13 @@ def _select(model: nnx.Module, config: AdapterConfig) -> list[tuple[tuple[Any, .
   if config.exclude_modules is not None:
     chosen = [(p, m) for p, m in chosen if not _matches(config.exclude_modules, module_path(p))]
   if config.layers_to_transform is not None:
-    found = sorted({i for p, _ in candidates if (i := _layer_index(module_path(p))) is not None})
+    found = sorted({i for p, _ in candidates if (i := layer_index(module_path(p))) is not None})
     missing = sorted(set(config.layers_to_transform) - set(found))
     if missing:
       span = f"{found[0]}..{found[-1]}" if found else "none (no 'layers/<i>' in any path)"
       raise TargetError(f"layers_to_transform={list(config.layers_to_transform)}: layers {missing} "
                         f"do not exist; the model's layer indices are {span}.")
-    chosen = [(p, m) for p, m in chosen if _layer_index(module_path(p)) in config.layers_to_transform]
+    chosen = [(p, m) for p, m in chosen if layer_index(module_path(p)) in config.layers_to_transform]
   if not chosen:
     names = [module_path(p) for p, _ in candidates]
     adapted = [module_path(p) for p, m in layers if isinstance(m, AdaptedDense)]

@@ -181,3 +181,15 @@ def test_full_fine_tuning_and_trainable_head_round_trip(tmp_path):
 def test_nothing_to_save():
   with pytest.raises(smoa_jax.AdapterMismatchError, match="apply_adapter first"):
     smoa_jax.save_adapter(ToyLM(), "unused")
+
+
+def test_adapter_layers_and_a_trainable_head_together(tmp_path):
+  model = _trained()
+  smoa_jax.mark_trainable(model, "lm_head/kernel")
+  model.lm_head.kernel[...] *= 1.5
+  logits = model(_ids())
+  smoa_jax.save_adapter(model, tmp_path / "a")
+  fresh = ToyLM(seed=0)
+  smoa_jax.load_adapter(fresh, tmp_path / "a")
+  fresh.eval()
+  np.testing.assert_allclose(fresh(_ids()), logits, rtol=1e-6, atol=1e-6)

@@ -3,6 +3,8 @@ with and without adapters, through loading, training and export."""
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,7 +64,7 @@ forward = nnx.jit(lambda model, ids, mask: model(ids, mask))
 
 def layer_of(unrolled: nnx.Module, stacked_path: str, i: int) -> smoa_jax.AdaptedDense:
   """The unrolled model's adapter layer that is layer ``i`` of a stacked adapter layer."""
-  path = smoa_jax.models._common.layer_path(stacked_path + "/kernel", i).removesuffix("/kernel")
+  path = smoa_jax.paths.layer_path(stacked_path + "/kernel", i).removesuffix("/kernel")
   return dict(smoa_jax.adapter_layers(unrolled))[path]
 
 
@@ -142,3 +144,24 @@ def test_scan_rejects_per_layer_attention_scale():
                                    scale_attn_by_inverse_layer_idx=True)
   with pytest.raises(ConfigError, match="scale_attn_by_inverse_layer_idx"):
     smoa_jax.models.build_model(config.to_dict(), rngs=nnx.Rngs(0), scan_layers=True)
+
+
+def test_portable_adapter_moves_between_scanned_and_unrolled_models(pair, tmp_path):
+  """save_adapter on a scanned model writes per-layer names; it loads into either layout."""
+  family, path, _, _ = pair
+  scanned = smoa_jax.from_hf(path, scan_layers=True)  # not the shared fixture: it gets adapted
+  config = smoa_jax.SMoAConfig(4, 2, 8.0, target_modules=TARGETS[family])
+  smoa_jax.apply_adapter(scanned, config, rngs=nnx.Rngs(1), verbose=False)
+  for _, layer in smoa_jax.adapter_layers(scanned):
+    layer.lora_b[...] = 0.1 * jax.random.normal(jax.random.key(3), layer.lora_b.shape)
+  ids, mask = inputs()
+  want = forward(scanned, ids, mask)
+  smoa_jax.save_adapter(scanned, tmp_path / "adapter")
+  names = set(json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["modules"])
+  assert all(smoa_jax.paths.split_layer_path(n) is not None for n in names)
+  unrolled = smoa_jax.from_hf(path)
+  smoa_jax.load_adapter(unrolled, tmp_path / "adapter")
+  np.testing.assert_allclose(forward(unrolled, ids, mask), want, rtol=1e-5, atol=1e-5)
+  rescanned = smoa_jax.from_hf(path, scan_layers=True)
+  smoa_jax.load_adapter(rescanned, tmp_path / "adapter")
+  np.testing.assert_allclose(forward(rescanned, ids, mask), want, rtol=1e-5, atol=1e-5)

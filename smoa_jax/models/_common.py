@@ -25,14 +25,12 @@ from smoa_jax.errors import ConfigError
 
 __all__ = [
     "KeyRule", "KeyMap", "linear_rules", "norm_rules", "prefixed", "HFModel", "LayerFactory",
-    "activation", "attention", "make_attention_mask", "hf_get", "path_str", "ShardingRule",
-    "stack_layers", "scan_layers", "split_layer_path", "layer_path",
+    "activation", "attention", "make_attention_mask", "hf_get", "ShardingRule",
+    "stack_layers", "scan_layers",
 ]
 
 # (regex over a Variable path, mesh axis or None per array axis); see smoa_jax.spmd.
 ShardingRule = tuple[str, tuple[str | None, ...]]
-# Module names that hold the numbered layers of a family (``model/layers/3``, ``transformer/h/3``).
-LAYER_CONTAINERS = ("layers", "h", "layer")
 _PLACEHOLDER = re.compile(r"\{(\w+)(?::([^}]*))?\}")
 
 
@@ -172,11 +170,6 @@ class KeyMap:
 
   def may_be_fresh(self, path: str) -> bool:
     return any(re.fullmatch(p, path) for p in self.fresh)
-
-
-def path_str(path: Sequence[Any]) -> str:
-  """``('model', 'layers', 3, 'q_proj')`` -> ``'model/layers/3/q_proj'``."""
-  return "/".join(str(p) for p in path)
 
 
 _REQUIRED = object()
@@ -344,19 +337,3 @@ def scan_layers(step: Callable[[nnx.Module, jax.Array, Any], jax.Array], layers:
   return body(x, layers, per_layer)
 
 
-_NUMBERED = re.compile(rf"(.*?(?:^|/)(?:{'|'.join(LAYER_CONTAINERS)}))/(\d+)/(.*)")
-
-
-def split_layer_path(path: str) -> tuple[str, int] | None:
-  """``model/layers/3/mlp/up_proj/kernel`` -> ``("model/layers/mlp/up_proj/kernel", 3)``; else None."""
-  m = _NUMBERED.fullmatch(path)
-  return None if m is None else (f"{m.group(1)}/{m.group(3)}", int(m.group(2)))
-
-
-def layer_path(stacked_path: str, index: int) -> str | None:
-  """Inverse of :func:`split_layer_path`: the path of layer ``index`` (None without a container)."""
-  parts = stacked_path.split("/")
-  for i, part in enumerate(parts[:-1]):
-    if part in LAYER_CONTAINERS:
-      return "/".join(parts[:i + 1] + [str(index)] + parts[i + 1:])
-  return None
