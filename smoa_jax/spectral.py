@@ -273,7 +273,8 @@ def spectral_blocks_batched(kernels: jax.Array | Sequence[jax.Array], num_blocks
                             method: Method = "auto", chunk_size: int = 8) -> list[SpectralBlocks]:
   """Spectral blocks of many same-shape kernels ``(B, in, out)``, vmapped in chunks of ``chunk_size``.
 
-  Chunking bounds device memory (a chunk holds ``chunk_size`` Gram matrices and eigenbases).
+  Chunking bounds device memory (a chunk holds ``chunk_size`` Gram matrices and eigenbases); a
+  short chunk is padded to a power of two so that few programs are compiled per kernel shape.
   Kernels laid out on a multi-device mesh (sharded or not) never visit the host: each chunk
   (``chunk_size`` rounded up to a multiple of the device count) is resharded so that every device
   holds whole kernels, each device decomposes its own, and the permutations come back replicated
@@ -297,7 +298,10 @@ def spectral_blocks_batched(kernels: jax.Array | Sequence[jax.Array], num_blocks
     items = kernels[start:start + chunk_size]
     count = len(items)
     if mesh is None:
-      chunk = jnp.stack([jnp.asarray(k) for k in items])
+      # Pad to a power of two by repeating the last kernel (its orders are dropped): one compiled
+      # program serves every chunk length up to that width.
+      width = 1 << (count - 1).bit_length()
+      chunk = jnp.stack([jnp.asarray(k) for k in items] + [jnp.asarray(items[-1])] * (width - count))
     else:
       chunk = _mesh_stack(mesh, chunk_size)(tuple(items) if isinstance(items, list) else items)
     n_in, n_out = _check_kernel(chunk, num_blocks, f"kernels[{start}:{start + count}]")
