@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 import smoa_jax
 from smoa_jax import convert
@@ -149,104 +149,9 @@ def test_pytorch_bin_checkpoint_and_bfloat16_round_trip(llama_dir, tmp_path):
                      state["model.layers.0.mlp.up_proj.weight"])
 
 
-class _Payload:
-  """Unpickling this would create a directory: what a malicious checkpoint could do."""
-
-  def __init__(self, path):
-    self.path = path
-
-  def __reduce__(self):
-    return (os.makedirs, (self.path,))
-
-
-def test_pickle_that_runs_code_is_refused(llama_dir, tmp_path):
-  (tmp_path / "config.json").write_text((llama_dir / "config.json").read_text())
-  witness = tmp_path / "pwned"
-  torch.save({"model.norm.weight": _Payload(str(witness))}, tmp_path / "pytorch_model.bin")
-  with pytest.raises(smoa_jax.CheckpointError, match="refused to load .*weights_only"):
-    from_hf(tmp_path)
-  assert not witness.exists()
-
-
-# -- loader errors ---------------------------------------------------------------------------------
-def _truncate(path):
-  data = (path / "model.safetensors").read_bytes()
-  (path / "model.safetensors").write_bytes(data[: len(data) // 2])
-
-
-def _corrupt_header(path):
-  data = bytearray((path / "model.safetensors").read_bytes())
-  data[8:16] = b"{garbage"
-  (path / "model.safetensors").write_bytes(bytes(data))
-
-
-def _index_with_missing_shard(path):
-  index = {"metadata": {}, "weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}
-  (path / "model.safetensors.index.json").write_text(json.dumps(index))
-
-
-def _edit_config(**changes):
-  def edit(path):
-    config = json.loads((path / "config.json").read_text())
-    config.update(changes)
-    (path / "config.json").write_text(json.dumps(config))
-  return edit
-
-
-def _missing_and_unexpected(path):
-  tensors = load_file(str(path / "model.safetensors"))
-  tensors["model.layers.0.self_attn.q_proj.bias"] = tensors.pop("model.layers.1.mlp.up_proj.weight")
-  tensors["model.extra.weight"] = np.zeros(3, np.float32)
-  save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-
-
-BROKEN = {
-    "missing_directory": (lambda p: shutil.rmtree(p), "does not exist"),
-    "missing_config": (lambda p: (p / "config.json").unlink(), "has no config.json"),
-    "config_not_json": (lambda p: (p / "config.json").write_text("{oops"), "is not valid JSON"),
-    "config_not_object": (lambda p: (p / "config.json").write_text("[1]"), "expected an object"),
-    "no_weights": (lambda p: (p / "model.safetensors").unlink(), "holds no weights"),
-    "truncated_safetensors": (_truncate, "not a readable safetensors file.*truncated"),
-    "corrupted_header": (_corrupt_header, "not a readable safetensors file"),
-    "index_names_missing_shard": (_index_with_missing_shard,
-                                  r"names shard\(s\) missing.*model-00002-of-00002"),
-    "unsupported_architecture": (_edit_config(architectures=["T5ForConditionalGeneration"]),
-                                 r"T5ForConditionalGeneration is not supported; supported: .*"
-                                 r"LlamaForCausalLM.*Qwen3ForCausalLM"),
-    "unsupported_rope": (_edit_config(rope_parameters={"rope_type": "yarn", "factor": 2.0}),
-                         "config.json: rope type 'yarn' is not supported"),
-    "absurd_size": (_edit_config(vocab_size=10**11),
-                    r"needs 38400.00 GB .* available (host )?memory .*refusing to allocate"),
-    # every mismatch in one report: gate/up/down of both layers
-    "wrong_shapes": (_edit_config(intermediate_size=80), r"wrong shape or dtype \(6\):(.|\n)*"
-                     r"model.layers.1.mlp.down_proj.weight: checkpoint \(48, 72\), model expects "
-                     r"\(48, 80\)"),
-    "missing_and_unexpected": (_missing_and_unexpected,
-                               r"missing from the checkpoint \(1\):\s+model.layers.1.mlp.up_proj."
-                               r"weight(.|\n)*unexpected in the checkpoint \(2\):\s+"
-                               r"model.extra.weight\s+model.layers.0.self_attn.q_proj.bias"),
-}
-
-
-@pytest.mark.parametrize("damage,message", BROKEN.values(), ids=BROKEN.keys())
-def test_bad_checkpoints_raise_one_clear_error(damage, message, llama_dir, tmp_path):
-  path = copy_of(llama_dir, tmp_path)
-  damage(path)
-  with pytest.raises(smoa_jax.CheckpointError, match=message):
-    from_hf(path)
-
-
 def test_num_labels_on_a_causal_lm_is_refused(llama_dir):
   with pytest.raises(smoa_jax.CheckpointError, match="only BERT checkpoints"):
     from_hf(llama_dir, num_labels=2)
-
-
-def test_models_larger_than_the_limit_are_refused_before_allocating(llama_dir, monkeypatch):
-  def no_reading(*_):
-    raise AssertionError("weights were opened")
-  monkeypatch.setattr(convert, "_open_checkpoint", no_reading)
-  with pytest.raises(smoa_jax.CheckpointError, match=r"needs 0.00 GB.*max_bytes is 0.00 GB"):
-    from_hf(llama_dir, max_bytes=1000)
 
 
 def test_param_bytes_counts_abstract_models(llama_dir):

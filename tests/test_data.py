@@ -20,34 +20,6 @@ def test_reads_texts_and_labels(tmp_path):
   assert data.read_jsonl(path, "causal-lm").labels is None
 
 
-@pytest.mark.parametrize("content,task,match", [
-    (b"", "causal-lm", "no examples"),
-    (b"\n  \n", "causal-lm", "no examples"),
-    (b'{"text": "ok"}\n{"text": broken}\n', "causal-lm", r"d\.jsonl:2: not valid JSON"),
-    (b'{"text": "ok"}\n["text"]\n', "causal-lm", r":2: expected a JSON object"),
-    (b'{"txt": "ok"}\n', "causal-lm", r":1: missing or non-string \"text\""),
-    (b'{"text": 3}\n', "causal-lm", r":1: missing or non-string"),
-    (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "causal-lm", r":2: not valid UTF-8"),
-    (b'{"text": "a"}\n', "classification", r":1: classification data needs an integer \"label\""),
-    (b'{"text": "a", "label": "1"}\n', "classification", "integer"),
-    (b'{"text": "a", "label": -1}\n', "classification", "out of range"),
-    (b'{"text": "a", "label": 0}\n{"text": "b", "label": 0}\n', "classification", "at least 2 classes"),
-])
-def test_bad_files_name_file_and_line(tmp_path, content, task, match):
-  with pytest.raises(DataError, match=match):
-    data.read_jsonl(_write(tmp_path, content), task)
-
-
-def test_labels_beyond_num_labels_and_missing_file(tmp_path):
-  path = _write(tmp_path, b'{"text": "a", "label": 0}\n{"text": "b", "label": 2}\n')
-  with pytest.raises(DataError, match=r":2: label 2 is out of range; labels must be in 0\.\.1"):
-    data.read_jsonl(path, "classification", num_labels=2)
-  with pytest.raises(DataError, match="does not exist"):
-    data.read_jsonl(tmp_path / "missing.jsonl", "causal-lm")
-  with pytest.raises(DataError, match="task="):
-    data.read_jsonl(path, "translation")
-
-
 class _CharTokenizer:
   """Each character is a token; pad id 0, eos id 1."""
 

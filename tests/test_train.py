@@ -12,7 +12,6 @@ import pytest
 from flax import nnx
 
 import smoa_jax
-from smoa_jax import data as data_lib
 from smoa_jax.training import make_optimizer
 from tests.toy import ToyClassifier, ToyLM, lm_run, token_data
 
@@ -58,16 +57,6 @@ def test_training_reduces_loss_and_writes_metrics_and_checkpoints(tmp_path):
     np.testing.assert_array_equal(trained[k], base[k], err_msg=k)
 
 
-def test_two_runs_with_one_seed_are_bit_identical(tmp_path):
-  a, _ = lm_run(tmp_path / "a")
-  b, _ = lm_run(tmp_path / "b")
-  for (k, x), y in zip(_adapter_arrays(a).items(), _adapter_arrays(b).values()):
-    np.testing.assert_array_equal(x, y, err_msg=k)
-  c, _ = lm_run(tmp_path / "c", seed=4)
-  assert any(not np.array_equal(x, y) for x, y in zip(_adapter_arrays(a).values(),
-                                                       _adapter_arrays(c).values()))
-
-
 def test_gradient_accumulation_equals_the_big_batch_step():
   def one_step(accum):
     model = ToyLM(seed=0)
@@ -111,36 +100,6 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     np.testing.assert_array_equal(x, y, err_msg=k)
   logged = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
   assert logged == [1, 2, 3, 4, 5, 6]
-
-
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  class PoisonedTask(smoa_jax.CausalLMTask):
-    """NaN loss as soon as a batch holds the poisoned example."""
-
-    def loss(self, model, batch):
-      loss, weight, metrics = super().loss(model, batch)
-      poisoned = jnp.any(batch["input_ids"] == 30)
-      return jnp.where(poisoned, jnp.nan, loss), weight, metrics
-
-  data = token_data(40)
-  data["input_ids"] = np.where(data["input_ids"] == 30, 29, data["input_ids"])
-  first_bad = 3  # poison an example of the third batch (seed 3, epoch 0)
-  data["input_ids"][np.random.default_rng([3, 0]).permutation(40)[(first_bad - 1) * 8], 0] = 30
-  assert 30 in data_lib.batch_at(data, 8, 3, 0, first_bad - 1)["input_ids"]
-  assert all(30 not in data_lib.batch_at(data, 8, 3, 0, i)["input_ids"] for i in range(first_bad - 1))
-  model = ToyLM(seed=0)
-  smoa_jax.apply_adapter(model, smoa_jax.SMoAConfig(4, 2, 8.0, target_modules=["q_proj"]),
-                         rngs=nnx.Rngs(1), verbose=False)
-  config = smoa_jax.TrainConfig(steps=20, batch_size=8, save_every=1, log_every=1, seed=3,
-                                progress=False)
-  with pytest.raises(smoa_jax.NonFiniteLossError, match=f"at step {first_bad}.*step {first_bad - 1}"):
-    smoa_jax.train(model, PoisonedTask(), data, config, output_dir=tmp_path)
-  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-  assert max(steps) == first_bad - 1
-  # The last good checkpoint restores.
-  ckpt = smoa_jax.TrainCheckpointer(tmp_path / "checkpoints")
-  assert ckpt.latest_step() == first_bad - 1
-  ckpt.close()
 
 
 def test_classification_with_a_trainable_head():

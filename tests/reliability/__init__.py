@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-__all__ = ["Probe", "PROBES", "probe"]
+__all__ = ["Probe", "PROBES", "probe", "probe_cases"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +29,18 @@ def probe(area: str, situation: str, outcome: str) -> Callable:
 
   def register(fn: Callable) -> Callable:
     PROBES.append(Probe(area, situation, outcome, f"{fn.__module__.rsplit('.', 1)[-1]}::{fn.__name__}"))
+    return fn
+
+  return register
+
+
+def probe_cases(area: str, cases: dict[str, tuple[str, str]]) -> Callable:
+  """Register a parametrized test: ``cases`` maps each case id to ``(situation, outcome)``."""
+
+  def register(fn: Callable) -> Callable:
+    name = f"{fn.__module__.rsplit('.', 1)[-1]}::{fn.__name__}"
+    PROBES.extend(Probe(area, situation, outcome, f"{name}[{case}]")
+                  for case, (situation, outcome) in cases.items())
     return fn
 
   return register

@@ -25,7 +25,8 @@ def render() -> str:
       importlib.import_module(f"tests.reliability.{module}")
   probes = sorted(set(reliability.PROBES), key=lambda p: (p.area, p.test))
   lines = [HEADER, "| area | situation | outcome (asserted) | test |", "| :--- | :--- | :--- | :--- |"]
-  lines += [f"| {p.area} | {p.situation} | {p.outcome} | `{p.test}` |" for p in probes]
+  cell = lambda text: text.replace("|", "\\|").replace("\n", " ")
+  lines += [f"| {p.area} | {cell(p.situation)} | {cell(p.outcome)} | `{p.test}` |" for p in probes]
   return "\n".join(lines) + "\n"
 
 
