@@ -7,7 +7,7 @@ The public surface; import from here, not from submodules (they may move)::
                                            rngs=nnx.Rngs(0))
 """
 
-from smoa_jax import linen
+from smoa_jax import assets, data, datasets, linen
 from smoa_jax.adapter_io import load_adapter, save_adapter
 from smoa_jax.authors import load_authors_adapter, save_authors_adapter
 from smoa_jax.checkpoint import TrainCheckpointer
@@ -38,7 +38,7 @@ __all__ = [
     "SMoAConfig", "SMoADense", "SMoAError", "SMoAParam", "SpectralBlocks", "SpectralIndex",
     "TargetError", "TrainCheckpointer", "TrainConfig", "TrainResult", "adapter_class",
     "adapter_layers", "apply_adapter", "centroid_scores", "config_from_dict", "delta_weight",
-    "disable_adapter", "evaluate", "freeze_base", "from_hf", "to_hf", "load_authors_adapter",
+    "assets", "data", "datasets", "disable_adapter", "evaluate", "freeze_base", "from_hf", "to_hf", "load_authors_adapter",
     "save_authors_adapter", "identity_blocks", "linen", "load_adapter",
     "initialize_distributed", "is_main_process", "make_mesh", "mark_trainable", "masked_recipe",
     "merge_adapters", "merge_and_unload", "parse_mesh", "save_adapter", "shard_model",
