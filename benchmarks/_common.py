@@ -20,6 +20,7 @@ RESULTS.md
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import gc
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 __all__ = [
+    "parse_shape",
     "RESULTS_PATH",
     "RESULTS_HEADER",
     "Timings",
@@ -251,3 +253,12 @@ def write_section(name: str, title: str, body: str, *, command: str, machine: st
   except BaseException:
     os.unlink(tmp)
     raise
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+  """``"1024x1536"`` -> ``(1024, 1536)``: an ``in x out`` kernel shape given on a command line."""
+  try:
+    n_in, n_out = (int(v) for v in text.lower().split("x"))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"shape {text!r} must look like 1024x1536 (in x out)") from None
+  return n_in, n_out

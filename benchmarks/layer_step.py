@@ -90,14 +90,6 @@ class ShapeResult:
     return f"{self.n_in}x{self.n_out}"
 
 
-def _shape(text: str) -> tuple[int, int]:
-  try:
-    n_in, n_out = (int(v) for v in text.lower().split("x"))
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"shape {text!r} must look like 1024x1024 (in x out)") from None
-  return n_in, n_out
-
-
 def _ints(text: str) -> tuple[int, ...]:
   try:
     return tuple(int(v) for v in text.split(","))
@@ -110,7 +102,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
       prog=f"python -m {MODULE}",
       description="Time forward+backward of one adapted layer: SMoA vs LoRA, HiRA, the frozen "
                   "base layer and the authors' PyTorch algorithm; merged inference vs base.")
-  parser.add_argument("--shapes", type=_shape, nargs="+",
+  parser.add_argument("--shapes", type=_common.parse_shape, nargs="+",
                       default=[(1024, 1024), (576, 1536), (1536, 576)], help="kernels, in x out")
   parser.add_argument("--tokens", type=int, default=2048, help="T, rows of x (default 2048)")
   parser.add_argument("--ks", type=_ints, default=(2, 4), help="SMoA block counts K (default 2,4)")

@@ -58,19 +58,11 @@ class ShapeResult:
     return f"{self.n_in}x{self.n_out}"
 
 
-def _shape(text: str) -> tuple[int, int]:
-  try:
-    n_in, n_out = (int(v) for v in text.lower().split("x"))
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"shape {text!r} must look like 4096x11008 (in x out)") from None
-  return n_in, n_out
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog=f"python -m {MODULE}",
       description="Time SVD vs Gram-eigh spectral preprocessing and compare their permutations.")
-  parser.add_argument("--shapes", type=_shape, nargs="+",
+  parser.add_argument("--shapes", type=_common.parse_shape, nargs="+",
                       default=[(576, 576), (576, 1536), (2048, 5504), TARGET_SHAPE],
                       help="kernels, in x out")
   parser.add_argument("--rounds", type=int, default=7, help="max interleaved rounds per shape")

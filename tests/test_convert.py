@@ -15,6 +15,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 import smoa_jax
+from tests.hf_helpers import randomize
 from smoa_jax import convert
 from smoa_jax.convert import from_hf, to_hf
 
@@ -22,14 +23,6 @@ VOCAB, LENGTH = 97, 8
 LLAMA = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
              num_attention_heads=6, num_key_value_heads=2, head_dim=10, tie_word_embeddings=False,
              max_position_embeddings=64)
-
-
-def randomize(model: torch.nn.Module) -> torch.nn.Module:
-  torch.manual_seed(0)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.05 * torch.randn_like(p))
-  return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,11 @@ from flax import nnx
 
 from smoa_jax.convert import from_hf, to_hf
 from smoa_jax.models import BertForSequenceClassification, BertModel
+from tests.hf_helpers import randomize
 
 VOCAB, LENGTH = 91, 9
 CONFIG = dict(vocab_size=VOCAB, hidden_size=40, num_hidden_layers=2, num_attention_heads=5,
               intermediate_size=52, max_position_embeddings=32, type_vocab_size=3)
-
-
-def randomize(model: torch.nn.Module) -> torch.nn.Module:
-  torch.manual_seed(0)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.05 * torch.randn_like(p))
-  return model.eval()
 
 
 def inputs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -12,6 +12,7 @@ from flax import nnx
 import smoa_jax
 from smoa_jax.convert import from_hf
 from smoa_jax.models import LlamaForCausalLM, Qwen3ForCausalLM
+from tests.hf_helpers import randomize
 from smoa_jax.models.llama import rope_inv_freq
 
 VOCAB, LENGTH = 97, 11
@@ -37,15 +38,6 @@ CASES = {
         num_attention_heads=4, num_key_value_heads=2, head_dim=14, attention_bias=True,
         tie_word_embeddings=False)),
 }
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-  """Perturb every parameter so zero biases and unit norms are tested too."""
-  torch.manual_seed(seed)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.05 * torch.randn_like(p))
-  return model.eval()
 
 
 def inputs(batch: int = 3) -> tuple[np.ndarray, np.ndarray]:
