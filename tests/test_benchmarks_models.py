@@ -1,0 +1,74 @@
+"""Smoke tests of the model-level benchmarks, so that they cannot rot.
+
+``benchmarks/model_step.py`` and ``benchmarks/quality_real.py`` run in-process with
+``--quick --no-write``: tiny random models (with the real tokenizers and data for the quality
+benchmark), a few steps, one seed. The numbers mean nothing; the tests check that every code path
+runs, that the reports hold what they promise, and that nothing is written into the repository.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+import smoa_jax
+from smoa_jax import assets
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `benchmarks` is a folder of scripts at the repo root, not installed
+  sys.path.insert(0, str(ROOT))
+
+from benchmarks import _common, model_step, quality_real  # noqa: E402
+
+QUALITY_ASSETS = all(assets.is_cached(name)
+                     for name in ("minilm", "smollm2", "sentiment", "shakespeare"))
+
+
+def _snapshot() -> tuple[str | None, list[str]]:
+  """RESULTS.md and the plot folder, to check that a --no-write run leaves them alone."""
+  plots = quality_real.PLOT_PATH.parent
+  return (_common.RESULTS_PATH.read_text() if _common.RESULTS_PATH.exists() else None,
+          sorted(p.name for p in plots.iterdir()) if plots.exists() else [])
+
+
+def test_model_step_quick_runs_and_does_not_write():
+  before = _snapshot()
+  body = model_step.main(["--quick", "--no-write"])
+  for text in ("SMoA K=2 r=4", "LoRA r=4", "HiRA r=4", "LoRA r=2", "full FT", "frozen",
+               "authors K=2 r=4 (torch)", "torch frozen (torch)", "Merged inference",
+               "pred.", "peak", "Equal trainable parameters", "Frameworks"):
+    assert text in body, text
+  assert _snapshot() == before
+
+
+def test_cost_model_matches_hand_count():
+  # One layer of a Llama with hidden 4, 1 head of dim 4, intermediate 8, vocab 10; T = 1 x 2.
+  config = dict(hidden_size=4, intermediate_size=8, vocab_size=10, num_attention_heads=1,
+                num_key_value_heads=1, head_dim=4, num_hidden_layers=1)
+  f = model_step.flops(config, batch=1, seq=2)
+  per_layer = 4 * 4 * 4 + 3 * 4 * 8  # q, k, v, o (4x4) + gate, up, down (4x8)
+  attention = 3 * 4 * 1 * 1 * 2 * 2 * 4
+  assert f.frozen == 4 * 2 * (per_layer + 4 * 10) + attention
+  assert f.adapted == 4 * 2 * (3 * 16 + 2 * 32)  # q, k, v, up, down
+  assert f.lora(2) - f.frozen == 6 * 2 * 2 * (3 * 8 + 2 * 12)
+  assert f.smoa(2) == f.frozen + f.adapted / 4
+  assert f.of(smoa_jax.HiRAConfig(r=2)) == f.of(smoa_jax.FullFineTuneConfig()) == f.smoa(1)
+  assert f.authors == f.frozen + 1.5 * f.adapted
+
+
+@pytest.mark.skipif(not QUALITY_ASSETS, reason="needs the cached tokenizers and data; fetch them "
+                    "with `smoa-jax fetch-assets`")
+def test_quality_real_quick_runs_and_does_not_write():
+  before = _snapshot()
+  body = quality_real.main(["--quick", "--no-write"])
+  for text in ("**sentiment**", "**shakespeare**", "linear probe", "majority class",
+               "pretrained (test)", "SMoA vs LoRA", "E at 10%", "eff. rank of dW"):
+    assert text in body, text
+  lines = body.splitlines()
+  for method in ("SMoA", "LoRA", "HiRA", "full FT"):
+    assert sum(line.startswith(f"| {method} |") for line in lines) == 2  # a result per task
+    for task in ("sentiment", "shakespeare"):  # and a coverage row per task
+      assert sum(line.startswith(f"| {task} | {method} |") for line in lines) == 1
+  assert _snapshot() == before
