@@ -262,3 +262,14 @@ def parse_shape(text: str) -> tuple[int, int]:
   except ValueError:
     raise argparse.ArgumentTypeError(f"shape {text!r} must look like 1024x1536 (in x out)") from None
   return n_in, n_out
+
+
+def publish(section: str, title: str, body: str, *, module: str, argv: Sequence[str],
+            machine: str, write: bool) -> None:
+  """Print a benchmark's ``body`` and machine line; with ``write``, rewrite its RESULTS.md section
+  (:func:`write_section`) with the command that reproduces it."""
+  print(body)
+  print(f"machine: {machine}")
+  if write:
+    write_section(section, title, body, command=command_line(module, argv), machine=machine)
+    print(f"updated {RESULTS_PATH.name}")

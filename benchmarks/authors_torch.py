@@ -86,7 +86,7 @@ class AuthorsSMoALinear(nn.Module):
     layout = layer.op.layout
     bias = None if layer.bias is None else torch.from_numpy(np.array(layer.bias[...]))
     module = cls(torch.from_numpy(np.array(layer.kernel[...]).T), bias,
-                 row_order=np.asarray(layer.out_perm[...]), col_order=np.asarray(layer.in_perm[...]),
+                 row_order=np.array(layer.out_perm[...]), col_order=np.array(layer.in_perm[...]),
                  row_sizes=layout.out_sizes, col_sizes=layout.in_sizes, ranks=layout.ranks,
                  alpha=layer.config.alpha, dropout=layer.config.dropout)
     with torch.no_grad():

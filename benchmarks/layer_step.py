@@ -362,12 +362,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     results.append(bench_shape(n_in, n_out, args))
   body = render(results, args.tokens, threads)
   machine = _common.machine_description(load_at_start=load_at_start, torch_threads=threads)
-  print(body)
-  print(f"machine: {machine}")
-  if not args.no_write:
-    _common.write_section(SECTION, "layer_step: one adapted layer, forward + backward", body,
-                          command=_common.command_line(MODULE, argv), machine=machine)
-    print(f"updated {_common.RESULTS_PATH.name}")
+  _common.publish(SECTION, "layer_step: one adapted layer, forward + backward", body,
+                  module=MODULE, argv=argv, machine=machine, write=not args.no_write)
   return body
 
 

@@ -631,12 +631,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     plot = written.relative_to(_common.RESULTS_PATH.parent).as_posix()
   body = render(results, plot)
   body += f"\n\nTotal wall time {(time.perf_counter() - started) / 60:.0f} min."
-  print(body)
-  if not args.no_write:
-    _common.write_section(SECTION, "quality_real: fine-tuning quality on real data, equal budgets",
-                          body, command=_common.command_line(MODULE, argv),
-                          machine=_common.machine_description(load_at_start=load_at_start))
-    print(f"updated {_common.RESULTS_PATH.name} and {PLOT_PATH.name}")
+  _common.publish(SECTION, "quality_real: fine-tuning quality on real data, equal budgets", body,
+                  module=MODULE, argv=argv, write=not args.no_write,
+                  machine=_common.machine_description(load_at_start=load_at_start))
   return body
 
 

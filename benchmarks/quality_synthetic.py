@@ -89,9 +89,10 @@ def make_target(kind: str, w: np.ndarray, seed: int) -> np.ndarray:
   raise ValueError(kind)
 
 
-def method_delta(method: str, w: np.ndarray, r: int, k: int,
-                 key: jax.Array) -> tuple[Callable, tuple[jax.Array, jax.Array]]:
-  """``(delta_fn(params) -> dW (in, out), initial params)`` for one method at the common budget."""
+def method_delta(method: str, w: np.ndarray, r: int,
+                 k: int) -> tuple[Callable, Callable[[jax.Array], tuple[jax.Array, jax.Array]]]:
+  """``(delta_fn(params) -> dW (in, out), init(key) -> params)`` for one method at the common
+  budget. ``delta_fn`` is the same object for every seed, so its fitter compiles once."""
   n_in, n_out = w.shape
   kernel = jnp.asarray(w)
   alpha = 2.0 * r
@@ -99,41 +100,49 @@ def method_delta(method: str, w: np.ndarray, r: int, k: int,
     rank = r // k  # r (in + out) / K parameters
     config = (ops.LoRAOp(n_in, n_out, rank, alpha / rank) if method == "lora" else
               ops.SMoAOp(ops.BlockLayout((n_in,), (n_out,), (rank,)), alpha / rank))
-    a, b = config.init_factors(key)
-    return (lambda p: config.delta(kernel, p[0], p[1], None)), (a, b)
+    return (lambda p: config.delta(kernel, p[0], p[1], None)), config.init_factors
   permuted = method in ("smoa", "blocks-spectral")
   modulated = method in ("smoa", "smoa-noperm")
   blocks = spectral.spectral_blocks(kernel, k) if permuted else spectral.identity_blocks(n_in, n_out, k)
   op = ops.SMoAOp(ops.BlockLayout(blocks.in_sizes, blocks.out_sizes, split_sizes(r, k)), alpha / r)
   perms = (blocks.in_perm, blocks.out_perm) if permuted else None
   anchor = kernel if modulated else jnp.ones_like(kernel)
-  a, b = op.init_factors(key)
-  if not modulated:  # unmodulated blocks: scale a so the update starts on W's scale, like SMoA's
-    a = a * float(np.abs(w).mean())
-  return (lambda p: op.delta(anchor, p[0], p[1], perms)), (a, b)
+
+  def init(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    a, b = op.init_factors(key)
+    if not modulated:  # unmodulated blocks: scale a so the update starts on W's scale, like SMoA's
+      a = a * float(np.abs(w).mean())
+    return a, b
+
+  return (lambda p: op.delta(anchor, p[0], p[1], perms)), init
 
 
-def fit(delta_fn, params, target: np.ndarray, lr: float, steps: int) -> tuple[float, jax.Array]:
-  """Adam on the relative Frobenius error; returns ``(final relative error, dW)``."""
-  target = jnp.asarray(target)
-  norm = jnp.sum(target ** 2)
-  tx = optax.adam(lr)
-
-  def loss(p):
-    return jnp.sum((delta_fn(p) - target) ** 2) / norm
+def make_fitter(delta_fn: Callable, steps: int) -> Callable:
+  """``fit(params, target, lr) -> (relative error, dW)``: ``steps`` of Adam on the relative
+  Frobenius error ``||dW - dW*||_F^2 / ||dW*||_F^2``, jitted once (target and lr are arguments)."""
 
   @jax.jit
-  def run(params):
+  def fit(params, target: jax.Array, lr: jax.Array) -> tuple[jax.Array, jax.Array]:
+    norm = jnp.sum(target ** 2)
+    tx = optax.adam(lr)
+
+    def loss(p):
+      return jnp.sum((delta_fn(p) - target) ** 2) / norm
+
     def step(carry, _):
       p, s = carry
-      g = jax.grad(loss)(p)
-      u, s = tx.update(g, s, p)
+      u, s = tx.update(jax.grad(loss)(p), s, p)
       return (optax.apply_updates(p, u), s), None
 
     (p, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
     return jnp.sqrt(loss(p)), delta_fn(p)
 
-  err, dw = run(params)
+  return fit
+
+
+def run_fit(fit: Callable, params, target: np.ndarray, lr: float) -> tuple[float, jax.Array]:
+  """One fit; a diverged one scores ``inf``."""
+  err, dw = fit(params, jnp.asarray(target), jnp.float32(lr))
   err = float(err)
   return (err if np.isfinite(err) else float("inf")), dw
 
@@ -147,6 +156,9 @@ def effective_rank(dw: jax.Array) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> str:
+  """Run the benchmark, print the table, update RESULTS.md unless told not to; return the body."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  load_at_start = _common.load_average()
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="tiny sizes and steps (smoke test)")
@@ -165,18 +177,23 @@ def main(argv: Sequence[str] | None = None) -> str:
   r, k = args.r, args.num_blocks
   rows = []
   for kernel_name, w in kernels.items():
+    fitters = {}
+    for method in METHODS:
+      delta_fn, init = method_delta(method, w, r, k)
+      fitters[method] = make_fitter(delta_fn, steps), init
     for target_kind in TARGETS:
       results = {}
       for method in METHODS:
-        val = {lr: statistics.mean(fit(*method_delta(method, w, r, k, jax.random.key(s)),
-                                       make_target(target_kind, w, s), lr, steps)[0]
+        fit, init = fitters[method]
+        val = {lr: statistics.mean(run_fit(fit, init(jax.random.key(s)),
+                                           make_target(target_kind, w, s), lr)[0]
                                    for s in val_seeds) for lr in lrs}
         best = min(val, key=val.get)
-        runs = [fit(*method_delta(method, w, r, k, jax.random.key(s)), make_target(target_kind, w, s),
-                    best, steps) for s in test_seeds]
+        runs = [run_fit(fit, init(jax.random.key(s)), make_target(target_kind, w, s), best)
+                for s in test_seeds]
         errs = [e for e, _ in runs]
-        results[method] = (statistics.mean(errs), statistics.pstdev(errs), best,
-                           effective_rank(runs[0][1]))
+        std = statistics.stdev(errs) if len(errs) > 1 else 0.0  # sample std over the test seeds
+        results[method] = (statistics.mean(errs), std, best, effective_rank(runs[0][1]))
         print(f"{kernel_name:26s} {target_kind:12s} {method:16s} err {results[method][0]:.4f} "
               f"+- {results[method][1]:.4f} (lr {best:g}, eff. rank {results[method][3]:.1f})",
               flush=True)
@@ -184,20 +201,17 @@ def main(argv: Sequence[str] | None = None) -> str:
       for method, (mean, std, lr, erank) in results.items():
         rows.append([kernel_name, target_kind, method, f"{mean:.4f}", f"{std:.4f}", f"{lr:g}",
                      f"{erank:.1f}", "**best**" if method == winner else ""])
-  n_params = r * sum(w.shape) // k
-  body = (f"Relative error ``||dW - dW*||_F / ||dW*||_F`` after {steps} Adam steps (mean and std "
-          f"over {len(test_seeds)} test seeds; lr chosen on {len(val_seeds)} validation seeds from "
+  n_params = r * sum(next(iter(kernels.values())).shape) // k
+  body = (f"Relative error ``||dW - dW*||_F / ||dW*||_F`` after {steps} Adam steps (mean and sample "
+          f"std over {len(test_seeds)} test seeds; lr chosen on {len(val_seeds)} validation seeds from "
           f"{list(lrs)}). Budget: SMoA r={r}, K={k}; LoRA/HiRA rank {r // k}; all methods train "
           f"r (in+out)/K parameters (e.g. {n_params:,} for the first kernel). 'eff. rank' is the "
           "effective rank of the fitted dW (first test seed).\n\n"
           + _common.markdown_table(["kernel", "target", "method", "rel. error", "std", "lr",
                                     "eff. rank", ""], rows))
-  print(body)
-  if not args.no_write:
-    _common.write_section("quality_synthetic", "Quality: fitting a high-rank update (synthetic)",
-                          body, command=_common.command_line("benchmarks.quality_synthetic",
-                                                             sys.argv[1:] if argv is None else argv),
-                          machine=_common.machine_description())
+  _common.publish("quality_synthetic", "Quality: fitting a high-rank update (synthetic)", body,
+                  module="benchmarks.quality_synthetic", argv=argv, write=not args.no_write,
+                  machine=_common.machine_description(load_at_start=load_at_start))
   return body
 
 

@@ -242,12 +242,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     print("whole model: preprocessing every SmolLM2 target ...", flush=True)
     body += "\n\n" + render_model(bench_model(), results)
   machine = _common.machine_description(load_at_start=load_at_start)
-  print(body)
-  print(f"machine: {machine}")
-  if not args.no_write:
-    _common.write_section(SECTION, "spectral_prep: SVD vs Gram-eigh preprocessing", body,
-                          command=_common.command_line(MODULE, argv), machine=machine)
-    print(f"updated {_common.RESULTS_PATH.name}")
+  _common.publish(SECTION, "spectral_prep: SVD vs Gram-eigh preprocessing", body,
+                  module=MODULE, argv=argv, machine=machine, write=not args.no_write)
   return body
 
 

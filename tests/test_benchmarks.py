@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks` is a folder of scripts at the repo root, not installed
   sys.path.insert(0, str(ROOT))
 
-from benchmarks import _common, layer_step, spectral_prep  # noqa: E402
+from benchmarks import _common, layer_step, quality_synthetic, spectral_prep  # noqa: E402
 from benchmarks.authors_torch import compare_with_smoa_jax  # noqa: E402
 
 
@@ -42,6 +42,30 @@ def test_spectral_prep_quick_runs_and_does_not_write():
   body = spectral_prep.main(["--quick", "--no-write"])
   assert "48x96" in body and "same block K=2" in body
   assert _results_text() == before
+
+
+def test_quality_synthetic_quick_runs_and_does_not_write():
+  before = _results_text()
+  body = quality_synthetic.main(["--quick", "--no-write"])
+  rows = [line for line in body.splitlines() if line.startswith("| random 96x160 |")]
+  assert len(rows) == len(quality_synthetic.TARGETS) * len(quality_synthetic.METHODS)
+  assert sum("**best**" in row for row in rows) == len(quality_synthetic.TARGETS)
+  assert _results_text() == before
+
+
+@pytest.mark.parametrize("method", quality_synthetic.METHODS)
+def test_quality_synthetic_fits_an_update_it_can_represent(method):
+  # Each method's own dW at random factors is a target it can reach: the fit must get close,
+  # starting from other factors, or the fitter (shared over seeds and learning rates) is broken.
+  w = np.random.default_rng(0).standard_normal((24, 40)).astype(np.float32)
+  delta_fn, init = quality_synthetic.method_delta(method, w, r=4, k=2)
+  a, b = init(jax.random.key(0))
+  target = np.asarray(delta_fn((a, jax.random.normal(jax.random.key(1), b.shape))))
+  fit = quality_synthetic.make_fitter(delta_fn, steps=300)
+  start, _ = quality_synthetic.run_fit(fit, init(jax.random.key(2)), target, 0.0)
+  err, dw = quality_synthetic.run_fit(fit, init(jax.random.key(2)), target, 3e-2)
+  assert start == pytest.approx(1.0) and err < 0.1, (start, err)
+  assert dw.shape == w.shape
 
 
 @pytest.mark.parametrize(

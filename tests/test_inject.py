@@ -90,6 +90,13 @@ def test_merge_and_unload_gives_plain_layers_with_same_logits(config):
   assert not jax.tree.leaves(nnx.state(model, smoa_jax.SMoAParam))
   assert type(model.layers[0].self_attn.q_proj) is nnx.Linear
   np.testing.assert_allclose(model(_ids()), logits, rtol=1e-5, atol=1e-5)
+  # Merged inference costs what the base model costs: it is the very same program.
+  assert _forward_hlo(model) == _forward_hlo(ToyLM())
+
+
+def _forward_hlo(model: nnx.Module) -> str:
+  graphdef, state = nnx.split(model)
+  return jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids)).lower(state, _ids()).as_text()
 
 
 def test_merge_unmerge_and_disable_whole_model():
