@@ -22,7 +22,8 @@ both compute the same outputs and gradients for the same weights (used by the sm
 
 from __future__ import annotations
 
-from typing import Sequence
+import os
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -142,3 +143,24 @@ def compare_with_smoa_jax(layer: smoa_jax.SMoADense, x: np.ndarray,
       "da": max(diff(da, module.lora_A[k].grad.T) for k, (da, _) in enumerate(grads_jax)),
       "db": max(diff(db, module.lora_B[k].grad.T) for k, (_, db) in enumerate(grads_jax)),
   }
+
+
+def peak_live_bytes(step: Callable[[], Any]) -> int:
+  """Peak of the live bytes torch allocates during one ``step()`` (profiler memory timeline).
+
+  Only tensors created inside the step count, so clear gradients first if the number must not
+  depend on what the previous step left behind.
+  """
+  os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # silence kineto's start/stop lines
+  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                              profile_memory=True, record_shapes=True, with_stack=True) as prof:
+    step()
+  created, live, peak = set(), 0, 0
+  for _, action, key, size in prof._memory_profile().timeline:  # torch is pinned (pyproject)
+    if action.name == "CREATE":
+      created.add(key)
+      live += size
+    elif action.name == "DESTROY" and key in created:
+      live -= size
+    peak = max(peak, live)
+  return peak

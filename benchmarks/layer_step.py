@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -49,7 +48,7 @@ from flax import nnx
 
 import smoa_jax
 from benchmarks import _common
-from benchmarks.authors_torch import AuthorsSMoALinear
+from benchmarks.authors_torch import AuthorsSMoALinear, peak_live_bytes
 
 SECTION = "layer_step"
 MODULE = "benchmarks.layer_step"
@@ -193,27 +192,10 @@ def _torch_base_step(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor,
 
 
 def _torch_peak_bytes(step: Callable[[], Any], module: AuthorsSMoALinear, x: torch.Tensor) -> int:
-  """Peak of live bytes that torch allocates during one ``step()`` (profiler memory timeline).
-
-  Gradients are cleared before profiling, and only tensors created inside the step count, so
-  the number does not depend on what the previous step left behind.
-  """
+  """Peak live bytes of one ``step()``, gradients cleared first (so they count as created)."""
   module.zero_grad(set_to_none=True)
   x.grad = None
-  # Silence kineto's start/stop log lines; read when the profiler starts.
-  os.environ.setdefault("KINETO_LOG_LEVEL", "99")
-  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                              profile_memory=True, record_shapes=True, with_stack=True) as prof:
-    step()
-  created, live, peak = set(), 0, 0
-  for _, action, key, size in prof._memory_profile().timeline:  # torch is pinned (pyproject)
-    if action.name == "CREATE":
-      created.add(key)
-      live += size
-    elif action.name == "DESTROY" and key in created:
-      live -= size
-    peak = max(peak, live)
-  return peak
+  return peak_live_bytes(step)
 
 
 def _random_b(layer: smoa_jax.AdaptedDense, key: jax.Array) -> None:

@@ -60,8 +60,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -76,7 +74,7 @@ from flax import nnx
 
 import smoa_jax
 from benchmarks import _common
-from benchmarks.authors_torch import AuthorsSMoALinear
+from benchmarks.authors_torch import AuthorsSMoALinear, peak_live_bytes
 from smoa_jax.training import make_optimizer
 
 SECTION = "model_step"
@@ -268,21 +266,9 @@ def torch_resident_bytes(step: TorchStep) -> tuple[int, int]:
 
 
 def torch_peak_bytes(step: TorchStep) -> int:
-  """Peak of live bytes torch allocates during one step (profiler memory timeline)."""
+  """Peak of live bytes torch allocates during one step, gradients cleared first."""
   step.optimizer.zero_grad(set_to_none=True)
-  os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # silence kineto's start/stop lines
-  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                              profile_memory=True, record_shapes=True, with_stack=True) as prof:
-    step.run()
-  created, live, peak = set(), 0, 0
-  for _, action, key, size in prof._memory_profile().timeline:  # torch is pinned (pyproject)
-    if action.name == "CREATE":
-      created.add(key)
-      live += size
-    elif action.name == "DESTROY" and key in created:
-      live -= size
-    peak = max(peak, live)
-  return peak
+  return peak_live_bytes(step.run)
 
 
 # -- cost model ------------------------------------------------------------------------------------
