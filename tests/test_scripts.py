@@ -30,5 +30,7 @@ def test_memory_estimate_of_llama_7b():
 
 @pytest.mark.slow
 def test_scan_compile_time():  # compiles the 30-layer SmolLM2 step twice: about two minutes
-  assert "scanned" in _run("scripts/scan_compile_time.py", "--batch", "1", "--seq-len", "8",
-                           "--steps", "1")
+  text = _run("scripts/scan_compile_time.py", "--batch", "1", "--seq-len", "8", "--steps", "1")
+  lines = {line.split()[0]: line for line in text.splitlines()[1:] if line.strip()}
+  assert set(lines) == {"unrolled", "scan_layers"}, text
+  assert all("compile" in line and "loss" in line for line in lines.values()), text
