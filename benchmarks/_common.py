@@ -255,6 +255,14 @@ def write_section(name: str, title: str, body: str, *, command: str, machine: st
     raise
 
 
+def parse_ints(text: str) -> tuple[int, ...]:
+  """``"2,4"`` -> ``(2, 4)``: a comma-separated list of ints given on a command line."""
+  try:
+    return tuple(int(v) for v in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} must be comma-separated ints, e.g. 2,4") from None
+
+
 def parse_shape(text: str) -> tuple[int, int]:
   """``"1024x1536"`` -> ``(1024, 1536)``: an ``in x out`` kernel shape given on a command line."""
   try:

@@ -89,13 +89,6 @@ class ShapeResult:
     return f"{self.n_in}x{self.n_out}"
 
 
-def _ints(text: str) -> tuple[int, ...]:
-  try:
-    return tuple(int(v) for v in text.split(","))
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} must be comma-separated ints, e.g. 2,4") from None
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog=f"python -m {MODULE}",
@@ -104,8 +97,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--shapes", type=_common.parse_shape, nargs="+",
                       default=[(1024, 1024), (576, 1536), (1536, 576)], help="kernels, in x out")
   parser.add_argument("--tokens", type=int, default=2048, help="T, rows of x (default 2048)")
-  parser.add_argument("--ks", type=_ints, default=(2, 4), help="SMoA block counts K (default 2,4)")
-  parser.add_argument("--ranks", type=_ints, default=(8, 16), help="total ranks r (default 8,16)")
+  parser.add_argument("--ks", type=_common.parse_ints, default=(2, 4),
+                      help="SMoA block counts K (default 2,4)")
+  parser.add_argument("--ranks", type=_common.parse_ints, default=(8, 16),
+                      help="total ranks r (default 8,16)")
   parser.add_argument("--alpha", type=float, default=16.0, help="adapter alpha (default 16)")
   parser.add_argument("--rounds", type=int, default=15,
                       help="interleaved timing rounds per shape (default 15)")

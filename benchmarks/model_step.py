@@ -332,10 +332,7 @@ def flops(config: dict[str, Any], batch: int, seq: int) -> Flops:
 
 # -- run -------------------------------------------------------------------------------------------
 def _ks(text: str) -> tuple[int, ...]:
-  try:
-    ks = tuple(int(v) for v in text.split(","))
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} must be comma-separated ints, e.g. 2,4") from None
+  ks = _common.parse_ints(text)
   if 2 not in ks:
     raise argparse.ArgumentTypeError(f"--ks {text!r} must include 2 (the headline SMoA)")
   return ks
