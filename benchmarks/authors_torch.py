@@ -34,7 +34,7 @@ from flax import nnx
 from torch import nn
 
 import smoa_jax
-from smoa_jax import ops
+from smoa_jax.core import ops
 
 __all__ = ["AuthorsSMoALinear", "compare_with_smoa_jax"]
 

@@ -9,7 +9,7 @@ without it, the same config with random weights (the speed is the same).
 
 JAX candidates (one jitted, donated step each; ``lower().compile()`` ahead of time, not timed),
 built from ONE loaded model (``nnx.clone`` shares the frozen arrays) with the optimizer of
-:func:`smoa_jax.train` (``smoa_jax.training.make_optimizer``) over the ``SMoAParam`` arrays:
+:func:`smoa_jax.train` (``smoa_jax.training.loop.make_optimizer``) over the ``SMoAParam`` arrays:
 
 * ``SMoA K=2 r=8``, ``SMoA K=4 r=8``, ``LoRA r=8``, ``HiRA r=8``: equal rank r = 8;
 * ``SMoA K=2 r=16`` vs ``LoRA r=8``: equal trainable parameters (SMoA r = 2p, K = 2 vs LoRA r = p);
@@ -75,7 +75,7 @@ from flax import nnx
 import smoa_jax
 from benchmarks import _common
 from benchmarks.authors_torch import AuthorsSMoALinear, peak_live_bytes
-from smoa_jax.training import make_optimizer
+from smoa_jax.training.loop import make_optimizer
 
 SECTION = "model_step"
 MODULE = "benchmarks.model_step"
@@ -370,7 +370,7 @@ def model_directory(quick: bool, workdir: Path) -> tuple[Path, str]:
   """The HF directory to benchmark and a phrase saying what it is."""
   import transformers
 
-  from smoa_jax import assets
+  from smoa_jax.app import assets
 
   if quick:
     config = transformers.LlamaConfig(**QUICK_CONFIG)

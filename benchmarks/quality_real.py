@@ -6,14 +6,14 @@ targets for every method; only the adapter differs:
 
 ``sentiment``
     all-MiniLM-L6-v2 (BERT, 22.7M parameters) classifies movie-review sentences (Hutto & Gilbert,
-    ICWSM 2014) on the fixed split of :func:`smoa_jax.datasets.split_sentiment` (the demo's and
+    ICWSM 2014) on the fixed split of :func:`smoa_jax.app.datasets.split_sentiment` (the demo's and
     the CLI's: 500 validation / 1,000 test / the rest train), 64 tokens. Targets: the ``query``
     and ``value`` projections of all six layers (the demo's choice). Every method trains the
     same fresh classification head (``classifier``; ``mark_trainable``). Metric: test accuracy.
     Floors: the linear probe (frozen encoder, only the head trains) and the majority class of
     the training split.
 ``shakespeare``
-    SmolLM2-135M (Llama, 30 layers) on Shakespeare's plays (:func:`smoa_jax.datasets.
+    SmolLM2-135M (Llama, 30 layers) on Shakespeare's plays (:func:`smoa_jax.app.datasets.
     split_shakespeare`: 8-line passages; Hamlet and Macbeth are the test plays, The Tempest the
     validation play, the 39 others train), 128 tokens with an EOS appended (as ``smoa-jax
     finetune`` does). Targets ``q_proj, k_proj, v_proj, up_proj, down_proj`` of all 30 layers.
@@ -37,9 +37,9 @@ SmolLM2's validation and test metrics use fixed, evenly spaced subsets of the he
 
 Spectral coverage (item 5d): for the seed-0 run of every method, each learned update dW (for full
 FT: trained minus pretrained kernel) is projected on the singular directions of its pretrained W
-(:func:`smoa_jax.analysis.direction_energy`): ``E(j)`` is the share of ``||dW||^2`` inside W's
+(:func:`smoa_jax.app.analysis.direction_energy`): ``E(j)`` is the share of ``||dW||^2`` inside W's
 top-``j`` singular directions on both sides. We report ``E`` at 10/25/50% of the directions,
-dW's effective rank (:func:`smoa_jax.analysis.effective_rank`) and ``||dW|| / ||W||``, averaged
+dW's effective rank (:func:`smoa_jax.app.analysis.effective_rank`) and ``||dW|| / ||W||``, averaged
 over the analysed kernels (all of MiniLM's; every fifth layer of SmolLM2's), and plot the mean
 curves to ``benchmarks/plots/quality_real_coverage.png``.
 
@@ -178,7 +178,9 @@ def make_context(plan: Plan, quick: bool, workdir: Path) -> Context:
   import transformers
 
   import smoa_jax
-  from smoa_jax import assets, data as data_lib, datasets
+  from smoa_jax.app import assets
+  from smoa_jax.training import data as data_lib
+  from smoa_jax.app import datasets
 
   real_dir = assets.fetch_minilm() if plan.task == "sentiment" else assets.fetch_smollm2()
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(real_dir))
@@ -334,7 +336,7 @@ def coverage(ctx: Context, run: Run, quick: bool) -> Coverage:
   from flax import nnx
 
   import smoa_jax
-  from smoa_jax import analysis
+  from smoa_jax.app import analysis
 
   pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # module path -> (W, dW), (in, out)
   if run.method.kind == "full":
@@ -563,7 +565,7 @@ def render(results: list[TaskResult], plot: str | None) -> str:
     parts += [
         "Spectral coverage of the learned updates (seed-0 runs): `E at x%` is the share of "
         "||dW||^2 inside the span of W's top x% singular directions (both sides; "
-        "`smoa_jax.analysis.direction_energy`), averaged over the analysed kernels. For "
+        "`smoa_jax.app.analysis.direction_energy`), averaged over the analysed kernels. For "
         f"reference, W's own energy in its top 10/25/50% directions is {kernel_text}; an update "
         "with no preferred direction would have about 1%, 6% and 25%. Lower E at small x means "
         "dW reaches further beyond W's dominant directions (broader coverage).",

@@ -44,8 +44,9 @@ import numpy as np
 import optax
 
 from benchmarks import _common
-from smoa_jax import ops, spectral
-from smoa_jax.config import split_sizes
+from smoa_jax.core import ops
+from smoa_jax.core import spectral
+from smoa_jax.core.config import split_sizes
 
 METHODS = ("smoa", "smoa-noperm", "blocks-spectral", "melora", "hira", "lora")
 TARGETS = ("dense", "modulated", "spectral-top")
@@ -55,7 +56,7 @@ def real_kernels(limit_shapes: bool) -> dict[str, np.ndarray]:
   """Pretrained kernels ``(in, out)`` from the asset cache (empty if it is not populated)."""
   from safetensors.numpy import load_file
 
-  from smoa_jax import assets
+  from smoa_jax.app import assets
   out: dict[str, np.ndarray] = {}
   if assets.is_cached("minilm"):
     sd = load_file(str(assets.fetch_minilm() / "model.safetensors"))

@@ -175,7 +175,7 @@ def bench_model() -> tuple[str, float, float, int]:
   """``(model name, cold s, compiled s, number of kernels)`` of SmolLM2's target preprocessing."""
   from flax import nnx
 
-  from smoa_jax import assets
+  from smoa_jax.app import assets
   if assets.is_cached("smollm2"):
     directory, name = assets.fetch_smollm2(), "SmolLM2-135M (real weights)"
   else:

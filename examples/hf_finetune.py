@@ -26,7 +26,8 @@ from flax import nnx
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
 import smoa_jax
-from smoa_jax import assets, data
+from smoa_jax.app import assets
+from smoa_jax.training import data
 
 # Used when the Shakespeare asset is not cached (public domain, Hamlet III.1).
 FALLBACK_LINES = [

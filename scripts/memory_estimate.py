@@ -31,9 +31,9 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 import smoa_jax
-from smoa_jax import sharding
+from smoa_jax.parallel import sharding
 from smoa_jax.models import build_model
-from smoa_jax.training import make_optimizer
+from smoa_jax.training.loop import make_optimizer
 
 # Llama-2-7B (meta-llama/Llama-2-7b-hf config.json, the fields the model reads).
 LLAMA_2_7B = {

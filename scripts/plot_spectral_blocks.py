@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import smoa_jax  # noqa: E402
-from smoa_jax import assets  # noqa: E402
+from smoa_jax.app import assets  # noqa: E402
 
 
 def kernel() -> tuple[np.ndarray, str]:

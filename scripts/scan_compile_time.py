@@ -23,9 +23,9 @@ import optax
 from flax import nnx
 
 import smoa_jax
-from smoa_jax import assets
+from smoa_jax.app import assets
 from smoa_jax.models import build_model
-from smoa_jax.training import make_optimizer
+from smoa_jax.training.loop import make_optimizer
 
 # SmolLM2-135M(-Instruct) config.json, the fields the model reads.
 SMOLLM2_135M = {

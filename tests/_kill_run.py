@@ -1,4 +1,4 @@
-"""Subprocess for tests/test_train.py: train ToyLM and SIGKILL this process right after a save.
+"""Subprocess for tests/training/test_loop.py: train ToyLM and SIGKILL this process right after a save.
 
 Usage: python -m tests._kill_run OUTPUT_DIR KILL_AT_STEP
 """

@@ -1,4 +1,4 @@
-"""SPMD checks that need several devices; run in a subprocess by tests/test_sharding.py and
+"""SPMD checks that need several devices; run in a subprocess by tests/parallel/test_sharding.py and
 tests/test_multiprocess.py (``python -m tests._sharded_run MODE CHECKPOINT OUT``).
 
 The caller sets ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` in the environment, so JAX
@@ -158,7 +158,7 @@ def check_layout(model: nnx.Module, mesh) -> int:
     if owner not in EXPECTED or names[-1] not in ("kernel", "embedding"):
       continue
     lead = (None,) * (len(var.shape) - 2)
-    spec = lead + smoa_jax.sharding.fit_spec(EXPECTED[owner], var.shape[len(lead):], mesh)
+    spec = lead + smoa_jax.parallel.sharding.fit_spec(EXPECTED[owner], var.shape[len(lead):], mesh)
     layout = var[...].sharding
     assert layout.is_equivalent_to(NamedSharding(mesh, P(*spec)), len(spec)), (path, layout, spec)
     split = [mesh.shape[a] for a in spec if a is not None]
@@ -170,7 +170,7 @@ def check_layout(model: nnx.Module, mesh) -> int:
     if isinstance(layer, smoa_jax.SMoADense):
       for factor, factor_spec in ((layer.lora_a, lead + (None, spec[-2], None)),
                                   (layer.lora_b, lead + (None, None, spec[-1]))):
-        factor_spec = smoa_jax.sharding.fit_spec(factor_spec, factor.shape, mesh)
+        factor_spec = smoa_jax.parallel.sharding.fit_spec(factor_spec, factor.shape, mesh)
         assert factor[...].sharding.is_equivalent_to(
             NamedSharding(mesh, P(*factor_spec)), len(factor_spec)), (path, factor_spec)
       assert layer.in_perm[...].sharding.is_fully_replicated, path

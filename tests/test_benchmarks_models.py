@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import smoa_jax
-from smoa_jax import assets
+from smoa_jax.app import assets
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks` is a folder of scripts at the repo root, not installed

@@ -1,10 +1,10 @@
 """Every code block of README.md runs here, so the README cannot drift from the code.
 
 * The set-up block: its test command is, character for character, the one ``.ci/run`` runs (CI
-  runs it); the main job it starts, ``smoa-jax demo``, runs in tests/test_demo.py (``--quick``).
+  runs it); the main job it starts, ``smoa-jax demo``, runs in tests/app/test_demo.py (``--quick``).
 * Python blocks run as written. The Hugging Face quickstart gets a tiny random Llama instead of
   SmolLM2 (``smoa_jax.assets.fetch_smollm2`` is pointed at it) so that it takes seconds.
-* The command-line block runs every command in order through ``smoa_jax.cli.main`` with the same
+* The command-line block runs every command in order through ``smoa_jax.app.cli.main`` with the same
   substitution and smaller sizes (``--steps 2 --batch-size 4 --seq-len 16``); the asset command
   runs for real when the assets are cached and is replaced by small JSONL files otherwise.
 """
@@ -20,7 +20,8 @@ import pytest
 
 import smoa_jax
 from examples.hf_finetune import tiny_llama
-from smoa_jax import assets, cli
+from smoa_jax.app import assets
+from smoa_jax.app import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

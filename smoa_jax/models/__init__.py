@@ -4,8 +4,8 @@ Every projection is a plain ``nnx.Linear`` (``kernel (in, out)``) at the path of
 (``model/layers/3/self_attn/q_proj``, ``transformer/h/0/attn/c_attn``,
 ``bert/encoder/layer/0/attention/self/query``), so adapter ``target_modules`` mean what they mean
 in PEFT. Each model keeps its HF config (``model.hf_config``) and its key map
-(``model.key_map()``), which :mod:`smoa_jax.convert` uses to load and export checkpoints, and
-its partitioning table (``sharding_rules``, used by :mod:`smoa_jax.spmd`). Built with
+(``model.key_map()``), which :mod:`smoa_jax.models.hf` uses to load and export checkpoints, and
+its partitioning table (``sharding_rules``, used by :mod:`smoa_jax.parallel.spmd`). Built with
 ``scan_layers=True``, the layers are one stacked module run under ``nnx.scan``.
 
 Supported architectures (``config.json`` ``architectures[0]``): see :data:`ARCHITECTURES`;
@@ -22,7 +22,8 @@ from flax import nnx
 from flax.typing import Dtype
 
 from smoa_jax.errors import ConfigError
-from smoa_jax.models._common import HFModel, KeyMap, KeyRule
+from smoa_jax.models.base import HFModel
+from smoa_jax.models.keymap import KeyMap, KeyRule
 from smoa_jax.models.bert import BertForSequenceClassification, BertModel
 from smoa_jax.models.gpt2 import GPT2LMHeadModel
 from smoa_jax.models.llama import (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
@@ -76,7 +77,7 @@ def build_model(hf_config: Mapping[str, Any], *, num_labels: int | None = None,
                 rngs: nnx.Rngs, scan_layers: bool = False) -> HFModel:
   """A randomly initialized model for an HF config dict (wrap in ``nnx.eval_shape`` for shapes).
 
-  ``scan_layers`` stacks the layers under ``nnx.scan`` (see :func:`smoa_jax.models._common.stack_layers`).
+  ``scan_layers`` stacks the layers under ``nnx.scan`` (see :func:`smoa_jax.models.blocks.stack_layers`).
   """
   cls = model_class(hf_config, num_labels)
   kwargs = {"num_labels": num_labels} if cls is BertForSequenceClassification else {}

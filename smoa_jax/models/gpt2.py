@@ -27,10 +27,10 @@ from flax import nnx
 from flax.typing import Dtype
 
 from smoa_jax.errors import ConfigError
-from smoa_jax.models._common import (HFModel, KeyMap, KeyRule, LayerFactory, ShardingRule,
-                                     activation, attention, hf_get, linear_rules,
-                                     make_attention_mask, norm_rules, scan_layers, stack_layers)
-from smoa_jax.sharding import constrain_batch
+from smoa_jax.models.base import HFModel, LayerFactory, ShardingRule, hf_get
+from smoa_jax.models.blocks import activation, attention, make_attention_mask, scan_layers, stack_layers
+from smoa_jax.models.keymap import KeyMap, KeyRule, linear_rules, norm_rules
+from smoa_jax.parallel.sharding import constrain_batch
 
 __all__ = ["GPT2LMHeadModel"]
 

@@ -18,7 +18,7 @@ Module paths mirror the HF state dict, so ``target_modules`` means what it means
 
 With ``scan_layers=True`` the layers are one stacked module run under ``nnx.scan``: paths lose the
 index and Params gain a leading layer axis (``model/layers/self_attn/q_proj`` kernel
-``(L, hidden, heads*head_dim)``). ``sharding_rules`` give the Megatron layout (:mod:`smoa_jax.spmd`).
+``(L, hidden, heads*head_dim)``). ``sharding_rules`` give the Megatron layout (:mod:`smoa_jax.parallel.spmd`).
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from flax import nnx
 from flax.typing import Dtype
 
 from smoa_jax.errors import ConfigError
-from smoa_jax.models._common import (HFModel, KeyMap, KeyRule, LayerFactory, ShardingRule,
-                                     activation, attention, hf_get, linear_rules,
-                                     make_attention_mask, norm_rules, scan_layers, stack_layers)
-from smoa_jax.sharding import constrain_batch
+from smoa_jax.models.base import HFModel, LayerFactory, ShardingRule, hf_get
+from smoa_jax.models.blocks import activation, attention, make_attention_mask, scan_layers, stack_layers
+from smoa_jax.models.keymap import KeyMap, KeyRule, linear_rules, norm_rules
+from smoa_jax.parallel.sharding import constrain_batch
 
 __all__ = [
     "DecoderSpec", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",

@@ -9,7 +9,7 @@ import torch
 import transformers
 from flax import nnx
 
-from smoa_jax.convert import from_hf, to_hf
+from smoa_jax.models.hf import from_hf, to_hf
 from smoa_jax.models import BertForSequenceClassification, BertModel
 from tests.hf_helpers import randomize
 

@@ -12,7 +12,7 @@ import transformers
 from flax import nnx
 from safetensors.torch import save_file
 
-from smoa_jax.convert import from_hf
+from smoa_jax.models.hf import from_hf
 from smoa_jax.models import GPT2LMHeadModel
 
 VOCAB, LENGTH = 91, 9

@@ -10,7 +10,7 @@ import transformers
 from flax import nnx
 
 import smoa_jax
-from smoa_jax.convert import from_hf
+from smoa_jax.models.hf import from_hf
 from smoa_jax.models import LlamaForCausalLM, Qwen3ForCausalLM
 from tests.hf_helpers import randomize
 from smoa_jax.models.llama import rope_inv_freq

@@ -6,9 +6,9 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import smoa_jax
-from smoa_jax import adapter_io
+from smoa_jax.io import portable as adapter_io
 from tests.reliability import probe, probe_cases
-from tests.test_adapter_io import TARGETS, _trained
+from tests.io.test_portable import TARGETS, _trained
 from tests.toy import ToyLM
 
 

@@ -10,10 +10,10 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 import smoa_jax
-from smoa_jax import convert
-from smoa_jax.convert import from_hf
+from smoa_jax.models import hf as convert
+from smoa_jax.models.hf import from_hf
 from tests.reliability import probe, probe_cases
-from tests.test_convert import copy_of, llama_dir  # noqa: F401 (a fixture)
+from tests.models.test_hf import copy_of, llama_dir  # noqa: F401 (a fixture)
 
 
 class _Payload:

@@ -2,10 +2,10 @@
 
 import pytest
 
-from smoa_jax import data
+from smoa_jax.training import data
 from smoa_jax.errors import DataError
 from tests.reliability import probe, probe_cases
-from tests.test_data import _write
+from tests.training.test_data import _write
 
 
 SITUATIONS = {

@@ -4,13 +4,13 @@ On GPUs, XLA's default reductions (e.g. scatter-add, some convolution and matmul
 may be non-deterministic; set ``XLA_FLAGS=--xla_gpu_deterministic_ops=true`` for reproducible
 runs at some speed cost. TPUs are deterministic for a fixed program and topology. Changing the
 mesh or the number of devices changes reduction orders, so results then match only to rounding
-(``tests/test_sharding.py`` checks 1e-5).
+(``tests/parallel/test_sharding.py`` checks 1e-5).
 """
 
 import numpy as np
 
 from tests.reliability import probe
-from tests.test_train import _adapter_arrays
+from tests.training.test_loop import _adapter_arrays
 from tests.toy import lm_run
 
 

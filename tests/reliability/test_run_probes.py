@@ -15,9 +15,9 @@ import pytest
 from flax import nnx
 
 import smoa_jax
-from smoa_jax import data as data_lib
+from smoa_jax.training import data as data_lib
 from tests.reliability import probe, probe_cases
-from tests.test_cli import files, finetune_argv, run_cli  # noqa: F401 (files is a fixture)
+from tests.app.test_cli import files, finetune_argv, run_cli  # noqa: F401 (files is a fixture)
 from tests.toy import ToyLM, lm_run, token_data
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,0 +1,201 @@
+"""What the sub-commands share: the parser type, flag groups, run defaults, and the helpers that
+load a model, its tokenizer, its data and a run's adapter with one clear error each."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from smoa_jax.errors import CheckpointError, ConfigError, SMoAError
+from smoa_jax.io import rundir
+
+PROG = "smoa-jax"
+METHODS = ("smoa", "lora", "hira", "full")
+TASKS = ("causal-lm", "classification")
+# The attention query/value projections of every supported family (Llama-like, BERT, GPT-2);
+# names a model does not have simply match nothing.
+DEFAULT_TARGETS = "q_proj,v_proj,query,value,c_attn"
+
+# Defaults of the flags that define a run (stored in run_config.json). argparse itself gets None,
+# so a value given on the command line can be told apart from a default: ``--resume`` takes
+# whatever is not given from the run, and refuses changes to what defines it.
+RUN_DEFAULTS: dict[str, Any] = {
+    "data": None, "eval_data": None, "task": "causal-lm", "num_labels": None, "method": "smoa",
+    "r": 8, "num_blocks": 2, "alpha": 16.0, "dropout": 0.0, "targets": DEFAULT_TARGETS,
+    "exclude": None, "steps": None, "epochs": None, "batch_size": 8, "grad_accum": 1,
+    "seq_len": 128, "lr": 1e-3, "warmup_steps": 0, "schedule": "cosine", "weight_decay": 0.0,
+    "seed": 0, "save_every": 100, "eval_every": None, "log_every": 10, "mesh": None,
+    "model": None, "dtype": "float32",
+}
+
+
+class UsageError(SMoAError):
+  """A command line that does not parse (unknown flag, missing argument, invalid value)."""
+
+
+class Parser(argparse.ArgumentParser):
+  """argparse that raises :class:`UsageError` instead of printing usage and exiting."""
+
+  def error(self, message: str):
+    raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+Command = Callable[[argparse.Namespace], int]
+# ``add(name, run, help)`` -> the sub-command's parser (see smoa_jax.app.cli.build_parser).
+AddCommand = Callable[[str, Command, str], Parser]
+
+
+# -- flags -----------------------------------------------------------------------------------------
+def run_flag(parser: Any, flag: str, help: str, **kwargs: Any) -> None:
+  """``parser.add_argument(flag)`` with its default from :data:`RUN_DEFAULTS` shown in the help."""
+  default = RUN_DEFAULTS[flag.lstrip("-").replace("-", "_")]
+  shown = "" if default is None else f" (default: {default})"
+  parser.add_argument(flag, default=None, help=help + shown, **kwargs)
+
+
+def positive_int(text: str) -> int:
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"{text} is not an integer >= 1")
+  return value
+
+
+def absolute_path(text: str) -> str:
+  return str(Path(text).expanduser().absolute())
+
+
+def add_adapter_flags(parser: argparse.ArgumentParser) -> None:
+  run_flag(parser, "--method", "adapter method", choices=METHODS)
+  run_flag(parser, "--r", "total adapter rank (SMoA splits it over the blocks)", type=positive_int)
+  run_flag(parser, "--num-blocks", "SMoA: number K of spectral blocks", type=positive_int)
+  run_flag(parser, "--alpha", "scale: the update is multiplied by alpha / r", type=float)
+  run_flag(parser, "--dropout", "dropout on the adapter path's input", type=float)
+  run_flag(parser, "--targets",
+           "comma-separated module names to adapt (last path components, e.g. "
+           "q_proj,k_proj,v_proj,up_proj,down_proj), or 're:REGEX' full-matched against paths")
+  run_flag(parser, "--exclude", "module names (or 're:REGEX') to leave alone")
+
+
+def add_model_flags(parser: argparse.ArgumentParser, default: str) -> None:
+  parser.add_argument("--model", type=absolute_path,
+                      help=f"Hugging Face model directory (config.json, weights, tokenizer); "
+                      f"{default}")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                      help="weight and compute dtype (default: the run's, else float32)")
+
+
+# -- output ----------------------------------------------------------------------------------------
+def console():
+  from rich.console import Console
+
+  return Console()
+
+
+def log(message: str) -> None:
+  print(f"{PROG}: {message}", file=sys.stderr)
+
+
+def one_line(text: Any) -> str:
+  return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+# -- configs, models, data -------------------------------------------------------------------------
+def patterns(text: str | None) -> tuple[str, ...] | str | None:
+  """``"q_proj,v_proj"`` -> names; ``"re:.*attn.*"`` -> a regex; None stays None."""
+  if text is None:
+    return None
+  if text.startswith("re:"):
+    return text[3:]
+  return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def adapter_config(flags: dict[str, Any]):
+  """The adapter config of resolved ``flags`` (method, r, num_blocks, alpha, dropout, targets)."""
+  import smoa_jax
+
+  common = {"target_modules": patterns(flags["targets"]),
+            "exclude_modules": patterns(flags["exclude"])}
+  method = flags["method"]
+  if method == "full":
+    return smoa_jax.FullFineTuneConfig(**common)
+  common |= {"r": flags["r"], "alpha": flags["alpha"], "dropout": flags["dropout"]}
+  if method == "smoa":
+    return smoa_jax.SMoAConfig(num_blocks=flags["num_blocks"], **common)
+  return {"lora": smoa_jax.LoRAConfig, "hira": smoa_jax.HiRAConfig}[method](**common)
+
+
+def load_tokenizer(model_dir: str):
+  """The tokenizer stored with the model (``AutoTokenizer``), with one clear error."""
+  import transformers
+
+  if not Path(model_dir).is_dir():
+    raise CheckpointError(f"model directory {model_dir} does not exist.")
+  try:
+    return transformers.AutoTokenizer.from_pretrained(model_dir)
+  except (OSError, ValueError, TypeError, KeyError) as err:
+    raise CheckpointError(f"cannot load a tokenizer from {model_dir} ({one_line(err)[:300]}); "
+                          "the model directory must hold its tokenizer files (tokenizer.json or "
+                          "vocab files, tokenizer_config.json).") from err
+
+
+def tokenized(path: str, task: str, tokenizer: Any, seq_len: int, num_labels: int | None,
+              what: str):
+  """Read, validate and tokenize a JSONL file; report truncated texts on stderr."""
+  from smoa_jax.training import data as data_lib
+
+  records = data_lib.read_jsonl(path, task, num_labels=num_labels)
+  tokens = data_lib.tokenize(records, tokenizer, seq_len, add_eos=task == "causal-lm")
+  if tokens.num_truncated:
+    log(f"{tokens.num_truncated} of {len(tokens)} {what} texts were truncated to --seq-len "
+        f"{seq_len} tokens")
+  return records, tokens
+
+
+def load_model(model_dir: str, task: str, num_labels: int | None, dtype: str | None,
+               seq_len: int | None = None, mesh: Any = None):
+  """``from_hf`` with the task's head; refuses a sequence length beyond the model's positions."""
+  import jax.numpy as jnp
+
+  import smoa_jax
+
+  model = smoa_jax.from_hf(model_dir, dtype=jnp.dtype(dtype or "float32"),
+                           num_labels=num_labels if task == "classification" else None, mesh=mesh)
+  config = model.hf_config
+  limit = config.get("max_position_embeddings") or config.get("n_positions")
+  if seq_len is not None and limit and seq_len > limit:
+    raise ConfigError(f"--seq-len {seq_len} exceeds the {limit} positions of {model_dir}; "
+                      f"use --seq-len {limit} or less.")
+  return model
+
+
+def task_of(name: str):
+  import smoa_jax
+
+  return smoa_jax.ClassificationTask() if name == "classification" else smoa_jax.CausalLMTask()
+
+
+def run_of(args: argparse.Namespace) -> dict[str, Any]:
+  """The ``--run`` directory's run config, or an empty one without ``--run``."""
+  return rundir.read_run(args.run) if args.run else {"flags": {}}
+
+
+def model_dir(args: argparse.Namespace, run: dict[str, Any]) -> str:
+  """``--model``, else the run's model directory."""
+  found = args.model or run["flags"].get("model")
+  if not found:
+    raise UsageError(f"{args.command} needs --model or --run (see '{PROG} {args.command} --help')")
+  return found
+
+
+def model_with_adapter(args: argparse.Namespace, run: dict[str, Any], task: str,
+                       num_labels: int | None, seq_len: int | None = None):
+  """``--model`` (default: the run's model), with the run's adapter when ``--run`` is given."""
+  import smoa_jax
+
+  dtype = args.dtype or run["flags"].get("dtype")
+  model = load_model(model_dir(args, run), task, num_labels, dtype, seq_len)
+  if args.run:
+    smoa_jax.load_adapter(model, Path(args.run) / rundir.ADAPTER_DIR)
+  return model

@@ -1,0 +1,42 @@
+"""``smoa-jax eval``: loss and perplexity or accuracy of a model (with a run's adapter) on a JSONL
+file, printed as one JSON object."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from smoa_jax.app.commands import common
+from smoa_jax.app.commands.common import RUN_DEFAULTS, TASKS, positive_int
+
+
+def register(add: common.AddCommand) -> None:
+  parser = add("eval", run, "print the loss and perplexity or accuracy of a model, with a run's "
+               "adapter, on a JSONL file, as one JSON object")
+  common.add_model_flags(parser, "default: the --run's model")
+  parser.add_argument("--run", type=common.absolute_path, metavar="RUN_DIR",
+                      help="apply this run's adapter")
+  parser.add_argument("--data", type=common.absolute_path, required=True, help="JSONL data")
+  parser.add_argument("--task", choices=TASKS, help="default: the run's, else causal-lm")
+  parser.add_argument("--seq-len", type=positive_int, help="default: the run's, else 128")
+  parser.add_argument("--num-labels", type=positive_int,
+                      help="classification: default: the run's, else the largest label + 1")
+  parser.add_argument("--batch-size", type=positive_int, default=16, help="(default: 16)")
+
+
+def run(args: argparse.Namespace) -> int:
+  """One JSON object with loss and perplexity or accuracy on stdout."""
+  import smoa_jax
+
+  run_config = common.run_of(args)
+  flags = run_config["flags"]
+  task = args.task or flags.get("task") or RUN_DEFAULTS["task"]
+  seq_len = args.seq_len or flags.get("seq_len") or RUN_DEFAULTS["seq_len"]
+  tokenizer = common.load_tokenizer(common.model_dir(args, run_config))
+  records, tokens = common.tokenized(args.data, task, tokenizer, seq_len,
+                                     args.num_labels or run_config.get("num_labels"), "evaluation")
+  model = common.model_with_adapter(args, run_config, task, records.num_labels, seq_len)
+  metrics = smoa_jax.evaluate(model, common.task_of(task), tokens.arrays,
+                              batch_size=args.batch_size)
+  print(json.dumps({**metrics, "num_examples": len(tokens)}))
+  return 0

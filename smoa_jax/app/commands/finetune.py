@@ -1,0 +1,233 @@
+"""``smoa-jax finetune``: train an adapter on a JSONL file into a run directory
+(:mod:`smoa_jax.io.rundir` describes what RUN_DIR receives)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+from smoa_jax.app.commands import common
+from smoa_jax.app.commands.common import TASKS, UsageError, positive_int, run_flag
+from smoa_jax.errors import ConfigError, DataError
+from smoa_jax.io import rundir
+
+# Flags that may differ when a run is resumed (everything else must match the run).
+RESUMABLE = ("steps", "epochs", "eval_data", "eval_every", "save_every", "log_every", "mesh")
+
+
+def register(add: common.AddCommand) -> None:
+  parser = add("finetune", run, "train an adapter on a JSONL file into RUN_DIR")
+  common.add_model_flags(parser, "required unless --resume")
+  parser.add_argument("--output", type=common.absolute_path, required=True, metavar="RUN_DIR",
+                      help="run directory (must be empty or absent unless --resume/--overwrite)")
+  state = parser.add_mutually_exclusive_group()
+  state.add_argument("--resume", action="store_true",
+                     help="continue the run in RUN_DIR from its latest checkpoint (flags default "
+                     "to the run's)")
+  state.add_argument("--overwrite", action="store_true", help="replace the run in RUN_DIR")
+  _add_data_flags(parser)
+  common.add_adapter_flags(parser)
+  _add_optimizer_flags(parser)
+  parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+  _add_host_flags(parser)
+
+
+def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+  run_flag(parser, "--data", "training data, JSONL: {\"text\": ...} for causal-lm, "
+           "{\"text\": ..., \"label\": 0..n-1} for classification", type=common.absolute_path)
+  run_flag(parser, "--eval-data", "evaluation data (JSONL)", type=common.absolute_path)
+  run_flag(parser, "--task", "what to train", choices=TASKS)
+  run_flag(parser, "--num-labels", "classification: number of classes (default: the largest "
+           "label + 1)", type=positive_int)
+  run_flag(parser, "--seq-len", "tokens per example; longer texts are truncated",
+           type=positive_int)
+
+
+def _add_optimizer_flags(parser: argparse.ArgumentParser) -> None:
+  length = parser.add_mutually_exclusive_group()
+  run_flag(length, "--steps", "optimizer steps", type=positive_int)
+  run_flag(length, "--epochs", "passes over the data (default 1 when --steps is not given)",
+           type=float)
+  run_flag(parser, "--batch-size", "examples per step", type=positive_int)
+  run_flag(parser, "--grad-accum", "micro-batches per step (must divide the batch size)",
+           type=positive_int)
+  run_flag(parser, "--lr", "peak learning rate (AdamW)", type=float)
+  run_flag(parser, "--warmup-steps", "linear warmup steps", type=int)
+  run_flag(parser, "--schedule", "learning-rate decay", choices=("cosine", "linear", "constant"))
+  run_flag(parser, "--weight-decay", "AdamW weight decay", type=float)
+  run_flag(parser, "--seed", "seed of adapter initialization, dropout and data order", type=int)
+  run_flag(parser, "--save-every", "checkpoint (and adapter) every N steps", type=positive_int)
+  run_flag(parser, "--eval-every", "evaluate every N steps (default: --save-every)",
+           type=positive_int)
+  run_flag(parser, "--log-every", "log training metrics every N steps", type=positive_int)
+
+
+def _add_host_flags(parser: argparse.ArgumentParser) -> None:
+  run_flag(parser, "--mesh", "device mesh, e.g. data=2,fsdp=1,tp=1 (default: no mesh)")
+  hosts = parser.add_argument_group("multi-host training (every process runs the same command)")
+  hosts.add_argument("--coordinator-address", metavar="HOST:PORT",
+                     help="address of process 0 for jax.distributed")
+  hosts.add_argument("--num-processes", type=positive_int, help="number of processes")
+  hosts.add_argument("--process-id", type=int, help="this process's index, 0..N-1")
+
+
+# -- the run ---------------------------------------------------------------------------------------
+def resolve_flags(args: argparse.Namespace, saved: dict[str, Any] | None) -> dict[str, Any]:
+  """Command line over the resumed run's flags over the defaults.
+
+  Resuming may change only the :data:`RESUMABLE` flags (how long, how often, where).
+  """
+  given = {k: v for k in common.RUN_DEFAULTS if (v := getattr(args, k)) is not None}
+  old = dict(saved["flags"]) if saved else {}
+  changed = [f"--{k.replace('_', '-')} {given[k]} (the run has {old.get(k)})"
+             for k in given if k in old and old[k] != given[k] and k not in RESUMABLE]
+  if changed:
+    raise ConfigError(f"--resume cannot change {', '.join(changed)}; omit these flags to continue "
+                      "the run as it was, or start a new run.")
+  if "steps" in given:
+    old.pop("epochs", None)
+  if "epochs" in given:
+    old.pop("steps", None)
+  flags = {**common.RUN_DEFAULTS, **old, **given}
+  if flags.get("steps") is None and flags.get("epochs") is None:
+    flags["epochs"] = 1.0
+  for required in ("model", "data"):
+    if not flags.get(required):
+      raise UsageError(f"finetune needs --{required} (see '{common.PROG} finetune --help')")
+  return flags
+
+
+def _train_config(flags: dict[str, Any], progress: bool):
+  import smoa_jax
+
+  return smoa_jax.TrainConfig(
+      steps=flags["steps"], epochs=flags["epochs"], batch_size=flags["batch_size"],
+      grad_accum_steps=flags["grad_accum"], learning_rate=flags["lr"],
+      warmup_steps=flags["warmup_steps"], schedule=flags["schedule"],
+      weight_decay=flags["weight_decay"], seed=flags["seed"], log_every=flags["log_every"],
+      eval_every=flags["eval_every"] or flags["save_every"], save_every=flags["save_every"],
+      progress=progress)
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(2**20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+  out = {"python": platform.python_version()}
+  for name in ("smoa-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
+               "transformers", "tokenizers"):
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      out[name] = "not installed"
+  return out
+
+
+def _data(flags: dict[str, Any], saved: dict[str, Any] | None):
+  """``(train tokens, eval tokens or None, num_labels, sha256 of the training file)``."""
+  from smoa_jax.training import data as data_lib
+
+  tokenizer = common.load_tokenizer(flags["model"])
+  task, seq_len = flags["task"], flags["seq_len"]
+  records, train = common.tokenized(flags["data"], task, tokenizer, seq_len,
+                                    flags["num_labels"] or (saved or {}).get("num_labels"),
+                                    "training")
+  data_lib.batches_per_epoch(len(train), flags["batch_size"])  # enough data for one batch?
+  digest = _sha256(flags["data"])
+  if saved and saved.get("data_sha256") not in (None, digest):
+    raise DataError(f"--resume: {flags['data']} changed since the run started; resuming would "
+                    "train on other data. Restore the file or start a new run.")
+  held_out = None
+  if flags["eval_data"] is not None:
+    _, held_out = common.tokenized(flags["eval_data"], task, tokenizer, seq_len,
+                                   records.num_labels, "evaluation")
+  return train, held_out, records.num_labels, digest
+
+
+def _model(flags: dict[str, Any], config: Any, num_labels: int | None, adapter_dir: Path,
+           resume: bool, mesh: Any = None):
+  """The model with fresh adapters (and a trainable head), or with the run's adapter on resume."""
+  from flax import nnx
+
+  import smoa_jax
+
+  model = common.load_model(flags["model"], flags["task"], num_labels, flags["dtype"],
+                            flags["seq_len"], mesh=mesh)
+  rngs = nnx.Rngs(params=flags["seed"], dropout=flags["seed"] + 1)
+  if resume:  # the layers, permutations and head come back without spectral recomputation
+    smoa_jax.load_adapter(model, adapter_dir, rngs=rngs)
+  else:
+    smoa_jax.apply_adapter(model, config, rngs=rngs)
+    if flags["task"] == "classification":
+      smoa_jax.mark_trainable(model, r"classifier/.*")
+  return model
+
+
+def _write_run_config(args: argparse.Namespace, output: Path, saved: dict[str, Any] | None,
+                      flags: dict[str, Any], config: Any, num_labels: int | None, digest: str,
+                      train_tokens: Any, eval_tokens: Any) -> None:
+  rundir.write_json(output / rundir.RUN_CONFIG, {
+      "command": "finetune", "argv": saved["argv"] if saved else args.argv, "flags": flags,
+      "num_labels": num_labels, "adapter_config": config.to_dict(), "data_sha256": digest,
+      "num_examples": {"train": len(train_tokens),
+                       "eval": len(eval_tokens) if eval_tokens is not None else 0},
+      "versions": _versions(), "resumed": saved["resumed"] + [args.argv] if saved else []})
+
+
+def run(args: argparse.Namespace) -> int:
+  """``smoa-jax finetune``: see :mod:`smoa_jax.io.rundir` for what RUN_DIR receives."""
+  from smoa_jax.parallel import sharding
+
+  output = Path(args.output)
+  saved = rundir.check_run_dir(output, resume=args.resume, overwrite=args.overwrite)
+  flags = resolve_flags(args, saved)
+  config = common.adapter_config(flags)  # every check that needs no data or model comes first
+  train_config = _train_config(flags, progress=not args.no_progress)
+  mesh_shape = sharding.parse_mesh(flags["mesh"]) if flags["mesh"] else None
+  # Before any JAX work: joins a multi-host job from the flags, the environment or the launcher
+  # (Slurm, Open MPI, Cloud TPU); a no-op on a single process.
+  sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+
+  import jax
+
+  import smoa_jax
+  from smoa_jax.app.analysis import plot_training_curves
+
+  train_tokens, eval_tokens, num_labels, digest = _data(flags, saved)
+  adapter_dir = output / rundir.ADAPTER_DIR
+  # On a mesh every tensor is loaded straight into its shard; no host holds the whole model.
+  mesh = sharding.make_mesh(**mesh_shape) if mesh_shape is not None else None
+  model = _model(flags, config, num_labels, adapter_dir, saved is not None, mesh)
+  writer = jax.process_index() == 0
+  if writer:
+    if args.overwrite:
+      rundir.clear_run_dir(output)
+    output.mkdir(parents=True, exist_ok=True)
+    _write_run_config(args, output, saved, flags, config, num_labels, digest, train_tokens,
+                      eval_tokens)
+  if not saved:  # every process gathers its shards; process 0 writes
+    smoa_jax.save_adapter(model, adapter_dir, config=config)
+
+  def on_save(step: int) -> None:
+    smoa_jax.save_adapter(model, adapter_dir, config=config)
+
+  result = smoa_jax.train(model, common.task_of(flags["task"]), train_tokens.arrays, train_config,
+                          eval_data=eval_tokens.arrays if eval_tokens is not None else None,
+                          output_dir=output, resume=saved is not None, on_save=on_save, mesh=mesh)
+  if writer:
+    records = [json.loads(line) for line in result.metrics_path.read_text().splitlines() if line]
+    plot_training_curves({output.name: records}, output / rundir.LOSS_PLOT,
+                         title=f"{flags['method']} on {Path(flags['data']).name}")
+  print(json.dumps({"step": result.step, "train": result.train_metrics,
+                    "eval": result.eval_metrics, "run": str(output)}))
+  return 0

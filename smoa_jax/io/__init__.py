@@ -1,0 +1,2 @@
+"""Files: atomic writes, the adapter file formats (portable, the authors', PEFT) and the orbax
+training state."""

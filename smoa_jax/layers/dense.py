@@ -1,0 +1,356 @@
+"""Flax NNX layers: ``SMoADense`` (and the ``LoRADense`` / ``HiRADense`` baselines).
+
+Each is a drop-in for ``nnx.Linear``: the frozen weights keep the paths ``kernel`` ``(in, out)``
+and ``bias`` ``(out,)``, so checkpoints and sharding rules written for ``nnx.Linear`` still apply.
+The adapter adds:
+
+* ``lora_a``, ``lora_b`` -- trainable, of type :class:`SMoAParam` (a subclass of
+  ``nnx.LoRAParam``): ``nnx.Optimizer(model, tx, wrt=smoa_jax.SMoAParam)`` trains only them;
+* ``in_perm``, ``out_perm`` -- SMoA only, of type :class:`SpectralIndex`: the spectral
+  permutations, non-trainable state that is saved with the adapter.
+
+The math lives in :mod:`smoa_jax.core.ops`; these classes only hold state and pick the path
+(folded when the adapter's dropout is inactive, unfolded otherwise).
+
+Sharding: when the kernel carries ``out_sharding`` metadata, the factors inherit its in/out mesh
+axes (:func:`factor_specs`) and the permutations are replicated; on a kernel laid out on a mesh
+they are created there (:func:`shard_like_kernel`). A stacked kernel ``(L, in, out)`` (scanned
+layers, :mod:`smoa_jax.layers.stacked`) gives stacked factors; the methods below then map over L.
+
+Example::
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import smoa_jax
+    >>> linear = nnx.Linear(16, 24, rngs=nnx.Rngs(0))
+    >>> layer = smoa_jax.SMoADense.from_linear(
+    ...     linear, smoa_jax.SMoAConfig(r=4, num_blocks=2, alpha=8), rngs=nnx.Rngs(1))
+    >>> y = layer(jnp.ones((3, 16)))          # == linear(x) at step 0 (b = 0)
+    >>> layer.delta_weight().shape
+    (16, 24)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, ClassVar, Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import dtypes, initializers
+from flax.typing import Dtype, Initializer, PrecisionLike
+
+from smoa_jax.core import ops
+from smoa_jax.parallel import sharding
+from smoa_jax.core.config import AdapterConfig, HiRAConfig, LoRAConfig, SMoAConfig
+from smoa_jax.errors import ConfigError, KernelError
+from smoa_jax.core.spectral import SpectralBlocks, spectral_blocks
+
+__all__ = [
+    "SMoAParam",
+    "SpectralIndex",
+    "AdaptedDense",
+    "SMoADense",
+    "HiRADense",
+    "LoRADense",
+    "adapter_class",
+    "factor_specs",
+    "shard_like_kernel",
+]
+
+default_kernel_init = initializers.lecun_normal()
+
+
+class SMoAParam(nnx.LoRAParam):
+  """Variable type of every trainable adapter array (and of fully fine-tuned kernels)."""
+
+
+class SpectralIndex(nnx.Variable):
+  """Non-trainable int32 permutation of a kernel's coordinates (spectral order)."""
+
+
+def factor_specs(kernel_spec: tuple[Any, ...], a_ndim: int) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+  """``(lora_a, lora_b)`` specs from the kernel's ``(..., in, out)`` spec.
+
+  The factors inherit the kernel's in/out mesh axes and any leading (stacked layer) axes; block
+  and rank axes are replicated. SMoA / HiRA: ``a (..., K, max_in, max_r) -> (..., None, in, None)``
+  and ``b (..., K, max_r, max_out) -> (..., None, None, out)``; LoRA: ``a (..., in, r) -> (..., in,
+  None)`` and ``b (..., r, out) -> (..., None, out)``.
+  """
+  *lead, in_axis, out_axis = kernel_spec
+  if a_ndim - len(lead) == 3:
+    return (*lead, None, in_axis, None), (*lead, None, None, out_axis)
+  return (*lead, in_axis, None), (*lead, None, out_axis)
+
+
+def shard_like_kernel(kernel: nnx.Variable, value: jax.Array,
+                      spec: tuple[Any, ...] | None) -> tuple[jax.Array, dict[str, Any]]:
+  """A new array of the layer sharded like its kernel: ``(value, Variable metadata)``.
+
+  Only when the kernel carries ``out_sharding`` metadata. ``spec`` falls back to replication on
+  axes that do not divide the mesh (``sharding.fit_spec``); when the kernel is laid out on a mesh
+  and not eagerly sharded by Flax, the value is placed on that mesh.
+  """
+  kernel_spec = kernel.get_metadata("out_sharding", None)
+  if kernel_spec is None or len(kernel_spec) != len(kernel.shape):
+    return value, {}
+  eager = kernel.get_metadata("eager_sharding", True)
+  mesh = sharding.mesh_of(kernel.get_value())
+  context = jax.sharding.get_abstract_mesh()
+  fit_mesh = mesh if mesh is not None else (None if context.empty else context)
+  if fit_mesh is not None:
+    spec = sharding.fit_spec(spec, value.shape, fit_mesh)
+  if mesh is not None and not eager:
+    value = sharding.place(value, sharding.named(mesh, spec))
+  return value, {"out_sharding": tuple(spec), "eager_sharding": eager}
+
+
+class AdaptedDense(nnx.Module):
+  """``nnx.Linear`` plus a trainable low-rank update; see the module docstring.
+
+  Args:
+    in_features, out_features: kernel shape ``(in, out)``.
+    config: the adapter config; its class must match the layer class.
+    use_bias, dtype, param_dtype, precision, kernel_init, bias_init: as in ``nnx.Linear``.
+    rngs: ``params`` initializes the factors (and new weights); ``dropout`` drives adapter dropout.
+    kernel, bias: existing frozen weights (arrays or ``nnx.Param``; a Variable is reused as is,
+      metadata included) instead of freshly initialized ones.
+    blocks: precomputed spectral blocks for ``kernel`` (SMoA), e.g. from a saved adapter.
+  """
+
+  config_type: ClassVar[type[AdapterConfig]] = AdapterConfig
+
+  def __init__(
+      self,
+      in_features: int,
+      out_features: int,
+      config: AdapterConfig,
+      *,
+      use_bias: bool = True,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+      precision: PrecisionLike = None,
+      kernel_init: Initializer = default_kernel_init,
+      bias_init: Initializer = initializers.zeros_init(),
+      rngs: nnx.Rngs,
+      kernel: nnx.Param | jax.Array | None = None,
+      bias: nnx.Param | jax.Array | None = None,
+      blocks: SpectralBlocks | None = None,
+  ):
+    if not isinstance(config, self.config_type):
+      raise ConfigError(f"{type(self).__name__} needs a {self.config_type.__name__}, got "
+                        f"{type(config).__name__}; use smoa_jax.adapter_class(config) to pick the layer.")
+    config.check_layer(in_features, out_features, type(self).__name__)
+    if kernel is None:
+      kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
+    self.kernel = kernel if isinstance(kernel, nnx.Variable) else nnx.Param(jnp.asarray(kernel))
+    if tuple(self.kernel.shape) != (in_features, out_features):
+      raise KernelError(f"kernel has shape {tuple(self.kernel.shape)}, expected (in, out) = "
+                        f"{(in_features, out_features)}.")
+    if use_bias and bias is None:
+      bias = bias_init(rngs.params(), (out_features,), param_dtype)
+    if use_bias:
+      self.bias = bias if isinstance(bias, nnx.Variable) else nnx.Param(jnp.asarray(bias))
+    else:
+      self.bias = nnx.data(None)
+    self.in_features = in_features
+    self.out_features = out_features
+    self.use_bias = use_bias
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.precision = precision
+    self.config = config
+    self.merged = False
+    self.disabled = False
+    self.op = self._make_op(blocks)
+    a, b = self.op.init_factors(rngs.params(), config.param_dtype)
+    kernel_spec = self.kernel.get_metadata("out_sharding", None)
+    a_spec, b_spec = factor_specs(kernel_spec, a.ndim) if kernel_spec else (None, None)
+    a, a_meta = shard_like_kernel(self.kernel, a, a_spec)
+    b, b_meta = shard_like_kernel(self.kernel, b, b_spec)
+    self.lora_a = SMoAParam(a, **a_meta)
+    self.lora_b = SMoAParam(b, **b_meta)
+    self.dropout = nnx.Dropout(config.dropout, rngs=rngs if config.dropout > 0 else None)
+
+  def _make_op(self, blocks: SpectralBlocks | None) -> ops.SMoAOp | ops.LoRAOp:
+    del blocks
+    return ops.make_op(self.config, self.in_features, self.out_features)
+
+  def _perms(self) -> ops.Perms:
+    return None
+
+  @classmethod
+  def from_linear(cls, linear: nnx.Linear, config: AdapterConfig, *, rngs: nnx.Rngs,
+                  blocks: SpectralBlocks | None = None) -> "AdaptedDense":
+    """Adapt an existing ``nnx.Linear``: its ``kernel``/``bias`` Variables are reused, not copied."""
+    if not hasattr(linear, "kernel") or len(getattr(linear.kernel, "shape", ())) != 2:
+      raise KernelError(f"from_linear needs an nnx.Linear-like layer with a 2-D kernel, got "
+                        f"{type(linear).__name__}.")
+    in_features, out_features = linear.kernel.shape
+    bias = getattr(linear, "bias", None)
+    return cls(in_features, out_features, config, use_bias=bias is not None,
+               dtype=getattr(linear, "dtype", None),
+               param_dtype=getattr(linear, "param_dtype", linear.kernel.dtype),
+               precision=getattr(linear, "precision", None), rngs=rngs, kernel=linear.kernel,
+               bias=bias, blocks=blocks)
+
+  # -- math -------------------------------------------------------------------------------------
+  @property
+  def num_layers(self) -> int | None:
+    """L for a stacked layer (``kernel (L, in, out)``, see :mod:`smoa_jax.layers.stacked`), else None."""
+    return self.kernel.shape[0] if len(self.kernel.shape) == 3 else None
+
+  def _layerwise(self, fn: Callable[..., jax.Array], *args: Any) -> jax.Array:
+    """``fn`` on one layer's arrays, mapped over the leading layer axis of a stacked layer."""
+    return fn(*args) if self.num_layers is None else jax.vmap(fn)(*args)
+
+  def base_kernel(self) -> jax.Array:
+    """The pristine frozen kernel ``W`` (recovered exactly-up-to-rounding when merged)."""
+    kernel = self.kernel[...]
+    if self.merged:
+      return self._layerwise(self.op.unmerged_kernel, kernel, self.lora_a[...], self.lora_b[...],
+                             self._perms())
+    return kernel
+
+  def delta_weight(self) -> jax.Array:
+    """The dense update ``dW (in, out)`` (adapter dtype); zero outside SMoA's K blocks."""
+    return self._layerwise(self.op.delta, self.base_kernel(), self.lora_a[...], self.lora_b[...],
+                           self._perms())
+
+  @property
+  def num_trainable_params(self) -> int:
+    """Trainable adapter parameters, padding excluded (all layers of a stacked layer)."""
+    per_layer = (self.op.layout.num_params if isinstance(self.op, ops.SMoAOp)
+                 else self.op.num_params)
+    return per_layer * (self.num_layers or 1)
+
+  def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
+               rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
+    """``y = x @ W + bias + dropout(x) @ dW`` for ``inputs (..., in)`` -> ``(..., out)``."""
+    kernel = self.kernel[...]
+    bias = self.bias[...] if self.bias is not None else None
+    x, kernel, bias = dtypes.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+    if self.merged and self.disabled:
+      y = jnp.matmul(x, self.base_kernel().astype(x.dtype), precision=self.precision)
+    elif self.merged or self.disabled:
+      y = jnp.matmul(x, kernel, precision=self.precision)
+    else:
+      drop = self.config.dropout > 0 and not (
+          deterministic if deterministic is not None else self.dropout.deterministic)
+      x_adapter = self.dropout(x, deterministic=False, rngs=rngs) if drop else None
+      y = self.op.apply(x, x_adapter, kernel, self.lora_a[...], self.lora_b[...], self._perms(),
+                        self.precision)
+    if bias is not None:
+      y = y + bias
+    return y
+
+  # -- merge ------------------------------------------------------------------------------------
+  def merge(self) -> None:
+    """Fold dW into the kernel (float32 sum, cast back); the forward then costs a plain matmul."""
+    if self.merged:
+      return
+    a, b = self.lora_a[...], self.lora_b[...]
+    if isinstance(self.op, ops.SMoAOp):
+      factor = self._layerwise(self.op.modulation, a, b, self._perms())
+      if bool(jnp.any(jnp.abs(factor) < 1e-6)):
+        raise ConfigError(
+            f"cannot merge {type(self).__name__}: some entries of 1 + (alpha/r) a_k b_k are ~0, so "
+            "W could not be recovered by unmerge. Use merge_and_unload (which never unmerges) or "
+            "keep the layer unmerged.")
+    self.kernel[...] = self._layerwise(self.op.merged_kernel, self.kernel[...], a, b, self._perms())
+    self.merged = True
+
+  def unmerge(self) -> None:
+    """Undo :meth:`merge` (W is recovered up to float rounding)."""
+    if not self.merged:
+      return
+    self.kernel[...] = self.base_kernel()
+    self.merged = False
+
+  def folded_kernel(self) -> jax.Array:
+    """``W + dW`` in the kernel's dtype (summed in float32), without changing the layer."""
+    if self.merged:
+      return self.kernel[...]
+    return self._layerwise(self.op.merged_kernel, self.kernel[...], self.lora_a[...],
+                           self.lora_b[...], self._perms())
+
+  def to_linear(self) -> nnx.Linear:
+    """A plain ``nnx.Linear`` holding ``W + dW`` (the adapter folded in)."""
+    kernel = self.folded_kernel()
+    bias = self.bias[...] if self.use_bias else None
+    metadata = self.kernel.get_metadata()
+    bias_metadata = self.bias.get_metadata() if self.use_bias else {}
+    linear = nnx.Linear(
+        self.in_features, self.out_features, use_bias=self.use_bias, dtype=self.dtype,
+        param_dtype=kernel.dtype, precision=self.precision, rngs=nnx.Rngs(0),
+        kernel_init=lambda *_: kernel, bias_init=lambda *_: bias,
+        kernel_metadata=metadata, bias_metadata=bias_metadata)
+    return linear
+
+  @contextlib.contextmanager
+  def disable(self) -> Iterator[None]:
+    """Within the block the layer computes the base ``x @ W + bias``; restores the prior state."""
+    previous = self.disabled
+    self.disabled = True
+    try:
+      yield
+    finally:
+      self.disabled = previous
+
+
+class SMoADense(AdaptedDense):
+  """SMoA layer: K spectral blocks, ``dW_k = (alpha/r)(a_k b_k) * W_k`` (see :mod:`smoa_jax.core.ops`).
+
+  ``lora_a`` is ``(K, max|C_k|, max r_k)`` and ``lora_b`` ``(K, max r_k, max|R_k|)``, stacked and
+  zero-padded; ``in_perm``/``out_perm`` hold the spectral order, computed from the kernel at
+  construction unless ``blocks`` is given.
+  """
+
+  config_type = SMoAConfig
+
+  def _make_op(self, blocks: SpectralBlocks | None) -> ops.SMoAOp:
+    if blocks is None:
+      blocks = spectral_blocks(self.kernel[...], self.config.num_blocks,
+                               method=self.config.spectral_method)
+    in_perm, meta = shard_like_kernel(self.kernel, jnp.asarray(blocks.in_perm, jnp.int32), (None,))
+    self.in_perm = SpectralIndex(in_perm, **meta)
+    out_perm, meta = shard_like_kernel(self.kernel, jnp.asarray(blocks.out_perm, jnp.int32), (None,))
+    self.out_perm = SpectralIndex(out_perm, **meta)
+    return ops.make_op(self.config, self.in_features, self.out_features, blocks)
+
+  def _perms(self) -> ops.Perms:
+    return self.in_perm[...], self.out_perm[...]
+
+  @property
+  def blocks(self) -> SpectralBlocks:
+    """The layer's :class:`SpectralBlocks` (permutations and block sizes)."""
+    layout = self.op.layout
+    return SpectralBlocks(self.in_perm[...], self.out_perm[...], layout.in_sizes, layout.out_sizes)
+
+
+class HiRADense(AdaptedDense):
+  """HiRA baseline: ``dW = (alpha/r)(a @ b) * W`` over the whole kernel (SMoA's op, K=1, no permutation).
+
+  ``lora_a`` is ``(1, in, r)`` and ``lora_b`` ``(1, r, out)``.
+  """
+
+  config_type = HiRAConfig
+
+
+class LoRADense(AdaptedDense):
+  """LoRA baseline: ``dW = (alpha/r) a @ b`` with ``lora_a (in, r)`` and ``lora_b (r, out)``."""
+
+  config_type = LoRAConfig
+
+
+_LAYERS: dict[str, type[AdaptedDense]] = {"smoa": SMoADense, "hira": HiRADense, "lora": LoRADense}
+
+
+def adapter_class(config: AdapterConfig) -> type[AdaptedDense]:
+  """The NNX layer class for a config (``SMoAConfig`` -> ``SMoADense``, ...)."""
+  try:
+    return _LAYERS[config.method]
+  except KeyError:
+    raise ConfigError(f"{type(config).__name__} has no adapter layer; expected SMoAConfig, "
+                      "LoRAConfig or HiRAConfig.") from None

@@ -1,0 +1,100 @@
+"""The base of every model family: :class:`HFModel` (config, key map, sharding rules), config
+reading (:func:`hf_get`) and the :class:`LayerFactory` that builds HF-initialized layers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, ClassVar, Mapping
+
+from flax import nnx
+from flax.typing import Dtype
+
+from smoa_jax.errors import ConfigError
+from smoa_jax.models.keymap import KeyMap
+
+__all__ = ["ShardingRule", "hf_get", "HFModel", "LayerFactory"]
+
+# (regex over a Variable path, mesh axis or None per array axis); see smoa_jax.parallel.spmd.
+ShardingRule = tuple[str, tuple[str | None, ...]]
+
+_REQUIRED = object()
+
+
+def hf_get(config: Mapping[str, Any], *names: str, default: Any = _REQUIRED) -> Any:
+  """The first of ``names`` present (and not None) in an HF config; raise if none and no default."""
+  for name in names:
+    if config.get(name) is not None:
+      return config[name]
+  if default is _REQUIRED:
+    raise ConfigError(f"the Hugging Face config has no {' / '.join(names)!s}; expected an integer "
+                      "field of that name in config.json.")
+  return default
+
+
+class HFModel(nnx.Module):
+  """Base of every model family: keeps the HF config and knows its key map.
+
+  Subclasses set ``architecture`` (the HF class name written to ``config.json``) and
+  ``sharding_rules`` (Megatron-style partitioning, :mod:`smoa_jax.parallel.spmd`) and implement
+  :meth:`key_map`. ``scan_layers`` is True when the layers are stacked (:func:`stack_layers`).
+  ``hf_config`` is a copy of the Hugging Face config dict (stored as JSON so the module stays
+  hashable under ``nnx.jit``); ``source_dir`` is the directory the weights came from (set by
+  :func:`smoa_jax.from_hf`) so an export can copy its tokenizer files.
+  """
+
+  architecture: ClassVar[str] = ""
+  sharding_rules: ClassVar[tuple[ShardingRule, ...]] = ()
+  scan_layers: bool = False
+
+  def _set_hf_config(self, hf_config: Mapping[str, Any] | Any) -> dict[str, Any]:
+    """Store the config (a dict or a ``transformers`` config object); returns it as a dict."""
+    if hasattr(hf_config, "to_dict"):
+      hf_config = hf_config.to_dict()
+    config = json.loads(json.dumps(dict(hf_config), default=str))
+    config["architectures"] = [self.architecture]
+    self._hf_config_json = json.dumps(config, sort_keys=True)
+    self.source_dir: str | None = None
+    return config
+
+  @property
+  def hf_config(self) -> dict[str, Any]:
+    """A fresh copy of the Hugging Face config dict (editing it does not change the model)."""
+    return json.loads(self._hf_config_json)
+
+  def key_map(self) -> KeyMap:
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerFactory:
+  """Builds the ``nnx`` layers of one model with shared dtypes and HF-style initialization.
+
+  ``dtype`` is the compute dtype (None: from the inputs and params), ``param_dtype`` the storage
+  dtype; weights are ``normal(std)`` like Hugging Face's ``initializer_range``, biases zero and
+  norm scales one.
+  """
+
+  dtype: Dtype | None
+  param_dtype: Dtype
+  std: float
+  rngs: nnx.Rngs
+
+  def linear(self, in_features: int, out_features: int, use_bias: bool) -> nnx.Linear:
+    """``nnx.Linear`` with ``kernel (in, out)``."""
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=self.dtype,
+                      param_dtype=self.param_dtype, kernel_init=nnx.initializers.normal(self.std),
+                      rngs=self.rngs)
+
+  def embed(self, num_embeddings: int, features: int) -> nnx.Embed:
+    """``nnx.Embed`` with ``embedding (num, features)``."""
+    return nnx.Embed(num_embeddings, features, dtype=self.dtype, param_dtype=self.param_dtype,
+                     embedding_init=nnx.initializers.normal(self.std), rngs=self.rngs)
+
+  def rms_norm(self, features: int, eps: float) -> nnx.RMSNorm:
+    return nnx.RMSNorm(features, epsilon=eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                       rngs=self.rngs)
+
+  def layer_norm(self, features: int, eps: float) -> nnx.LayerNorm:
+    return nnx.LayerNorm(features, epsilon=eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                         use_fast_variance=False, rngs=self.rngs)

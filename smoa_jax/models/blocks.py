@@ -1,0 +1,97 @@
+"""Building blocks shared by the model families: activations, attention masks and attention,
+and stacked (scanned) layers."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from smoa_jax.errors import ConfigError
+
+__all__ = ["activation", "make_attention_mask", "attention", "stack_layers", "scan_layers"]
+
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "tanh": jnp.tanh,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  """The activation an HF config names (``hidden_act`` / ``activation_function``)."""
+  try:
+    return _ACTIVATIONS[name]
+  except KeyError:
+    raise ConfigError(f"activation {name!r} is not supported; expected one of "
+                      f"{sorted(_ACTIVATIONS)}.") from None
+
+
+def make_attention_mask(attention_mask: jax.Array | None, query_len: int, *, causal: bool,
+                        sliding_window: int | None = None) -> jax.Array | None:
+  """Boolean mask ``(B | 1, 1, T, S)``, True where a query may attend a key (``S == T``).
+
+  ``attention_mask (B, S)`` holds 1 for real tokens and 0 for padding (HF convention). Causal:
+  key ``s <= t``; with ``sliding_window`` w also ``t - s < w`` (HF's sliding-window rule).
+  """
+  mask = None
+  if causal:
+    t = jnp.arange(query_len)[:, None]
+    s = jnp.arange(query_len)[None, :]
+    mask = s <= t
+    if sliding_window is not None:
+      mask = mask & (t - s < sliding_window)
+    mask = mask[None, None]
+  if attention_mask is not None:
+    pad = jnp.asarray(attention_mask).astype(bool)[:, None, None, :]
+    mask = pad if mask is None else mask & pad
+  return mask
+
+
+def attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None,
+              scale: float) -> jax.Array:
+  """Softmax attention with grouped KV heads, softmax in float32.
+
+  ``query (B, T, N, D)``, ``key``/``value (B, S, K, D)`` with ``N % K == 0`` (GQA: query head
+  ``n`` reads KV head ``n // (N // K)``, as HF's ``repeat_kv``), ``mask`` boolean broadcastable
+  to ``(B, N, T, S)`` -> ``(B, T, N, D)``. A query with no visible key gets the mean of the values
+  instead of NaN.
+  """
+  return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale)
+
+
+# -- stacked (scanned) layers ----------------------------------------------------------------------
+def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
+                 rngs: nnx.Rngs) -> nnx.Module:
+  """``num_layers`` layers as ONE module whose Variables carry a leading layer axis ``(L, ...)``.
+
+  Built under ``nnx.vmap`` with split rngs (every layer initialized differently) and run by
+  :func:`scan_layers`: the layer body is traced and compiled once instead of L times.
+  """
+  @nnx.split_rngs(splits=num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=num_layers)
+  def build(layer_rngs: nnx.Rngs) -> nnx.Module:
+    return make_layer(layer_rngs)
+
+  return build(rngs)
+
+
+def scan_layers(step: Callable[[nnx.Module, jax.Array, Any], jax.Array], layers: nnx.Module,
+                x: jax.Array, per_layer: Any = None) -> jax.Array:
+  """``x = step(layer_i, x, per_layer[i])`` for i = 0..L-1 under ``nnx.scan``.
+
+  ``layers`` is a stacked module (:func:`stack_layers`); ``per_layer`` a pytree of arrays with a
+  leading ``L`` axis (or None); ``x`` the carry, e.g. hidden states ``(B, T, hidden)``.
+  """
+  @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry)
+  def body(carry: jax.Array, layer: nnx.Module, item: Any) -> jax.Array:
+    return step(layer, carry, item)
+
+  return body(x, layers, per_layer)

@@ -1,0 +1,1 @@
+"""The training loop, its tasks and its data (JSONL reading, tokenization, batches)."""

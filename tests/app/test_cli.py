@@ -1,0 +1,394 @@
+"""End-to-end tests of the ``smoa-jax`` command (smoa_jax/app/cli.py) on tiny random HF models.
+
+The models are built here with transformers (a two-layer Llama and a two-layer BERT, each with a
+word-level tokenizer trained on the generated text, ``examples/hf_finetune.py``) and the data are
+generated JSONL files. Most tests call ``cli.main(argv)`` in-process; the console script and
+``python -m smoa_jax`` run as real subprocesses, and so does the run killed for the resume test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file
+
+import smoa_jax
+from examples.hf_finetune import tiny_llama, word_tokenizer
+from smoa_jax.app import assets
+from smoa_jax.app import cli
+from smoa_jax.app.commands import common
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = "the a cat dog bird sat ran flew on over under mat hill tree and then".split()
+MOODS = ("bad awful dull poor", "good great lovely fine")  # label 0, label 1
+
+
+def sentences(count: int, seed: int) -> list[tuple[str, int]]:
+  """``(text, label)``: random words with one mood word that decides the label."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(count):
+    label = int(rng.integers(2))
+    words = list(rng.choice(WORDS, size=int(rng.integers(4, 9))))
+    words.insert(int(rng.integers(len(words) + 1)), rng.choice(MOODS[label].split()))
+    out.append((" ".join(words), label))
+  return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+  path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+  return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+  """Tiny Llama and BERT directories and train/eval JSONL files for both tasks."""
+  root = tmp_path_factory.mktemp("cli")
+  train, held_out = sentences(48, seed=0), sentences(16, seed=1)
+  texts = [t for t, _ in train + held_out]
+  tiny_llama(root / "llama", texts)
+  tokenizer = word_tokenizer(texts, root / "bert")
+  config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, intermediate_size=37,
+                                   max_position_embeddings=64, pad_token_id=0)
+  torch.manual_seed(0)
+  transformers.BertModel(config).save_pretrained(root / "bert")
+  return {
+      "llama": root / "llama", "bert": root / "bert",
+      "lm_train": write_jsonl(root / "lm_train.jsonl", [{"text": t} for t, _ in train]),
+      "lm_eval": write_jsonl(root / "lm_eval.jsonl", [{"text": t} for t, _ in held_out]),
+      "cls_train": write_jsonl(root / "cls_train.jsonl",
+                               [{"text": t, "label": y} for t, y in train]),
+      "cls_eval": write_jsonl(root / "cls_eval.jsonl",
+                              [{"text": t, "label": y} for t, y in held_out]),
+  }
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+  code = cli.main([str(a) for a in argv])
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def finetune_argv(files, run: Path, task: str = "causal-lm", *extra) -> list:
+  data = ("lm_train", "lm_eval") if task == "causal-lm" else ("cls_train", "cls_eval")
+  model = files["llama"] if task == "causal-lm" else files["bert"]
+  return ["finetune", "--model", model, "--data", files[data[0]], "--eval-data", files[data[1]],
+          "--task", task, "--output", run, "--r", 4, "--steps", 4, "--batch-size", 8,
+          "--seq-len", 16, "--save-every", 2, "--log-every", 1, "--lr", 1e-2, "--no-progress",
+          *extra]
+
+
+LM_RUN_EXTRA = ("--targets", "q_proj,v_proj,up_proj")
+
+
+@pytest.fixture(scope="module")
+def lm_run(files, tmp_path_factory) -> Path:
+  """A finished SMoA causal-LM run (4 steps, checkpoints at 2 and 4, evaluated); read-only."""
+  run = tmp_path_factory.mktemp("lm") / "run"
+  assert cli.main([str(a) for a in finetune_argv(files, run, "causal-lm", *LM_RUN_EXTRA)]) == 0
+  return run
+
+
+def adapter_tensors(run: Path) -> dict[str, np.ndarray]:
+  return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def ours_with_adapter(model_dir: Path, run: Path, num_labels: int | None = None):
+  with warnings.catch_warnings():  # a fresh classification head, overwritten by the adapter
+    warnings.simplefilter("ignore")
+    model = smoa_jax.from_hf(model_dir, num_labels=num_labels)
+  smoa_jax.load_adapter(model, run / "adapter")
+  return model
+
+
+# -- the main path ---------------------------------------------------------------------------------
+def test_causal_lm_finetune_eval_export_and_reload_in_transformers(lm_run, files, tmp_path,
+                                                                 capsys):
+  run = lm_run
+  assert {p.name for p in run.iterdir()} >= {"adapter", "checkpoints", "metrics.jsonl",
+                                             "run_config.json", "loss.png"}
+  assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+  records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
+  assert [r["step"] for r in records if r["split"] == "eval"] == [2, 4]
+  assert all(np.isfinite(r["loss"]) for r in records)
+  config = json.loads((run / "run_config.json").read_text())
+  assert config["flags"]["r"] == 4 and config["flags"]["model"] == str(files["llama"])
+  assert config["flags"]["data"] == str(files["lm_train"]) and config["versions"]["jax"]
+  assert config["adapter_config"]["target_modules"] == ["q_proj", "v_proj", "up_proj"]
+  assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+
+  code, out, err = run_cli(capsys, "eval", "--run", run, "--data", files["lm_eval"])
+  assert code == 0, err
+  metrics = json.loads(out)  # exactly one JSON object on stdout
+  assert metrics["perplexity"] == pytest.approx(np.exp(metrics["loss"]), rel=1e-6)
+  assert metrics["loss"] == pytest.approx(records[-1]["loss"], rel=1e-5)  # the run's last eval
+
+  code, out, err = run_cli(capsys, "export", "--run", run, "--output", tmp_path / "merged")
+  assert code == 0, err
+  hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+  ids = np.array([[2, 5, 9, 11, 4, 7, 3]])
+  with torch.no_grad():
+    theirs = hf(torch.tensor(ids)).logits.numpy()
+  ours = np.asarray(ours_with_adapter(files["llama"], run)(ids))
+  np.testing.assert_allclose(ours, theirs, atol=1e-4)
+  assert transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")("the cat")["input_ids"]
+
+  code, _, err = run_cli(capsys, "export", "--run", run, "--output", tmp_path / "portable",
+                         "--adapter-only")
+  assert code == 0, err
+  for name in ("adapter_config.json", "adapter_model.safetensors"):
+    assert (tmp_path / "portable" / name).read_bytes() == (run / "adapter" / name).read_bytes()
+
+
+def test_classification_finetune_eval_export_and_reload_in_transformers(files, tmp_path, capsys):
+  run = tmp_path / "run"
+  code, out, err = run_cli(capsys, *finetune_argv(files, run, "classification"))
+  assert code == 0, err
+  summary = json.loads(out.strip().splitlines()[-1])  # after the adapter table
+  assert summary["step"] == 4 and set(summary["eval"]) == {"loss", "accuracy"}
+  assert "freshly initialized" in err  # the new head is reported as a one-line warning
+  assert "smoa-jax: warning:" in err
+  config = json.loads((run / "run_config.json").read_text())
+  assert config["num_labels"] == 2
+  assert config["adapter_config"]["target_modules"] == common.DEFAULT_TARGETS.split(",")
+  assert "base_model.model.classifier.kernel" in adapter_tensors(run)  # the trained head
+
+  code, out, err = run_cli(capsys, "eval", "--run", run, "--data", files["cls_eval"])
+  assert code == 0, err
+  metrics = json.loads(out)
+  assert set(metrics) == {"loss", "accuracy", "num_examples"} and metrics["num_examples"] == 16
+
+  code, _, err = run_cli(capsys, "export", "--run", run, "--output", tmp_path / "merged")
+  assert code == 0, err
+  hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+  ids = np.array([[2, 5, 9, 11, 4, 0], [2, 7, 3, 0, 0, 0]])
+  mask = (ids > 0).astype(np.int32)
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+  ours = np.asarray(ours_with_adapter(files["bert"], run, num_labels=2)(ids, attention_mask=mask))
+  np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lora", "full", pytest.param("hira", marks=pytest.mark.slow)])
+def test_other_methods_train_and_export(method, files, tmp_path, capsys):
+  run = tmp_path / "run"
+  mesh = ("--mesh", "data=1,fsdp=1,tp=1") if method == "lora" else ()  # a trivial mesh works
+  code, _, err = run_cli(capsys, *finetune_argv(files, run, "causal-lm", "--method", method,
+                                                "--steps", 2, "--targets", "v_proj", *mesh))
+  assert code == 0, err
+  assert json.loads((run / "adapter" / "adapter_config.json").read_text())["method"] == method
+  code, _, err = run_cli(capsys, "export", "--run", run, "--output", tmp_path / "merged")
+  assert code == 0, err
+  reloaded = smoa_jax.from_hf(tmp_path / "merged")
+  ids = np.array([[2, 5, 9, 11]])
+  np.testing.assert_allclose(np.asarray(reloaded(ids)),
+                             np.asarray(ours_with_adapter(files["llama"], run)(ids)), atol=1e-5)
+
+
+# -- resume ----------------------------------------------------------------------------------------
+def interrupt_after_save(step_to_stop: int, exception: type[BaseException]):
+  """A ``smoa_jax.train`` that raises ``exception`` right after checkpoint ``step_to_stop``."""
+  original = smoa_jax.train
+
+  def train(*args, on_save, **kwargs):
+    def hook(step):
+      on_save(step)
+      if step == step_to_stop:
+        raise exception
+
+    return original(*args, on_save=hook, **kwargs)
+
+  return train
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(lm_run, files, tmp_path, capsys,
+                                                                monkeypatch):
+  run = tmp_path / "run"
+  argv = finetune_argv(files, run, "causal-lm", *LM_RUN_EXTRA)
+  with monkeypatch.context() as patch:
+    patch.setattr(smoa_jax, "train", interrupt_after_save(2, KeyboardInterrupt))
+    code, _, err = run_cli(capsys, *argv)
+  assert code == 130 and err.strip().splitlines()[-1] == "smoa-jax: interrupted"
+  code, _, err = run_cli(capsys, *argv)
+  assert code == 1 and "--resume" in err  # a non-empty run directory is never reused silently
+  code, _, err = run_cli(capsys, "finetune", "--output", run, "--resume", "--no-progress")
+  assert code == 0, err
+  whole, resumed = adapter_tensors(lm_run), adapter_tensors(run)
+  assert whole.keys() == resumed.keys()
+  for key in whole:
+    np.testing.assert_array_equal(resumed[key], whole[key], err_msg=key)
+  assert (run / "metrics.jsonl").read_text().count('"split": "eval"') == 2
+  assert len(json.loads((run / "run_config.json").read_text())["resumed"]) == 1
+
+
+KILL_AFTER_SAVE = """
+import os, signal, sys
+import smoa_jax
+from smoa_jax.app import assets
+from smoa_jax.app import cli
+from smoa_jax.app.commands import common
+
+kill_at, argv, original = int(sys.argv[1]), sys.argv[2:], smoa_jax.train
+
+def train(*args, on_save, **kwargs):
+  def hook(step):
+    on_save(step)
+    if step == kill_at:
+      os.kill(os.getpid(), signal.SIGKILL)
+  return original(*args, on_save=hook, **kwargs)
+
+smoa_jax.train = train
+sys.exit(cli.main(argv))
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_the_uninterrupted_result(files, tmp_path, capsys):
+  extra = ("--steps", 6, "--dropout", 0.1)  # dropout: the rng state must be restored too
+  code, _, err = run_cli(capsys, *finetune_argv(files, tmp_path / "whole", "causal-lm", *extra))
+  assert code == 0, err
+  killed = tmp_path / "killed"
+  argv = [str(a) for a in finetune_argv(files, killed, "causal-lm", *extra)]
+  proc = subprocess.run([sys.executable, "-c", KILL_AFTER_SAVE, "4", *argv], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == -9, proc.stderr[-2000:]
+  records = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+  assert max(r["step"] for r in records) == 4
+  code, _, err = run_cli(capsys, "finetune", "--output", killed, "--resume", "--no-progress")
+  assert code == 0, err
+  whole, resumed = adapter_tensors(tmp_path / "whole"), adapter_tensors(killed)
+  assert whole.keys() == resumed.keys()
+  for key in whole:
+    np.testing.assert_array_equal(resumed[key], whole[key], err_msg=key)
+
+
+@pytest.mark.slow
+def test_data_parallel_mesh_on_two_simulated_devices(lm_run, files, tmp_path):
+  run = tmp_path / "run"
+  argv = finetune_argv(files, run, "causal-lm", *LM_RUN_EXTRA, "--mesh", "data=2")
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  proc = subprocess.run([sys.executable, "-m", "smoa_jax", *map(str, argv)], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  single, split = adapter_tensors(lm_run), adapter_tensors(run)
+  for key in single:
+    np.testing.assert_allclose(split[key], single[key], atol=1e-5, err_msg=key)
+
+
+def test_resume_refuses_to_change_what_defines_the_run(lm_run, files, tmp_path, capsys):
+  before = (lm_run / "run_config.json").read_text()
+  code, _, err = run_cli(capsys, "finetune", "--output", lm_run, "--resume", "--r", 8)
+  assert code == 1 and "--resume cannot change --r 8 (the run has 4)" in err
+  changed = write_jsonl(tmp_path / "changed.jsonl", [{"text": "the cat"}] * 8)
+  code, _, err = run_cli(capsys, "finetune", "--output", lm_run, "--resume", "--data", changed)
+  assert code == 1 and "--resume cannot change --data" in err
+  assert (lm_run / "run_config.json").read_text() == before
+
+
+def test_overwrite_replaces_a_run_but_never_foreign_files(lm_run, files, tmp_path, capsys):
+  run = tmp_path / "run"
+  shutil.copytree(lm_run, run)
+  (run / "notes.txt").write_text("mine")
+  argv = finetune_argv(files, run, "causal-lm", "--steps", 1, "--overwrite")
+  code, _, err = run_cli(capsys, *argv)
+  assert code == 1 and "notes.txt" in err and (run / "notes.txt").exists()
+  assert (run / "checkpoints" / "4").is_dir()  # the refused overwrite deleted nothing
+  (run / "notes.txt").unlink()
+  code, _, err = run_cli(capsys, *argv)
+  assert code == 0, err
+  assert json.loads((run / "run_config.json").read_text())["flags"]["steps"] == 1
+  assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+
+
+def test_authors_export_of_a_run(lm_run, tmp_path, capsys):
+  code, out, err = run_cli(capsys, "export", "--run", lm_run, "--output", tmp_path / "authors",
+                           "--format", "authors")
+  assert code == 0, err
+  assert json.loads(out)["format"] == "authors"
+  document = json.loads((tmp_path / "authors" / "adapter_config.json").read_text())
+  assert document["r"] == 4 and document["num_blocks"] == 2
+  code, _, err = run_cli(capsys, "export", "--run", lm_run, "--output", tmp_path / "authors",
+                         "--format", "authors")
+  assert code == 1 and "--overwrite" in err
+
+
+# -- bad input -------------------------------------------------------------------------------------
+# -- inspect ---------------------------------------------------------------------------------------
+def test_inspect_reports_matches_budget_and_blocks(files, capsys):
+  code, out, err = run_cli(capsys, "inspect", "--model", files["llama"], "--r", 4,
+                           "--targets", "q_proj,up_proj", "--json")
+  assert code == 0, err
+  report = json.loads(out)
+  assert [m["path"] for m in report["modules"]] == [
+      f"model/layers/{i}/{m}" for i in (0, 1) for m in ("mlp/up_proj", "self_attn/q_proj")]
+  # SMoA r=4, K=2 on 64x64: 2 blocks x rank 2 x (32 + 32) = 256 = half of LoRA's 4 x 128.
+  q_proj = report["modules"][1]
+  assert q_proj["trainable"] == 256 and q_proj["ranks"] == [2, 2]
+  assert report["lora_params"] == 4 * 2 * (128 + 160)
+  for block in report["blocks"]:
+    assert block["total_entry_share"] == pytest.approx(0.5, abs=0.01)
+    assert 0 < block["total_energy_share"] < 1
+  code, out, _ = run_cli(capsys, "inspect", "--model", files["llama"], "--r", 4)
+  assert code == 0 and "spectral blocks" in out and "LoRA at the same r" in out
+
+
+def test_inspect_run_analyses_the_learned_updates(lm_run, tmp_path, capsys):
+  code, out, err = run_cli(capsys, "inspect", "--run", lm_run, "--json", "--plot",
+                           tmp_path / "dw.json.png")
+  assert code == 0, err
+  report = json.loads(out)
+  assert len(report["deltas"]) == 6 and Path(report["plot"]).read_bytes()[:4] == b"\x89PNG"
+  for delta in report["deltas"]:
+    assert delta["numerical_rank"] > delta["r"]  # SMoA's update is not limited to rank r
+    assert 0 < delta["top_energy"] <= 1
+  code, out, _ = run_cli(capsys, "inspect", "--run", lm_run, "--plot", tmp_path / "dw.png")
+  assert code == 0 and "effective rank" in out and (tmp_path / "dw.png").is_file()
+
+
+def test_fetch_assets_prints_where_each_asset_is(tmp_path, monkeypatch, capsys):
+  monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path))
+  for name in ("sentiment", "shakespeare"):  # already complete: nothing is downloaded
+    (tmp_path / name).mkdir()
+    (tmp_path / name / ".complete").write_text("{}")
+  code, out, err = run_cli(capsys, "fetch-assets", "sentiment", "shakespeare")
+  assert code == 0, err
+  assert out.splitlines() == [f"sentiment: {tmp_path / 'sentiment' / assets.SENTIMENT_FILE}",
+                              f"shakespeare: {tmp_path / 'shakespeare'}"]
+
+
+# -- the real command ------------------------------------------------------------------------------
+def test_console_script_and_module_entry_point(files, tmp_path):
+  script = Path(sys.executable).with_name("smoa-jax")
+  if not script.is_file():
+    pytest.skip("the smoa-jax console script is not installed (pip install -e .)")
+  shown = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+  assert shown.returncode == 0
+  for command in ("finetune", "eval", "export", "inspect", "demo", "fetch-assets"):
+    assert command in shown.stdout
+  bad = [sys.executable, "-m", "smoa_jax", "finetune", "--model", str(tmp_path / "nope"),
+         "--data", str(files["lm_train"]), "--output", str(tmp_path / "run")]
+  failed = subprocess.run(bad, capture_output=True, text=True, timeout=120)
+  assert failed.returncode == 1
+  assert failed.stderr.strip().splitlines() == [
+      f"smoa-jax: error: model directory {tmp_path / 'nope'} does not exist."]
+  debug = subprocess.run(bad + ["--debug"], capture_output=True, text=True, timeout=120)
+  assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+@pytest.mark.parametrize("command", ["finetune", "eval", "export", "inspect", "demo",
+                                     "fetch-assets"])
+def test_every_command_has_help(command, capsys):
+  code, out, _ = run_cli(capsys, command, "--help")
+  assert code == 0 and out.startswith(f"usage: smoa-jax {command}")

@@ -1,0 +1,143 @@
+"""Tests for smoa_jax/training/loop.py (and the orbax checkpoints of smoa_jax/io/checkpoint.py)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import smoa_jax
+from smoa_jax.training.loop import make_optimizer
+from tests.toy import ToyClassifier, ToyLM, lm_run, token_data
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _adapter_arrays(model):
+  return {"/".join(map(str, p)): np.asarray(v) for p, v in
+          jax.tree_util.tree_flatten_with_path(nnx.state(model, smoa_jax.SMoAParam))[0]}
+
+
+def _base_arrays(model):
+  return {"/".join(map(str, p)): np.asarray(v) for p, v in
+          jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
+          if "lora_" not in str(p)}
+
+
+def test_training_reduces_loss_and_writes_metrics_and_checkpoints(tmp_path):
+  model = ToyLM(seed=0)
+  smoa_jax.apply_adapter(model, smoa_jax.SMoAConfig(4, 2, 8.0, target_modules=["q_proj", "v_proj", "up_proj"]),
+                         rngs=nnx.Rngs(1), verbose=False)
+  before = _adapter_arrays(model)
+  config = smoa_jax.TrainConfig(steps=30, batch_size=8, learning_rate=3e-2, log_every=5,
+                                eval_every=10, save_every=10, keep_checkpoints=2, progress=False)
+  result = smoa_jax.train(model, smoa_jax.CausalLMTask(), token_data(40), config,
+                          eval_data=token_data(12, seed=1), output_dir=tmp_path)
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  train = [r for r in records if r["split"] == "train"]
+  evals = [r for r in records if r["split"] == "eval"]
+  assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 30]
+  assert [r["step"] for r in evals] == [10, 20, 30]
+  assert all({"loss", "learning_rate", "tokens_per_sec"} <= set(r) for r in train)
+  assert "perplexity" in evals[-1]
+  assert train[-1]["loss"] < 0.95 * train[0]["loss"]
+  assert result.step == 30 and result.eval_metrics["loss"] == evals[-1]["loss"]
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [20, 30]
+  after = _adapter_arrays(model)
+  assert any(not np.array_equal(before[k], after[k]) for k in before)
+  # Every frozen weight (adapted kernels included: same paths) is bit-identical to the base model.
+  trained, base = _base_arrays(model), _base_arrays(ToyLM(seed=0))
+  assert trained.keys() == base.keys()
+  for k in base:
+    np.testing.assert_array_equal(trained[k], base[k], err_msg=k)
+
+
+def test_gradient_accumulation_equals_the_big_batch_step():
+  def one_step(accum):
+    model = ToyLM(seed=0)
+    smoa_jax.apply_adapter(model, smoa_jax.SMoAConfig(4, 2, 8.0, target_modules=["q_proj", "up_proj"]),
+                           rngs=nnx.Rngs(1), verbose=False)
+    for _, layer in smoa_jax.adapter_layers(model):
+      layer.lora_b[...] = 0.1 * jnp.ones_like(layer.lora_b[...])
+    config = smoa_jax.TrainConfig(steps=1, batch_size=8, grad_accum_steps=accum, learning_rate=1e-2,
+                                  progress=False, max_grad_norm=None)
+    smoa_jax.train(model, smoa_jax.CausalLMTask(), token_data(8), config)
+    return _adapter_arrays(model)
+
+  big, small = one_step(1), one_step(4)
+  for k in big:
+    np.testing.assert_allclose(small[k], big[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_schedule_warmup_then_cosine_and_linear():
+  config = smoa_jax.TrainConfig(steps=100, learning_rate=1.0, warmup_steps=10)
+  _, schedule = make_optimizer(config, 100)
+  assert float(schedule(0)) == 0.0 and float(schedule(10)) == pytest.approx(1.0)
+  assert float(schedule(55)) == pytest.approx(0.5, abs=0.02) and float(schedule(100)) == pytest.approx(0.0, abs=1e-6)
+  linear = smoa_jax.TrainConfig(steps=100, learning_rate=1.0, warmup_steps=10, schedule="linear")
+  _, schedule = make_optimizer(linear, 100)
+  assert float(schedule(55)) == pytest.approx(0.5, abs=0.02)
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+  reference, _ = lm_run(tmp_path / "uninterrupted")
+  killed = tmp_path / "killed"
+  proc = subprocess.run([sys.executable, "-m", "tests._kill_run", str(killed), "4"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == -9, proc.stderr[-2000:]
+  steps = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [2, 4]
+  logged = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+  assert max(logged) == 4
+  resumed, result = lm_run(killed, resume=True)
+  assert result.step == 6
+  for (k, x), y in zip(_adapter_arrays(reference).items(), _adapter_arrays(resumed).values()):
+    np.testing.assert_array_equal(x, y, err_msg=k)
+  logged = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+  assert logged == [1, 2, 3, 4, 5, 6]
+
+
+def test_classification_with_a_trainable_head():
+  model = ToyClassifier(num_labels=3)
+  smoa_jax.apply_adapter(model, smoa_jax.LoRAConfig(r=2, alpha=4.0, target_modules=["q_proj", "v_proj"]),
+                         rngs=nnx.Rngs(1), verbose=False)
+  smoa_jax.mark_trainable(model, "classifier/.*")
+  data = token_data(48)
+  data["labels"] = (data["input_ids"][:, 1] % 3).astype(np.int32)
+  before = smoa_jax.evaluate(model, smoa_jax.ClassificationTask(), data)
+  config = smoa_jax.TrainConfig(steps=40, batch_size=16, learning_rate=3e-2, progress=False)
+  smoa_jax.train(model, smoa_jax.ClassificationTask(), data, config)
+  after = smoa_jax.evaluate(model, smoa_jax.ClassificationTask(), data)
+  assert after["loss"] < before["loss"] and after["accuracy"] >= before["accuracy"]
+  assert 0.0 <= after["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(), "exactly one of steps or epochs"),
+    (dict(steps=0), "steps=0"),
+    (dict(steps=5, epochs=1), "exactly one"),
+    (dict(steps=5, batch_size=6, grad_accum_steps=4), "grad_accum_steps"),
+    (dict(steps=5, learning_rate=-1.0), "learning_rate"),
+    (dict(steps=5, schedule="step"), "schedule"),
+    (dict(steps=5, save_every=0), "save_every"),
+])
+def test_train_config_validation(kwargs, match):
+  with pytest.raises(smoa_jax.ConfigError, match=match):
+    smoa_jax.TrainConfig(**kwargs)
+
+
+def test_training_needs_trainable_arrays_and_resume_needs_a_checkpoint(tmp_path):
+  config = smoa_jax.TrainConfig(steps=1, progress=False)
+  with pytest.raises(smoa_jax.ConfigError, match="no trainable"):
+    smoa_jax.train(ToyLM(), smoa_jax.CausalLMTask(), token_data(8), config)
+  model = ToyLM()
+  smoa_jax.apply_adapter(model, smoa_jax.SMoAConfig(target_modules=["q_proj"]), rngs=nnx.Rngs(0),
+                         verbose=False)
+  with pytest.raises(smoa_jax.ConfigError, match="no checkpoint"):
+    smoa_jax.train(model, smoa_jax.CausalLMTask(), token_data(8), config, output_dir=tmp_path,
+                   resume=True)
