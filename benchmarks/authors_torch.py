@@ -1,6 +1,6 @@
 """The authors' SMoA algorithm in PyTorch: the speed baseline smoa-jax is compared against.
 
-Written here from DESIGN section 1 (no code copied) to do, per forward, what the authors'
+Written here from docs/design.md section 1 (no code copied) to do, per forward, what the authors'
 implementation (misonsky/SMoA, ``cpeft/tuners/smoa.py``) does:
 
 * the frozen weight is in torch layout, ``(out, in)``, ``y = F.linear(x, W, bias)``;
@@ -12,7 +12,7 @@ implementation (misonsky/SMoA, ``cpeft/tuners/smoa.py``) does:
 * ``y = F.linear(x, W, bias) + F.linear(dropout(x), dW)``: a second full matmul; autograd's
   backward of that path adds two more (``dy^T x`` for the dense ``dW``, ``dy @ dW`` for the
   input), so a training step costs about ``10 T in out`` flops against ``(4 + 2/K) T in out``
-  for smoa-jax's folded path (DESIGN section 5).
+  for smoa-jax's folded path (docs/design.md, section 4).
 
 Conversion from smoa_jax (Flax layout ``(in, out)``): the torch weight is ``kernel.T``; our
 ``in_perm`` is their column order (``C_k`` indexes columns), our ``out_perm`` their row order;
@@ -119,7 +119,7 @@ def compare_with_smoa_jax(layer: smoa_jax.SMoADense, x: np.ndarray,
   and returns the largest absolute difference of ``y``, ``dx``, and the factor gradients
   (``a``/``b`` against ``lora_A.T``/``lora_B.T``, block by block).
   """
-  graphdef, params, rest = nnx.split(layer, smoa_jax.SMoAParam, ...)
+  graphdef, params, rest = nnx.split(layer, smoa_jax.TrainableParam, ...)
 
   @jax.jit
   def forward_backward(params, rest, x, dy):

@@ -132,7 +132,7 @@ def _compile(fn: Callable, *args) -> tuple[Callable[[], Any], int]:
 
 def _adapter_step(layer: smoa_jax.AdaptedDense, x: jax.Array, dy: jax.Array):
   """Forward + VJP w.r.t. the adapter parameters and the input; kernel/bias frozen."""
-  graphdef, params, frozen = nnx.split(layer, smoa_jax.SMoAParam, ...)
+  graphdef, params, frozen = nnx.split(layer, smoa_jax.TrainableParam, ...)
 
   def step(params, frozen, x, dy):
     y, vjp = jax.vjp(lambda p, x: nnx.merge(graphdef, p, frozen)(x), params, x)
@@ -222,13 +222,13 @@ def bench_shape(n_in: int, n_out: int, args: argparse.Namespace) -> ShapeResult:
       layer = layer_cls.from_linear(linear, config, rngs=nnx.Rngs(args.seed))
       _random_b(layer, k_b)
       candidates[name], step_bytes[name] = _adapter_step(layer, x, dy)
-      state_bytes[name] = _nbytes(nnx.state(layer, smoa_jax.SMoAParam))
+      state_bytes[name] = _nbytes(nnx.state(layer, smoa_jax.TrainableParam))
   for case in cases:
     config = smoa_jax.SMoAConfig(r=case.r, num_blocks=case.k, alpha=args.alpha)
     layer = smoa_jax.SMoADense.from_linear(linear, config, rngs=nnx.Rngs(args.seed))
     _random_b(layer, k_b)
     candidates[case.smoa], step_bytes[case.smoa] = _adapter_step(layer, x, dy)
-    state_bytes[case.smoa] = _nbytes(nnx.state(layer, (smoa_jax.SMoAParam, smoa_jax.SpectralIndex)))
+    state_bytes[case.smoa] = _nbytes(nnx.state(layer, (smoa_jax.TrainableParam, smoa_jax.SpectralIndex)))
     module = AuthorsSMoALinear.from_smoa_dense(layer)
     torch_modules[case.authors] = module
     torch_candidates[case.authors] = _torch_step(module, x_torch, dy_torch)

@@ -9,7 +9,7 @@ without it, the same config with random weights (the speed is the same).
 
 JAX candidates (one jitted, donated step each; ``lower().compile()`` ahead of time, not timed),
 built from ONE loaded model (``nnx.clone`` shares the frozen arrays) with the optimizer of
-:func:`smoa_jax.train` (``smoa_jax.training.loop.make_optimizer``) over the ``SMoAParam`` arrays:
+:func:`smoa_jax.train` (``smoa_jax.training.loop.make_optimizer``) over the ``TrainableParam`` arrays:
 
 * ``SMoA K=2 r=8``, ``SMoA K=4 r=8``, ``LoRA r=8``, ``HiRA r=8``: equal rank r = 8;
 * ``SMoA K=2 r=16`` vs ``LoRA r=8``: equal trainable parameters (SMoA r = 2p, K = 2 vs LoRA r = p);
@@ -42,7 +42,7 @@ them. Torch: ``resident`` = parameters + buffers (incl. the anchor copies) + opt
 ``step`` = the peak of live bytes created during one step (profiler memory timeline).
 ``optimizer state`` = the AdamW moments (plus counters).
 
-Cost model (DESIGN section 5), printed next to the measurement: with ``F_frozen`` the flops of the
+Cost model (docs/design.md, section 4), printed next to the measurement: with ``F_frozen`` the flops of the
 frozen step (``4 T d_in d_out`` per matmul incl. the LM head, plus attention), ``F_lora`` =
 ``F_frozen + 6 T r (d_in + d_out)`` per target, and ``A = sum over targets of 4 T d_in d_out``,
 SMoA/LoRA ~ ``1 + (A / 2K) / F_lora`` (HiRA and full FT: K = 1) and authors/torch frozen ~
@@ -163,10 +163,10 @@ def _nbytes(tree: Any) -> int:
 
 
 def jax_step(model: nnx.Module, batch: dict[str, jax.Array]) -> JaxStep:
-  """AOT-compile forward + backward + clip + AdamW over the model's ``SMoAParam`` arrays."""
+  """AOT-compile forward + backward + clip + AdamW over the model's ``TrainableParam`` arrays."""
   tx, _ = make_optimizer(smoa_jax.TrainConfig(steps=1000, learning_rate=LEARNING_RATE), 1000)
   task = smoa_jax.CausalLMTask()
-  graphdef, params, rest = nnx.split(model, smoa_jax.SMoAParam, ...)
+  graphdef, params, rest = nnx.split(model, smoa_jax.TrainableParam, ...)
   params = jax.tree.map(jnp.copy, params)  # donated below: never the arrays other models share
   opt_state = tx.init(params)
 
@@ -274,7 +274,7 @@ def torch_peak_bytes(step: TorchStep) -> int:
 # -- cost model ------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Flops:
-  """Flops of one training step, counted from the config (DESIGN section 5).
+  """Flops of one training step, counted from the config (docs/design.md, section 4).
 
   Attributes:
     frozen: F_frozen, the frozen model's forward + input gradients: ``4 T d_in d_out`` for every
@@ -499,8 +499,8 @@ def render(m: Measured, args: argparse.Namespace, threads: int) -> str:
       f"every layer. All candidates were timed in one interleaved run ({t.rounds} rounds; ratios "
       "are medians of per-round ratios). What is measured and how: the docstring of "
       f"`benchmarks/model_step.py`. JAX uses {threads} CPU threads, torch "
-      f"`set_num_threads({threads})`. `GFLOP` and `pred.` come from the cost model of DESIGN "
-      "section 5 (frozen step + LoRA's 6 T r (d_in + d_out), SMoA's 2 T d_in d_out / K, HiRA's "
+      f"`set_num_threads({threads})`. `GFLOP` and `pred.` come from the cost model in docs/design.md "
+      "section 4 (frozen step + LoRA's 6 T r (d_in + d_out), SMoA's 2 T d_in d_out / K, HiRA's "
       "and full FT's 2 T d_in d_out, the authors' 6 T d_in d_out per target); "
       f"`/ frozen` is against the frozen step of the same framework.",
       _common.markdown_table(["candidate", "trainable", "GFLOP", "step s", "tokens/s",

@@ -273,7 +273,7 @@ def train_run(ctx: Context, method: Method, lr: float, seed: int, *, validate: b
   if plan.task == "sentiment":
     smoa_jax.mark_trainable(model, r"classifier/.*")
     head = sum(int(np.prod(v.shape)) for path, v in nnx.iter_graph(model)
-               if isinstance(v, smoa_jax.SMoAParam) and "classifier" in path)
+               if isinstance(v, smoa_jax.TrainableParam) and "classifier" in path)
   train_config = smoa_jax.TrainConfig(
       steps=plan.steps, batch_size=plan.batch_size, learning_rate=lr,
       warmup_steps=plan.warmup_steps, seed=seed, log_every=plan.steps, progress=False)
@@ -343,7 +343,7 @@ def coverage(ctx: Context, run: Run, quick: bool) -> Coverage:
     base = {tuple(p): v for p, v in nnx.iter_graph(load_model(ctx, run.seed))
             if isinstance(v, nnx.Param)}
     for path, v in nnx.iter_graph(run.model):
-      if (isinstance(v, smoa_jax.SMoAParam) and path[-1] == "kernel"
+      if (isinstance(v, smoa_jax.TrainableParam) and path[-1] == "kernel"
           and str(path[-2]) in ctx.plan.targets and _analysed(ctx.plan, path, quick)):
         w = np.asarray(base[tuple(path)][...], np.float64)
         pairs["/".join(map(str, path[:-1]))] = (w, np.asarray(v[...], np.float64) - w)

@@ -45,6 +45,8 @@ import optax
 
 from benchmarks import _common
 from smoa_jax.core import ops
+from smoa_jax.core.lora import LoRAOp
+from smoa_jax.core.smoa import SMoAOp
 from smoa_jax.core import spectral
 from smoa_jax.core.config import split_sizes
 
@@ -99,13 +101,13 @@ def method_delta(method: str, w: np.ndarray, r: int,
   alpha = 2.0 * r
   if method in ("lora", "hira"):
     rank = r // k  # r (in + out) / K parameters
-    config = (ops.LoRAOp(n_in, n_out, rank, alpha / rank) if method == "lora" else
-              ops.SMoAOp(ops.BlockLayout((n_in,), (n_out,), (rank,)), alpha / rank))
+    config = (LoRAOp(n_in, n_out, rank, alpha / rank) if method == "lora" else
+              SMoAOp(ops.BlockLayout((n_in,), (n_out,), (rank,)), alpha / rank))
     return (lambda p: config.delta(kernel, p[0], p[1], None)), config.init_factors
   permuted = method in ("smoa", "blocks-spectral")
   modulated = method in ("smoa", "smoa-noperm")
   blocks = spectral.spectral_blocks(kernel, k) if permuted else spectral.identity_blocks(n_in, n_out, k)
-  op = ops.SMoAOp(ops.BlockLayout(blocks.in_sizes, blocks.out_sizes, split_sizes(r, k)), alpha / r)
+  op = SMoAOp(ops.BlockLayout(blocks.in_sizes, blocks.out_sizes, split_sizes(r, k)), alpha / r)
   perms = (blocks.in_perm, blocks.out_perm) if permuted else None
   anchor = kernel if modulated else jnp.ones_like(kernel)
 

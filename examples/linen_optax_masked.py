@@ -35,7 +35,7 @@ def main(steps: int = 200) -> dict:
   # Stand-in for loading pretrained kernels, then refreshing the spectral order from them.
   params = jax.tree_util.tree_map_with_path(
       lambda path, v: v * 3.0 if path[-1].key == "kernel" else v, variables["params"])
-  variables = smoa_jax.linen.refresh_spectral({**variables, "params": params})
+  variables = smoa_jax.linen.refresh_spectral(model, {**variables, "params": params}, x)
   params = variables["params"]
 
   tx = smoa_jax.freeze_base(optax.adam(3e-3), params)

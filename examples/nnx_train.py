@@ -1,4 +1,4 @@
-"""Train SMoA adapters inside an NNX model with nnx.Optimizer(wrt=smoa_jax.SMoAParam).
+"""Train SMoA adapters inside an NNX model with nnx.Optimizer(wrt=smoa_jax.TrainableParam).
 
 A small two-layer MLP regression stands in for a pretrained network: we adapt its layers with
 ``smoa_jax.apply_adapter`` and train only the adapter factors; the frozen kernels stay
@@ -35,15 +35,15 @@ def main(steps: int = 200) -> dict:
   x = jax.random.normal(jax.random.key(2), (256, 32))
   y = jnp.tanh(x @ jax.random.normal(jax.random.key(3), (32, 8)) / 4)
 
-  optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=smoa_jax.SMoAParam)
+  optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=smoa_jax.TrainableParam)
 
   @nnx.jit
   def step(model, optimizer):
     def loss_fn(model):
       return jnp.mean((model(x) - y) ** 2)
 
-    # DiffState(0, SMoAParam): gradients of the adapter factors only; frozen kernels get none.
-    loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, smoa_jax.SMoAParam))(model)
+    # DiffState(0, TrainableParam): gradients of the adapter factors only; frozen kernels get none.
+    loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, smoa_jax.TrainableParam))(model)
     optimizer.update(model, grads)
     return loss
 

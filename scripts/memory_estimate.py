@@ -90,8 +90,8 @@ def estimate(hf_config: dict[str, Any], adapter: smoa_jax.AdapterConfig, *,
   mesh_sizes = mesh_sizes or {axis: 1 for axis in sharding.AXES}
   mesh = AbstractMesh(tuple(mesh_sizes[a] for a in sharding.AXES), sharding.AXES)
   plan = smoa_jax.sharding_plan(model, mesh)
-  trainable = nnx.state(model, smoa_jax.SMoAParam)
-  base = nnx.state(model, nnx.All(nnx.Param, nnx.Not(smoa_jax.SMoAParam)))
+  trainable = nnx.state(model, smoa_jax.TrainableParam)
+  base = nnx.state(model, nnx.All(nnx.Param, nnx.Not(smoa_jax.TrainableParam)))
   perms = nnx.state(model, smoa_jax.SpectralIndex)
   tx, _ = make_optimizer(smoa_jax.TrainConfig(steps=1, batch_size=1), 1)
   opt_state = jax.eval_shape(tx.init, trainable)

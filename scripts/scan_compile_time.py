@@ -49,7 +49,7 @@ def measure(scan_layers: bool, batch: int, seq_len: int, steps: int) -> dict[str
   smoa_jax.apply_adapter(model, smoa_jax.SMoAConfig(r=16, num_blocks=4, alpha=32.0,
                                                     target_modules=TARGETS),
                          rngs=nnx.Rngs(1), verbose=False, show_progress=False)
-  graphdef, params, rest = nnx.split(model, smoa_jax.SMoAParam, ...)
+  graphdef, params, rest = nnx.split(model, smoa_jax.TrainableParam, ...)
   tx, _ = make_optimizer(smoa_jax.TrainConfig(steps=steps, batch_size=batch), steps)
   opt_state = tx.init(params)
   task = smoa_jax.CausalLMTask()

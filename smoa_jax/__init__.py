@@ -16,9 +16,8 @@ The subpackages show the architecture (``docs/design.md``); data flows one way t
 
 from smoa_jax import linen
 from smoa_jax.app import assets, datasets
-from smoa_jax.core.config import (AdapterConfig, FullFineTuneConfig, HiRAConfig, LoRAConfig,
-                                  SMoAConfig, config_from_dict)
-from smoa_jax.core.ops import delta_weight
+from smoa_jax.core.methods import (AdapterConfig, FullFineTuneConfig, HiRAConfig, LoRAConfig,
+                                   SMoAConfig, config_from_dict, delta_weight)
 from smoa_jax.core.spectral import (SpectralBlocks, centroid_scores, identity_blocks,
                                     spectral_blocks, spectral_blocks_batched, spectral_orders)
 from smoa_jax.errors import (AdapterMismatchError, CheckpointError, ConfigError, DataError,
@@ -26,11 +25,12 @@ from smoa_jax.errors import (AdapterMismatchError, CheckpointError, ConfigError,
 from smoa_jax.io.authors import load_authors_adapter, save_authors_adapter
 from smoa_jax.io.checkpoint import TrainCheckpointer
 from smoa_jax.io.portable import load_adapter, save_adapter
-from smoa_jax.layers.dense import (AdaptedDense, HiRADense, LoRADense, SMoADense, SMoAParam,
-                                   SpectralIndex, adapter_class)
-from smoa_jax.layers.inject import (AdapterReport, adapter_layers, apply_adapter, disable_adapter,
+from smoa_jax.layers.dense import AdaptedDense, HiRADense, LoRADense, SMoADense, adapter_class
+from smoa_jax.layers.inject import (AdapterReport, adapt_modules, apply_adapter, disable_adapter,
                                     mark_trainable, merge_adapters, merge_and_unload,
                                     unmerge_adapters)
+from smoa_jax.layers.sites import adapter_layers
+from smoa_jax.layers.variables import SMoAParam, SpectralIndex, TrainableParam
 from smoa_jax.layers.partition import freeze_base, masked_recipe, trainable_labels, trainable_mask
 from smoa_jax.models.hf import from_hf, to_hf
 from smoa_jax.parallel.sharding import (initialize_distributed, is_main_process, make_mesh,
@@ -47,8 +47,8 @@ __all__ = [
     "CheckpointError", "ClassificationTask", "ConfigError", "DataError", "FullFineTuneConfig",
     "HiRAConfig", "HiRADense", "KernelError", "LoRAConfig", "LoRADense", "NonFiniteLossError",
     "SMoAConfig", "SMoADense", "SMoAError", "SMoAParam", "SpectralBlocks", "SpectralIndex",
-    "TargetError", "TrainCheckpointer", "TrainConfig", "TrainResult", "adapter_class",
-    "adapter_layers", "apply_adapter", "assets", "centroid_scores", "config_from_dict", "data",
+    "TargetError", "TrainCheckpointer", "TrainConfig", "TrainResult", "TrainableParam",
+    "adapt_modules", "adapter_class", "adapter_layers", "apply_adapter", "assets", "centroid_scores", "config_from_dict", "data",
     "datasets", "delta_weight", "disable_adapter", "evaluate", "freeze_base", "from_hf",
     "identity_blocks", "initialize_distributed", "is_main_process", "linen", "load_adapter",
     "load_authors_adapter", "make_mesh", "mark_trainable", "masked_recipe", "merge_adapters",

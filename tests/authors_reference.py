@@ -1,4 +1,4 @@
-"""A PyTorch SMoA layer (torch layout) written from DESIGN section 1: the authors' side in tests.
+"""A PyTorch SMoA layer (torch layout) written from docs/design.md section 1: the authors' side in tests.
 
 It follows the facts of the authors' layer that the interop depends on, in a plain form of our
 own: ``torch_weight (out, in)`` (a GPT-2 ``Conv1D`` weight ``(in, out)`` is transposed:

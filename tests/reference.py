@@ -1,4 +1,4 @@
-"""A straightforward float64 NumPy re-derivation of DESIGN section 1, for tests only.
+"""A straightforward float64 NumPy re-derivation of docs/design.md section 1, for tests only.
 
 Deliberately written without the library's tricks (no Gram matrix, no padding, no permutation
 takes): a reduced SVD, the centroid formula, a stable argsort, array_split, and a dense loop
@@ -19,7 +19,7 @@ def scores(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   def centroid(u: np.ndarray, is_zero: np.ndarray) -> np.ndarray:
     energy = u**2 * s[None, :]**2
     score = (energy * np.arange(len(s))[None, :]).sum(1) / np.maximum(energy.sum(1), eps)
-    return np.where(is_zero, 0.0, score)  # DESIGN: an all-zero coordinate scores 0
+    return np.where(is_zero, 0.0, score)  # docs/design.md section 1: an all-zero coordinate scores 0
 
   return centroid(p, np.all(w == 0, axis=1)), centroid(qt.T, np.all(w == 0, axis=0))
 

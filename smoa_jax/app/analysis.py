@@ -9,7 +9,7 @@ Three questions, each answered by a small host-side function (numpy, float64):
 * **How high is the rank of a learned update?** :func:`effective_rank` is the entropy effective
   rank ``exp(-sum_i p_i log p_i)``, ``p_i = s_i / sum_j s_j`` (Roy & Vetterli, 2007): between 1
   and the numerical rank, and equal to ``k`` for ``k`` equal singular values. A LoRA update has
-  rank <= r; SMoA's Hadamard-modulated blocks can reach ``min(in, out)`` (DESIGN section 1).
+  rank <= r; SMoA's Hadamard-modulated blocks can reach ``min(in, out)`` (docs/design.md, section 1).
 * **Which of W's singular directions does dW move?** With ``W = P diag(s) Q^T``
   (``s`` descending, ``q = min(in, out)``) and ``C = P^T dW Q``, :func:`direction_energy` returns
   ``E(j) = sum_{a, b < j} C_ab^2 / ||dW||^2``: the share of dW's energy inside the span of W's
@@ -36,9 +36,9 @@ import numpy as np
 from flax import nnx
 
 from smoa_jax.core.config import AdapterConfig
-from smoa_jax.layers.inject import adapter_layers
+from smoa_jax.layers.sites import adapter_layers
 from smoa_jax.layers.paths import module_path
-from smoa_jax.layers.dense import SMoADense, SMoAParam
+from smoa_jax.layers.variables import TrainableParam
 from smoa_jax.core.spectral import SpectralBlocks
 
 __all__ = [
@@ -175,10 +175,9 @@ def delta_statistics(model: Any) -> list[DeltaStatistics]:
     s = _singular_values(kernel)
     kernel_energy = np.cumsum(s * s) / max(float(np.sum(s * s)), 1e-300)
     energy = direction_energy(delta, kernel)
-    layout = getattr(layer.op, "layout", None)
     out.append(DeltaStatistics(
         path=path, method=layer.config.method, shape=tuple(kernel.shape), r=layer.config.r,
-        num_blocks=layout.num_blocks if layout is not None else 1,
+        num_blocks=layer.op.num_blocks,
         norm_ratio=float(np.linalg.norm(delta) / max(np.linalg.norm(kernel), 1e-300)),
         effective_rank=effective_rank(delta), numerical_rank=numerical_rank(delta),
         top_energy=float(energy[_top_index(len(energy))]), energy=energy,
@@ -257,19 +256,19 @@ def inspect_model(model: nnx.Module, config: AdapterConfig, *,
   :func:`plot_delta_analysis` is written there.
   """
   layers = adapter_layers(model)
-  if config.method == "full":
+  if config.trains_base_kernel:
     modules = [{"path": module_path(p), "in": v.shape[0], "out": v.shape[-1], "ranks": [],
                 "trainable": int(np.prod(v.shape))}
-               for p, v in nnx.iter_graph(model) if isinstance(v, SMoAParam)]
+               for p, v in nnx.iter_graph(model) if isinstance(v, TrainableParam)]
     lora = None
   else:
     modules = [{"path": path, "in": layer.in_features, "out": layer.out_features,
-                "ranks": list(layer.op.layout.ranks) if hasattr(layer.op, "layout") else [config.r],
-                "trainable": layer.num_trainable_params} for path, layer in layers]
+                "ranks": list(layer.op.ranks), "trainable": layer.num_trainable_params}
+               for path, layer in layers]
     lora = sum(config.r * (m["in"] + m["out"]) for m in modules)
   blocks = []
   for path, layer in layers:
-    if isinstance(layer, SMoADense):
+    if layer.blocks is not None:
       stats = block_statistics(layer.base_kernel(), layer.blocks)
       blocks.append({"path": path, **dataclasses.asdict(stats),
                      "total_entry_share": stats.total_entry_share,

@@ -1,11 +1,11 @@
-"""Adapter configurations: frozen, keyword-friendly dataclasses validated on construction.
+"""What every adapter config shares: targeting and dtype fields, validation, the method registry.
 
-One config class per method, all sharing the targeting fields:
-
-* :class:`SMoAConfig` -- spectral blocks + Hadamard-modulated low-rank update (DESIGN section 1);
-* :class:`LoRAConfig` -- ``dW = (alpha/r) a @ b``;
-* :class:`HiRAConfig` -- ``dW = (alpha/r) (a @ b) * W`` over the whole matrix;
-* :class:`FullFineTuneConfig` -- the targeted kernels themselves become trainable (upper bound).
+Configs are frozen, keyword-friendly dataclasses validated on construction. Each method's module
+defines its own (:mod:`smoa_jax.core.smoa`, ``hira``, ``lora``, ``full``) on top of
+:class:`AdapterConfig` and registers itself under its ``method`` name, which is how
+:func:`smoa_jax.config_from_dict` finds it again. A config knows how to describe one layer:
+``make_op(in_features, out_features, blocks)`` returns the method's op
+(:class:`smoa_jax.core.ops.AdapterOp`).
 
 Every invalid value raises :class:`smoa_jax.errors.ConfigError` (a ``ValueError``) naming the
 field, the value and what is allowed. Dtype fields accept a dtype or its name and are stored as
@@ -24,17 +24,11 @@ import numpy as np
 
 from smoa_jax.errors import ConfigError
 
-__all__ = [
-    "AdapterConfig",
-    "SMoAConfig",
-    "LoRAConfig",
-    "HiRAConfig",
-    "FullFineTuneConfig",
-    "split_sizes",
-    "config_from_dict",
-]
+__all__ = ["AdapterConfig", "LowRankConfig", "split_sizes", "config_from_dict", "METHODS"]
 
 DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "v_proj")
+# method name -> config class; filled by each method's module as it is defined.
+METHODS: dict[str, type["AdapterConfig"]] = {}
 
 
 def split_sizes(total: int, num_pieces: int) -> tuple[int, ...]:
@@ -103,6 +97,10 @@ class AdapterConfig:
   """
 
   method: ClassVar[str] = "base"
+  # The targeted kernels themselves are trained (full fine-tuning): no adapter layer is injected.
+  trains_base_kernel: ClassVar[bool] = False
+  # The method works in W's spectral order: layers hold in_perm / out_perm (SMoA).
+  spectral_order: ClassVar[bool] = False
   _: dataclasses.KW_ONLY
   dropout: float = 0.0
   target_modules: tuple[str, ...] | str = DEFAULT_TARGETS
@@ -132,6 +130,11 @@ class AdapterConfig:
       self._set("layers_to_transform", tuple(int(i) for i in layers))
     self._set("param_dtype", _canonical_dtype(name, "param_dtype", self.param_dtype))
     self._set("adapter_dtype", _canonical_dtype(name, "adapter_dtype", self.adapter_dtype))
+
+  def __init_subclass__(cls, **kwargs: Any):
+    super().__init_subclass__(**kwargs)
+    if "method" in cls.__dict__:
+      METHODS[cls.method] = cls
 
   def _set(self, field: str, value: Any) -> None:
     object.__setattr__(self, field, value)
@@ -166,73 +169,17 @@ class AdapterConfig:
     """Raise :class:`ConfigError` if this config cannot adapt an ``(in, out)`` kernel."""
     del in_features, out_features, path
 
-
-@dataclasses.dataclass(frozen=True)
-class SMoAConfig(AdapterConfig):
-  """Spectrum Modulation Adapter: K spectral blocks, each ``dW_k = (alpha/r)(a_k b_k) * W_k``.
-
-  Attributes:
-    r: total rank, split over the blocks (``split_sizes(r, num_blocks)``) unless
-      ``branch_ranks`` is given. Trainable parameters ``sum_k r_k (|C_k| + |R_k|)``.
-    num_blocks: K, the number of aligned spectral blocks (``1 <= K <= min(in, out)``).
-    alpha: scale numerator; the update is multiplied by ``alpha / r``.
-    branch_ranks: optional per-block ranks, K non-negative ints summing to ``r``; a block with
-      rank 0 stays frozen.
-    spectral_method: ``"gram"`` (eigh of the smaller Gram matrix + one matmul, 3-5x faster),
-      ``"svd"``, or ``"auto"`` (Gram, falling back to the SVD for kernels the float32 Gram matrix
-      cannot resolve; see :mod:`smoa_jax.core.spectral`).
-  """
-
-  method: ClassVar[str] = "smoa"
-  r: int = 8
-  num_blocks: int = 2
-  alpha: float = 16.0
-  _: dataclasses.KW_ONLY
-  branch_ranks: tuple[int, ...] | None = None
-  spectral_method: str = "auto"
-
-  def __post_init__(self):
-    super().__post_init__()
-    self._check_rank_and_alpha()
-    k = self.num_blocks
-    if not _is_int(k) or k < 1:
-      raise _fail("SMoAConfig", "num_blocks", k, "an int >= 1")
-    self._set("num_blocks", int(k))
-    ranks = self.branch_ranks
-    if ranks is not None:
-      if isinstance(ranks, str) or not isinstance(ranks, Sequence):
-        raise _fail("SMoAConfig", "branch_ranks", ranks, f"None or a list of {k} ints")
-      ranks = tuple(ranks)
-      if len(ranks) != k:
-        raise _fail("SMoAConfig", "branch_ranks", ranks,
-                    f"exactly num_blocks={k} entries, got {len(ranks)}")
-      if not all(_is_int(x) and x >= 0 for x in ranks):
-        raise _fail("SMoAConfig", "branch_ranks", ranks, "non-negative ints")
-      if sum(ranks) != self.r:
-        raise _fail("SMoAConfig", "branch_ranks", ranks,
-                    f"entries summing to r={self.r}, got sum {sum(ranks)}")
-      self._set("branch_ranks", tuple(int(x) for x in ranks))
-    if self.spectral_method not in ("auto", "gram", "svd"):
-      raise _fail("SMoAConfig", "spectral_method", self.spectral_method,
-                  "one of 'auto', 'gram', 'svd'")
-
-  @property
-  def block_ranks(self) -> tuple[int, ...]:
-    """The rank r_k of every block (``branch_ranks`` or the even split of ``r``)."""
-    return self.branch_ranks if self.branch_ranks is not None else split_sizes(self.r, self.num_blocks)
-
-  def check_layer(self, in_features: int, out_features: int, path: str = "<layer>") -> None:
-    if self.num_blocks > min(in_features, out_features):
-      raise ConfigError(
-          f"SMoAConfig.num_blocks={self.num_blocks} is too large for {path} with kernel "
-          f"(in={in_features}, out={out_features}): every block needs at least one input and one "
-          f"output coordinate, so num_blocks must be <= {min(in_features, out_features)}. "
-          "Lower num_blocks or exclude this module.")
+  def make_op(self, in_features: int, out_features: int, blocks: Any = None) -> Any:
+    """The op (:class:`smoa_jax.core.ops.AdapterOp`) of one ``(in, out)`` layer; ``blocks``
+    are its :class:`~smoa_jax.SpectralBlocks` when ``spectral_order``."""
+    raise ConfigError(f"{type(self).__name__} is not an adapter method; use SMoAConfig, "
+                      "LoRAConfig, HiRAConfig or FullFineTuneConfig.")
 
 
 @dataclasses.dataclass(frozen=True)
-class _SingleBlockConfig(AdapterConfig):
-  """A rank-r pair ``a (in, r)``, ``b (r, out)`` over the whole kernel, scaled by ``alpha / r``."""
+class LowRankConfig(AdapterConfig):
+  """A rank-r pair ``a (in, r)``, ``b (r, out)`` over the whole kernel, scaled by ``alpha / r``
+  (the shared fields of LoRA and HiRA)."""
 
   r: int = 8
   alpha: float = 16.0
@@ -240,36 +187,6 @@ class _SingleBlockConfig(AdapterConfig):
   def __post_init__(self):
     super().__post_init__()
     self._check_rank_and_alpha()
-
-
-@dataclasses.dataclass(frozen=True)
-class LoRAConfig(_SingleBlockConfig):
-  """LoRA baseline: ``dW = (alpha/r) a @ b``, ``a`` uniform in ``+-1/sqrt(in)``, ``b`` zeros."""
-
-  method: ClassVar[str] = "lora"
-
-
-@dataclasses.dataclass(frozen=True)
-class HiRAConfig(_SingleBlockConfig):
-  """HiRA baseline: ``dW = (alpha/r) (a @ b) * W`` over the whole kernel (SMoA with K=1, no permutation)."""
-
-  method: ClassVar[str] = "hira"
-
-
-@dataclasses.dataclass(frozen=True)
-class FullFineTuneConfig(AdapterConfig):
-  """Full fine-tuning of the targeted kernels (the upper bound in comparisons).
-
-  The targeted layers stay plain ``nnx.Linear``; their ``kernel`` becomes an ``SMoAParam`` so the
-  same optimizer filter trains them. ``dropout``, ``param_dtype`` and ``adapter_dtype`` are unused.
-  """
-
-  method: ClassVar[str] = "full"
-
-
-_CONFIG_TYPES: dict[str, type[AdapterConfig]] = {
-    c.method: c for c in (SMoAConfig, LoRAConfig, HiRAConfig, FullFineTuneConfig)
-}
 
 
 def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
@@ -278,10 +195,10 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
     raise ConfigError(f"an adapter config must be a JSON object, got {type(data).__name__}")
   data = dict(data)
   method = data.pop("method", None)
-  if method not in _CONFIG_TYPES:
+  if method not in METHODS:
     raise ConfigError(f"adapter config 'method'={method!r} is invalid: expected one of "
-                      f"{sorted(_CONFIG_TYPES)}.")
-  cls = _CONFIG_TYPES[method]
+                      f"{sorted(METHODS)}.")
+  cls = METHODS[method]
   known = {f.name for f in dataclasses.fields(cls)} - {"_"}
   unknown = sorted(set(data) - known)
   if unknown:

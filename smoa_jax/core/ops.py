@@ -1,65 +1,56 @@
-"""The functional core: SMoA / HiRA / LoRA updates as pure ``jax.numpy`` (no Flax in here).
+"""The op interface every adapter method implements, and what the ops share (no Flax in here).
 
-Layout: kernel ``W`` is ``(in, out)``, ``y = x @ W + bias``. For SMoA, block ``k`` pairs input
-coordinates ``C_k`` with output coordinates ``R_k`` (see :mod:`smoa_jax.core.spectral`) and::
+An op is the static description of ONE adapted ``(in, out)`` layer under one method: a frozen,
+hashable dataclass (a valid ``jit`` static argument) whose methods are pure ``jax.numpy``
+functions of the layer's arrays::
 
-    dW[C_k, R_k] = (alpha / r) * (a_k @ b_k) * W[C_k, R_k]        (zero outside the blocks)
-    y = x @ W + bias + dropout(x) @ dW
+    kernel (in, out)    the frozen W, y = x @ W + bias
+    a, b                the trainable factors, in the op's own stacked layout
+    perms               (in_perm (in,), out_perm (out,)) for methods that work in W's spectral
+                        order (``config.spectral_order``), else None
 
-Stacked, padded factors
-    The K blocks are processed together with ``jax.vmap``-style batched einsums. Factors are
-    stored stacked and zero-padded: ``a`` is ``(K, max|C_k|, max r_k)`` and ``b`` is
-    ``(K, max r_k, max|R_k|)``. Padding rows/columns meet zero anchors and padded ranks are
-    masked, so padded entries get exactly zero gradient and stay zero under any optimizer.
-
-No second copy of W
-    Anchors ``W[C_k, R_k]`` are gathered from the frozen kernel on the fly (a row gather and a
-    per-block column gather touching ``in * out / K`` entries); ``W + dW = W * (1 + M)`` with
-    ``M = (alpha/r) A @ B`` built from the factors scattered to their own coordinates (see
-    :class:`SMoAOp`), so W itself is never permuted. Nothing of W is stored beside the kernel.
-
-The folded path (dropout inactive), cost model of DESIGN section 5
-    ``y = x @ (W + dW)``: one matmul in the forward. A custom VJP then computes only
-    ``dx = dy @ (W + dW)^T`` and the block gradients ``x[:, C_k]^T dy[:, R_k]`` (``2 T in out / K``
-    flops), never the dense ``x^T dy`` that autodiff would build for the kernel; on CPU they are
-    accumulated over token chunks so the gathered tiles stay in cache. ``W + dW`` is recomputed
-    in the backward instead of saved, so training memory holds no extra kernel copy.
-    Per adapted layer and token: about ``4 in out (1 + 1/(2K))`` flops vs ``4 in out`` for LoRA,
-    against ``4 in out + 4 in out`` (+ a dense dW) for the authors' two-matmul forward.
-
-The unfolded path (dropout active)
-    ``x @ W`` plus a block-wise ``dropout(x)[:, C_k] @ dW_k``, differentiated by autodiff.
+Callers (layers, injection, file formats, analysis) use only this interface and never branch on
+the method: sizes (:attr:`AdapterOp.ranks`, :attr:`AdapterOp.num_blocks`,
+:attr:`AdapterOp.num_params`, :attr:`AdapterOp.a_shape` / ``b_shape``), the math (``apply``,
+``delta``, ``merged_kernel``, ``unmerged_kernel``, ``invertible_merge``) and the per-block codec
+(:meth:`AdapterOp.factor_blocks` / :meth:`AdapterOp.stack_blocks`) that file formats store.
+Each method's module (:mod:`smoa_jax.core.smoa`, ``hira``, ``lora``, ``full``) holds its config
+and its op, so adding a method adds one module.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smoa_jax.core.config import AdapterConfig, HiRAConfig, LoRAConfig, SMoAConfig
 from smoa_jax.errors import ConfigError
-from smoa_jax.core.spectral import SpectralBlocks
 
-__all__ = [
-    "BlockLayout",
-    "SMoAOp",
-    "LoRAOp",
-    "make_op",
-    "delta_weight",
-]
+__all__ = ["AdapterOp", "BlockLayout", "Perms", "HIGHEST", "wide_dtype", "stack_factors",
+           "unstack_factors"]
 
 Perms = tuple[jax.Array, jax.Array] | None
-_HIGHEST = jax.lax.Precision.HIGHEST
+# Adapter math runs at full float32 precision on every backend (TPUs default to bf16 passes).
+HIGHEST = jax.lax.Precision.HIGHEST
+# One (a_k (|C_k|, r_k), b_k (r_k, |R_k|)) pair per block, unpadded: the unit files store.
+FactorBlocks = list[tuple[Any, Any]]
+
+
+def wide_dtype(*dtypes: Any) -> jnp.dtype:
+  """The dtype merges and sums use: float32, or wider if an input is wider (float64 under x64)."""
+  return jnp.result_type(jnp.float32, *dtypes)
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockLayout:
-  """Static sizes of K aligned blocks and their ranks (hashable: a valid ``jit`` static arg)."""
+  """Static sizes of K aligned blocks and their ranks (hashable: a valid ``jit`` static arg).
+
+  Factors of K blocks are stored stacked and zero-padded: ``a (K, max|C_k|, max r_k)`` and
+  ``b (K, max r_k, max|R_k|)``.
+  """
 
   in_sizes: tuple[int, ...]
   out_sizes: tuple[int, ...]
@@ -101,318 +92,7 @@ class BlockLayout:
             < np.asarray(self.in_sizes)[:, None]).astype(np.float32)[:, :, None]
 
 
-def _wide(*dtypes: Any) -> jnp.dtype:
-  """The dtype merges and sums use: float32, or wider if an input is wider (float64 under x64)."""
-  return jnp.result_type(jnp.float32, *dtypes)
-
-
-def _offsets(sizes: Sequence[int]) -> list[int]:
-  return [int(o) for o in np.cumsum((0,) + tuple(sizes[:-1]))]
-
-
-def _split_last(x: jax.Array, sizes: tuple[int, ...]) -> jax.Array:
-  """``(..., sum(sizes))`` -> ``(K, ..., max(sizes))``: the K contiguous pieces, zero padded.
-
-  Blocks go first so that the block einsums are plain batched matmuls (batch dim leading).
-  """
-  width = max(sizes)
-  pad = [(0, 0)] * (x.ndim - 1)
-  return jnp.stack([jnp.pad(x[..., start:start + size], pad + [(0, width - size)])
-                    for start, size in zip(_offsets(sizes), sizes)])
-
-
-def _join_last(x: jax.Array, sizes: tuple[int, ...]) -> jax.Array:
-  """Inverse of :func:`_split_last`: ``(K, ..., max(sizes))`` -> ``(..., sum(sizes))``."""
-  return jnp.concatenate([x[k, ..., :size] for k, size in enumerate(sizes)], axis=-1)
-
-
-def _inverse(perm: jax.Array) -> jax.Array:
-  return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _permute(x: jax.Array, perm: jax.Array, axis: int) -> jax.Array:
-  """``take(x, perm, axis)`` whose VJP is a gather by the inverse permutation.
-
-  Autodiff of a gather is a scatter-add, which is slow on CPU; for a permutation the transpose is
-  another gather.
-  """
-  return jnp.take(x, perm, axis=axis)
-
-
-def _permute_fwd(x, perm, axis):
-  return jnp.take(x, perm, axis=axis), perm
-
-
-def _permute_bwd(axis, perm, g):
-  return jnp.take(g, _inverse(perm), axis=axis), None
-
-
-_permute.defvjp(_permute_fwd, _permute_bwd)
-
-
-def _take_last(x: jax.Array, perm: jax.Array | None) -> jax.Array:
-  return x if perm is None else _permute(x, perm, x.ndim - 1)
-
-
-# Token chunk of the block-gradient accumulation on CPU: the gathered x and dy tiles of one chunk
-# stay in cache (measured ~1.5x faster than one big gathered einsum at T=2048); accelerators get
-# one einsum over all tokens.
-CPU_TOKEN_CHUNK = 256
-
-
-def _padded_index(perm: jax.Array | None, sizes: tuple[int, ...]) -> jax.Array:
-  """``(K * max(sizes),)`` int32: block k's coordinates in spectral order, padded with ``n``.
-
-  ``n = sum(sizes)`` is out of range, so a ``mode="fill"`` gather reads zeros there.
-  """
-  n, width = sum(sizes), max(sizes)
-  perm = jnp.arange(n, dtype=jnp.int32) if perm is None else perm.astype(jnp.int32)
-  pieces = []
-  for start, size in zip(_offsets(sizes), sizes):
-    pieces.append(perm[start:start + size])
-    if width > size:
-      pieces.append(jnp.full((width - size,), n, jnp.int32))
-  return jnp.concatenate(pieces)
-
-
-def _membership(perm: jax.Array | None, sizes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-  """For every coordinate: ``(block k, position within block k)``, each ``(n,)`` int32."""
-  block_of = np.repeat(np.arange(len(sizes)), sizes).astype(np.int32)
-  position_of = np.concatenate([np.arange(size) for size in sizes]).astype(np.int32)
-  if perm is None:
-    return jnp.asarray(block_of), jnp.asarray(position_of)
-  rank = _inverse(perm.astype(jnp.int32))  # where each coordinate sits in the spectral order
-  return jnp.asarray(block_of)[rank], jnp.asarray(position_of)[rank]
-
-
-@dataclasses.dataclass(frozen=True)
-class SMoAOp:
-  """Static description of one SMoA (or HiRA) adapted layer; all methods are pure and jittable.
-
-  Arrays: ``kernel (in, out)``, ``a (K, max|C_k|, max r_k)``, ``b (K, max r_k, max|R_k|)``,
-  ``perms = (in_perm (in,), out_perm (out,))`` or ``None`` for the natural order (HiRA).
-
-  Dense form without permuting W: scatter block k's factors to their own coordinates and their
-  own rank columns, ``A (in, K r)`` and ``B (K r, out)``; then ``M = (alpha/r) A @ B`` holds
-  ``(alpha/r) a_k b_k`` on block k and exactly 0 elsewhere (the blocks' rank columns do not
-  overlap), and ``dW = M * W``, ``W + dW = W * (1 + M)``.
-  """
-
-  layout: BlockLayout
-  scaling: float
-  adapter_dtype: str = "float32"
-
-  def init_factors(self, key: jax.Array, param_dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array]:
-    """``a_k ~ U(+-1/sqrt(|C_k|))`` on real entries (zeros on padding), ``b = 0``."""
-    bound = 1.0 / np.sqrt(np.asarray(self.layout.in_sizes, np.float32))[:, None, None]
-    a = jax.random.uniform(key, self.layout.a_shape, jnp.float32, -1.0, 1.0) * bound
-    a = a * self.layout.rank_mask() * self.layout.in_mask()
-    return a.astype(param_dtype), jnp.zeros(self.layout.b_shape, param_dtype)
-
-  def _masked(self, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-    dt = jnp.dtype(self.adapter_dtype)
-    return a.astype(dt) * self.layout.rank_mask().astype(dt), b.astype(dt)
-
-  def _low_rank(self, a: jax.Array, b: jax.Array) -> jax.Array:
-    # (K, max_in, max_r) x (K, max_r, max_out) -> (K, max_in, max_out), padded ranks masked.
-    a, b = self._masked(a, b)
-    return jnp.einsum("kir,kro->kio", a, b, precision=_HIGHEST)
-
-  def modulation_matrix(self, a: jax.Array, b: jax.Array, perms: Perms) -> jax.Array:
-    """``M (in, out)``: ``(alpha/r) a_k b_k`` on block k, exactly 0 outside the blocks."""
-    a, b = self._masked(a, b)
-    k, _, rank = a.shape
-    in_block, in_pos = _membership(None if perms is None else perms[0], self.layout.in_sizes)
-    out_block, out_pos = _membership(None if perms is None else perms[1], self.layout.out_sizes)
-    full_a = jax.nn.one_hot(in_block, k, dtype=a.dtype)[:, :, None] * a[in_block, in_pos][:, None, :]
-    b_cols = jnp.swapaxes(b, 1, 2)[out_block, out_pos]  # (out, max_r)
-    full_b = jax.nn.one_hot(out_block, k, dtype=b.dtype)[:, :, None] * b_cols[:, None, :]
-    return self.scaling * jnp.matmul(full_a.reshape(-1, k * rank), full_b.reshape(-1, k * rank).T,
-                                     precision=_HIGHEST)
-
-  def anchors(self, kernel: jax.Array, perms: Perms) -> jax.Array:
-    """The frozen blocks ``W[C_k, R_k]`` as ``(K, max|C_k|, max|R_k|)``, zero padded."""
-    k, max_in, max_out = self.layout.num_blocks, max(self.layout.in_sizes), max(self.layout.out_sizes)
-    in_idx = _padded_index(None if perms is None else perms[0], self.layout.in_sizes)
-    out_idx = _padded_index(None if perms is None else perms[1], self.layout.out_sizes)
-    rows = jnp.take(kernel, in_idx, axis=0, mode="fill", fill_value=0).reshape(k, max_in, -1)
-    blocks = jnp.take_along_axis(rows, out_idx.reshape(k, 1, max_out), axis=2, mode="fill",
-                                 fill_value=0)
-    return blocks.astype(self.adapter_dtype)
-
-  def block_deltas(self, kernel: jax.Array, a: jax.Array, b: jax.Array, perms: Perms) -> jax.Array:
-    """``dW_k = scaling (a_k @ b_k) * W_k`` for every block, ``(K, max|C_k|, max|R_k|)``."""
-    return self.scaling * self._low_rank(a, b) * self.anchors(kernel, perms)
-
-  def delta(self, kernel: jax.Array, a: jax.Array, b: jax.Array, perms: Perms) -> jax.Array:
-    """The dense update ``dW (in, out)`` in ``adapter_dtype``, zero outside the K blocks."""
-    return self.modulation_matrix(a, b, perms) * kernel.astype(self.adapter_dtype)
-
-  def merged_kernel(self, kernel: jax.Array, a: jax.Array, b: jax.Array, perms: Perms,
-                    dtype: Any = None) -> jax.Array:
-    """``W + dW = W * (1 + M)`` in float32 (or wider), cast to ``dtype`` (default ``kernel.dtype``)."""
-    wide = _wide(kernel.dtype, self.adapter_dtype)
-    return (kernel.astype(wide) * self.modulation(a, b, perms).astype(wide)).astype(
-        kernel.dtype if dtype is None else dtype)
-
-  def modulation(self, a: jax.Array, b: jax.Array, perms: Perms) -> jax.Array:
-    """The dense factor ``F = 1 + M (in, out)`` with ``W + dW = W * F`` (1 outside the blocks)."""
-    return 1.0 + self.modulation_matrix(a, b, perms).astype(_wide(self.adapter_dtype))
-
-  def unmerged_kernel(self, merged: jax.Array, a: jax.Array, b: jax.Array, perms: Perms) -> jax.Array:
-    """Recover ``W`` from ``W + dW = W * F`` as ``merged / F`` (float32 or wider, cast back)."""
-    wide = _wide(merged.dtype, self.adapter_dtype)
-    return (merged.astype(wide) / self.modulation(a, b, perms).astype(wide)).astype(merged.dtype)
-
-  def apply(self, x: jax.Array, x_adapter: jax.Array | None, kernel: jax.Array, a: jax.Array,
-            b: jax.Array, perms: Perms, precision: Any = None) -> jax.Array:
-    """``x @ W + x_adapter @ dW`` for ``x (..., in)`` -> ``(..., out)`` (no bias).
-
-    ``x_adapter=None`` means the adapter sees ``x`` itself (no dropout): the folded path.
-    """
-    if x_adapter is None:
-      return _folded_matmul(self, precision, x, kernel, a, b, perms)
-    # Unfolded: base matmul + block-wise adapter matmul of the dropped-out input.
-    y = jnp.matmul(x, kernel, precision=precision)
-    xb = _split_last(_take_last(x_adapter, None if perms is None else perms[0]),
-                     self.layout.in_sizes)  # (K, ..., max_in)
-    deltas = self.block_deltas(kernel, a, b, perms)
-    lead = x.shape[:-1]
-    xb = xb.reshape(xb.shape[0], -1, xb.shape[-1]).astype(deltas.dtype)
-    yb = jnp.einsum("kti,kio->kto", xb, deltas, precision=precision)
-    y_adapter = _join_last(yb, self.layout.out_sizes).reshape(*lead, -1)
-    if perms is not None:
-      y_adapter = _take_last(y_adapter, _inverse(perms[1]))
-    return y + y_adapter.astype(y.dtype)
-
-
-def _block_gradients(op: SMoAOp, x: jax.Array, dy: jax.Array, perms: Perms,
-                     precision: Any) -> jax.Array:
-  """``G_k = x[:, C_k]^T dy[:, R_k]`` for all blocks: ``x (T, in)``, ``dy (T, out)`` -> ``(K, max|C_k|, max|R_k|)``."""
-  layout = op.layout
-  k, max_in, max_out = layout.num_blocks, max(layout.in_sizes), max(layout.out_sizes)
-  in_idx = _padded_index(None if perms is None else perms[0], layout.in_sizes)
-  out_idx = _padded_index(None if perms is None else perms[1], layout.out_sizes)
-  accumulate = _wide(x.dtype)
-
-  def chunk_gradients(xc, dyc):
-    xg = jnp.take(xc, in_idx, axis=1, mode="fill", fill_value=0).reshape(-1, k, max_in)
-    dg = jnp.take(dyc, out_idx, axis=1, mode="fill", fill_value=0).reshape(-1, k, max_out)
-    return jnp.einsum("tki,tko->kio", xg, dg, precision=precision,
-                      preferred_element_type=accumulate)
-
-  tokens = x.shape[0]
-  chunk = CPU_TOKEN_CHUNK if jax.default_backend() == "cpu" else tokens
-  if tokens <= chunk:
-    return chunk_gradients(x, dy)
-  pad = (-tokens) % chunk  # zero rows add nothing to x^T dy
-  x = jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, chunk, x.shape[-1])
-  dy = jnp.pad(dy, ((0, pad), (0, 0))).reshape(-1, chunk, dy.shape[-1])
-  zero = jnp.zeros((k, max_in, max_out), accumulate)
-  return jax.lax.scan(lambda g, xd: (g + chunk_gradients(*xd), None), zero, (x, dy))[0]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _folded_matmul(op: SMoAOp, precision, x, kernel, a, b, perms):
-  # x: (..., in), kernel: (in, out) -> (..., out); y = x @ (W + dW).
-  return jnp.matmul(x, op.merged_kernel(kernel, a, b, perms, x.dtype), precision=precision)
-
-
-def _folded_fwd(op, precision, x, kernel, a, b, perms):
-  return _folded_matmul(op, precision, x, kernel, a, b, perms), (x, kernel, a, b, perms)
-
-
-def _folded_bwd(op: SMoAOp, precision, residuals, dy):
-  x, kernel, a, b, perms = residuals
-  layout = op.layout
-  modulation = op.modulation(a, b, perms)  # recomputed, never stored
-  w_eff = (kernel.astype(modulation.dtype) * modulation).astype(x.dtype)
-  dx = jnp.matmul(dy, w_eff.T, precision=precision).astype(x.dtype)
-  x2 = x.reshape(-1, x.shape[-1])
-  dy2 = dy.reshape(-1, dy.shape[-1])
-  # The block gradients x_k^T dy_k: the only O(T in out / K) work the adapter adds.
-  grad_blocks = _block_gradients(op, x2, dy2, perms, precision).astype(op.adapter_dtype)
-  g = op.scaling * grad_blocks * op.anchors(kernel, perms)  # dL/d(a_k b_k)
-  a_masked, b_cast = op._masked(a, b)
-  da = jnp.einsum("kio,kro->kir", g, b_cast, precision=_HIGHEST) * layout.rank_mask()
-  db = jnp.einsum("kir,kio->kro", a_masked, g, precision=_HIGHEST)
-  # Kernel cotangent (dead code under jit when the kernel is frozen, as it is in training):
-  # y = x @ (W * F)  =>  dL/dW = (x^T dy) * F.
-  wide = _wide(x.dtype, kernel.dtype, op.adapter_dtype)
-  dkernel = jnp.matmul(x2.T, dy2, precision=precision, preferred_element_type=wide) * modulation
-  return dx, dkernel.astype(kernel.dtype), da.astype(a.dtype), db.astype(b.dtype), None
-
-
-_folded_matmul.defvjp(_folded_fwd, _folded_bwd)
-
-
-@dataclasses.dataclass(frozen=True)
-class LoRAOp:
-  """LoRA: ``dW = scaling a @ b`` with ``a (in, r)``, ``b (r, out)``."""
-
-  in_features: int
-  out_features: int
-  r: int
-  scaling: float
-  adapter_dtype: str = "float32"
-
-  @property
-  def num_params(self) -> int:
-    return self.r * (self.in_features + self.out_features)
-
-  def init_factors(self, key: jax.Array, param_dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array]:
-    """``a ~ U(+-1/sqrt(in))``, ``b = 0``."""
-    bound = 1.0 / np.sqrt(self.in_features)
-    a = jax.random.uniform(key, (self.in_features, self.r), jnp.float32, -bound, bound)
-    return a.astype(param_dtype), jnp.zeros((self.r, self.out_features), param_dtype)
-
-  def delta(self, kernel: jax.Array, a: jax.Array, b: jax.Array, perms: Perms = None) -> jax.Array:
-    dt = jnp.dtype(self.adapter_dtype)
-    return self.scaling * jnp.matmul(a.astype(dt), b.astype(dt), precision=_HIGHEST)
-
-  def merged_kernel(self, kernel, a, b, perms: Perms = None) -> jax.Array:
-    wide = _wide(kernel.dtype, self.adapter_dtype)
-    return (kernel.astype(wide) + self.delta(kernel, a, b).astype(wide)).astype(kernel.dtype)
-
-  def unmerged_kernel(self, merged, a, b, perms: Perms = None) -> jax.Array:
-    wide = _wide(merged.dtype, self.adapter_dtype)
-    return (merged.astype(wide) - self.delta(merged, a, b).astype(wide)).astype(merged.dtype)
-
-  def apply(self, x, x_adapter, kernel, a, b, perms: Perms = None, precision: Any = None):
-    """``x @ W + scaling (x_adapter @ a) @ b`` for ``x (..., in)`` (no bias)."""
-    x_adapter = x if x_adapter is None else x_adapter
-    y = jnp.matmul(x, kernel, precision=precision)
-    dt = jnp.dtype(self.adapter_dtype)
-    h = jnp.matmul(x_adapter.astype(dt), a.astype(dt), precision=precision)
-    return y + (self.scaling * jnp.matmul(h, b.astype(dt), precision=precision)).astype(y.dtype)
-
-
-def make_op(config: AdapterConfig, in_features: int, out_features: int,
-            blocks: SpectralBlocks | None = None) -> SMoAOp | LoRAOp:
-  """The op for one ``(in, out)`` layer under ``config`` (SMoA needs its ``blocks``' sizes)."""
-  if isinstance(config, SMoAConfig):
-    config.check_layer(in_features, out_features)
-    if blocks is None:
-      raise ConfigError("an SMoA op needs the layer's SpectralBlocks (see spectral_blocks).")
-    if blocks.shape != (in_features, out_features):
-      raise ConfigError(f"spectral blocks cut a {blocks.shape} kernel, but the layer is "
-                        f"{(in_features, out_features)}; recompute them for this kernel.")
-    if blocks.num_blocks != config.num_blocks:
-      raise ConfigError(f"spectral blocks have K={blocks.num_blocks} but config.num_blocks="
-                        f"{config.num_blocks}.")
-    layout = BlockLayout(blocks.in_sizes, blocks.out_sizes, config.block_ranks)
-    return SMoAOp(layout, config.scaling, config.adapter_dtype)
-  if isinstance(config, HiRAConfig):
-    layout = BlockLayout((in_features,), (out_features,), (config.r,))
-    return SMoAOp(layout, config.scaling, config.adapter_dtype)
-  if isinstance(config, LoRAConfig):
-    return LoRAOp(in_features, out_features, config.r, config.scaling, config.adapter_dtype)
-  raise ConfigError(f"no adapter op for {type(config).__name__}; expected SMoAConfig, "
-                    "LoRAConfig or HiRAConfig.")
-
-
-def stack_factors(factors: Sequence[tuple[jax.Array, jax.Array]],
+def stack_factors(factors: Sequence[tuple[Any, Any]],
                   layout: BlockLayout) -> tuple[jax.Array, jax.Array]:
   """Per-block ``[(a_k (|C_k|, r_k), b_k (r_k, |R_k|)), ...]`` -> stacked, zero-padded ``(a, b)``."""
   _, max_in, max_r = layout.a_shape
@@ -424,43 +104,80 @@ def stack_factors(factors: Sequence[tuple[jax.Array, jax.Array]],
   return a, b
 
 
-def unstack_factors(a: jax.Array, b: jax.Array,
-                    layout: BlockLayout) -> list[tuple[jax.Array, jax.Array]]:
+def unstack_factors(a: Any, b: Any, layout: BlockLayout) -> FactorBlocks:
   """Inverse of :func:`stack_factors`: drop the padding of every block."""
   return [(a[k, :c, :r], b[k, :r, :o])
           for k, (c, o, r) in enumerate(zip(layout.in_sizes, layout.out_sizes, layout.ranks))]
 
 
-def delta_weight(kernel: jax.Array, blocks: SpectralBlocks,
-                 factors: Sequence[tuple[jax.Array, jax.Array]], scaling: float) -> jax.Array:
-  """Dense SMoA update ``dW (in, out)`` from per-block factors, in float32.
+class AdapterOp:
+  """The interface of every adapter op; see the module docstring.
 
-  ``dW[C_k, R_k] = scaling * (a_k @ b_k) * kernel[C_k, R_k]`` and zero elsewhere, with
-  ``factors[k] = (a_k (|C_k|, r_k), b_k (r_k, |R_k|))``; ``scaling`` is ``alpha / r`` with ``r``
-  the TOTAL rank. A block with ``r_k = 0`` contributes nothing.
-
-  Example::
-
-    >>> import jax.numpy as jnp, smoa_jax
-    >>> w = jnp.arange(12.0).reshape(4, 3) - 5
-    >>> blocks = smoa_jax.spectral_blocks(w, 2)
-    >>> factors = [(jnp.ones((c, 1)), jnp.ones((1, o)))
-    ...            for c, o in zip(blocks.in_sizes, blocks.out_sizes)]
-    >>> dw = smoa_jax.delta_weight(w, blocks, factors, scaling=0.5)
-    >>> dw.shape
-    (4, 3)
+  Subclasses are frozen dataclasses. The defaults below serve block-factored ops whose
+  ``layout`` is a :class:`BlockLayout` (SMoA, HiRA); others override what differs.
   """
-  if len(factors) != blocks.num_blocks:
-    raise ConfigError(f"delta_weight got {len(factors)} factor pairs for {blocks.num_blocks} blocks.")
-  ranks = []
-  for k, (ak, bk) in enumerate(factors):
-    if (np.ndim(ak) != 2 or np.ndim(bk) != 2 or np.shape(ak)[0] != blocks.in_sizes[k]
-        or np.shape(bk)[1] != blocks.out_sizes[k] or np.shape(ak)[1] != np.shape(bk)[0]):
-      raise ConfigError(
-          f"factors[{k}] have shapes a={np.shape(ak)}, b={np.shape(bk)}; expected a=(|C_k|, r_k) "
-          f"with |C_k|={blocks.in_sizes[k]} and b=(r_k, |R_k|) with |R_k|={blocks.out_sizes[k]}.")
-    ranks.append(int(np.shape(ak)[1]))
-  layout = BlockLayout(blocks.in_sizes, blocks.out_sizes, tuple(ranks))
-  a, b = stack_factors(factors, layout)
-  return SMoAOp(layout, float(scaling)).delta(jnp.asarray(kernel), a, b,
-                                              (blocks.in_perm, blocks.out_perm))
+
+  layout: BlockLayout
+
+  # -- sizes ------------------------------------------------------------------------------------
+  @property
+  def ranks(self) -> tuple[int, ...]:
+    """The rank of each block (empty when the op has no low-rank factors)."""
+    return self.layout.ranks
+
+  @property
+  def num_blocks(self) -> int:
+    return self.layout.num_blocks
+
+  @property
+  def num_params(self) -> int:
+    """Trainable parameters of one layer, padding excluded."""
+    return self.layout.num_params
+
+  @property
+  def a_shape(self) -> tuple[int, ...]:
+    return self.layout.a_shape
+
+  @property
+  def b_shape(self) -> tuple[int, ...]:
+    return self.layout.b_shape
+
+  # -- the per-block codec ----------------------------------------------------------------------
+  def factor_blocks(self, a: Any, b: Any) -> FactorBlocks:
+    """``[(a_k (|C_k|, r_k), b_k (r_k, |R_k|)), ...]``: the factors of each block, unpadded."""
+    return unstack_factors(a, b, self.layout)
+
+  def stack_blocks(self, blocks: Sequence[tuple[Any, Any]]) -> tuple[jax.Array, jax.Array]:
+    """Inverse of :meth:`factor_blocks`: the factors in this op's stored layout (float32)."""
+    return stack_factors(blocks, self.layout)
+
+  # -- the math (every factorized op implements these) ------------------------------------------
+  def init_factors(self, key: jax.Array, param_dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array]:
+    """Fresh ``(a, b)``: ``b = 0``, so the adapter starts as an exact no-op."""
+    raise NotImplementedError
+
+  def apply(self, x: jax.Array, x_adapter: jax.Array | None, kernel: jax.Array, a: jax.Array,
+            b: jax.Array, perms: Perms, precision: Any = None) -> jax.Array:
+    """``x @ W + x_adapter @ dW`` for ``x (..., in)`` -> ``(..., out)`` (no bias);
+    ``x_adapter=None`` means the adapter sees ``x`` itself (no dropout)."""
+    raise NotImplementedError
+
+  def delta(self, kernel: jax.Array, a: jax.Array, b: jax.Array, perms: Perms) -> jax.Array:
+    """The dense update ``dW (in, out)`` in the adapter dtype."""
+    raise NotImplementedError
+
+  def merged_kernel(self, kernel: jax.Array, a: jax.Array, b: jax.Array, perms: Perms,
+                    dtype: Any = None) -> jax.Array:
+    """``W + dW`` summed in float32 (or wider), cast to ``dtype`` (default ``kernel.dtype``)."""
+    raise NotImplementedError
+
+  def unmerged_kernel(self, merged: jax.Array, a: jax.Array, b: jax.Array,
+                      perms: Perms) -> jax.Array:
+    """Recover ``W`` from :meth:`merged_kernel`'s result (up to float rounding)."""
+    raise NotImplementedError
+
+  def invertible_merge(self, a: jax.Array, b: jax.Array, perms: Perms) -> jax.Array:
+    """Whether :meth:`unmerged_kernel` can recover W after a merge with these factors (a bool
+    scalar, jittable)."""
+    del a, b, perms
+    return jnp.asarray(True)

@@ -13,7 +13,7 @@ Their adapter directory is a PEFT ``save_pretrained``::
 
 The file holds no permutation: their code recomputes it whenever it builds a layer, from the base
 weight ``torch_weight (out, in)`` (a GPT-2 ``Conv1D`` weight, stored ``(in, out)``, is transposed
-first: ``fan_in_fan_out``): a float32 ``torch.linalg.svd``, the centroids of DESIGN section 1 for
+first: ``fan_in_fan_out``): a float32 ``torch.linalg.svd``, the centroids of docs/design.md section 1 for
 outputs (from ``u``) and inputs (from ``vh.T``), and an UNSTABLE ``torch.argsort``. Row ``i`` of
 ``a_k`` belongs to the i-th coordinate of ``C_k`` in that order, so factors mean something only
 with the permutation they were trained against. Ours (stable sort, computed in JAX) is the same
@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pickle
 import re
 import warnings
 from pathlib import Path
@@ -50,26 +49,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
-from smoa_jax.core.config import SMoAConfig, split_sizes
+from smoa_jax.core.config import split_sizes
+from smoa_jax.core.smoa import SMoAConfig
+from smoa_jax.core.spectral import SpectralBlocks, spectral_blocks
 from smoa_jax.errors import (AdapterMismatchError, CheckpointError, ConfigError, KernelError,
                              SMoAError)
+from smoa_jax.io import formats
 from smoa_jax.io.files import atomic_directory
-from smoa_jax.layers.inject import AdapterReport, adapter_layers, apply_adapter
-from smoa_jax.layers.paths import module_path
+from smoa_jax.layers.inject import AdapterReport, adapt_modules
+from smoa_jax.layers.sites import LinearSite, linear_sites
+from smoa_jax.layers.variables import TrainableParam
 from smoa_jax.models.base import HFModel
-from smoa_jax.layers.dense import AdaptedDense, SMoADense, SMoAParam
-from smoa_jax.core.spectral import SpectralBlocks, spectral_blocks
+from smoa_jax.parallel.sharding import to_host
 
 __all__ = ["authors_blocks", "compare_blocks", "PermutationCheck", "AuthorsImport",
            "save_authors_adapter", "load_authors_adapter"]
 
-CONFIG_NAME = "adapter_config.json"
-SAFETENSORS_NAME = "adapter_model.safetensors"
-TORCH_BIN_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
 # Their SMoAConfig defaults, used for fields an adapter_config.json leaves out (as their loader).
 AUTHORS_DEFAULTS: dict[str, Any] = {
     "r": 8, "num_blocks": 2, "branch_ranks": None, "lora_alpha": 8, "lora_dropout": 0.0,
@@ -188,15 +185,28 @@ class AuthorsImport:
     return tuple(c for c in self.checks if not c.matches)
 
 
-def _hf_modules(model: HFModel) -> dict[str, tuple[str, nnx.Module, bool]]:
-  """HF dotted name -> (our path, layer, weight stored ``(in, out)`` as a Conv1D) per linear."""
+@dataclasses.dataclass(frozen=True)
+class _Module:
+  """A linear layer of the model under its Hugging Face dotted name (the authors' key names)."""
+
+  hf_name: str
+  site: LinearSite
+  conv1d: bool  # weight stored (in, out) in PyTorch (GPT-2 Conv1D): their fan_in_fan_out
+
+  @property
+  def path(self) -> str:
+    return self.site.name
+
+
+def _hf_modules(model: HFModel) -> dict[str, _Module]:
+  """HF dotted name -> :class:`_Module` for every (unstacked) linear layer the key map names."""
   key_map = model.key_map()
   out = {}
-  for path, node in nnx.iter_graph(model):
-    if isinstance(node, (nnx.Linear, AdaptedDense)):
-      found = key_map.hf_for(module_path(path) + "/kernel")
-      if found is not None and found[0].endswith(".weight"):
-        out[found[0].removesuffix(".weight")] = (module_path(path), node, not found[1])
+  for site in linear_sites(model):
+    found = key_map.hf_for(site.name + "/kernel")
+    if site.num_layers is None and found is not None and found[0].endswith(".weight"):
+      out[found[0].removesuffix(".weight")] = _Module(found[0].removesuffix(".weight"), site,
+                                                      not found[1])
   return out
 
 
@@ -226,18 +236,17 @@ def _regroup(ours: np.ndarray, theirs: np.ndarray, sizes: Sequence[int], zero: n
   return index, moved
 
 
-def _factors_in_their_order(path: str, layer: SMoADense, theirs: SpectralBlocks
+def _factors_in_their_order(path: str, a: np.ndarray, b: np.ndarray, kernel: np.ndarray,
+                            ours: SpectralBlocks, theirs: SpectralBlocks
                             ) -> tuple[np.ndarray, np.ndarray]:
-  """The layer's ``a (K, max|C_k|, max r)``, ``b (K, max r, max|R_k|)`` expressed in ``theirs``."""
-  a, b = np.asarray(layer.lora_a[...], np.float32), np.asarray(layer.lora_b[...], np.float32)
-  ours = layer.blocks
+  """One layer's ``a (K, max|C_k|, max r)``, ``b (K, max r, max|R_k|)`` expressed in ``theirs``
+  (host arrays; ``kernel (in, out)`` is the layer's pristine W)."""
   if compare_blocks(path, ours, theirs).matches:
     return a, b
-  w = np.asarray(jnp.asarray(layer.base_kernel(), jnp.float32))
   in_index, in_moved = _regroup(np.asarray(ours.in_perm), np.asarray(theirs.in_perm),
-                                ours.in_sizes, np.all(w == 0, axis=1))
+                                ours.in_sizes, np.all(kernel == 0, axis=1))
   out_index, out_moved = _regroup(np.asarray(ours.out_perm), np.asarray(theirs.out_perm),
-                                  ours.out_sizes, np.all(w == 0, axis=0))
+                                  ours.out_sizes, np.all(kernel == 0, axis=0))
   if in_moved or out_moved:
     raise AdapterMismatchError(
         f"module {path!r}: the authors' code would put {len(in_moved)} input and {len(out_moved)} "
@@ -258,6 +267,39 @@ def _task_type(model: HFModel) -> str | None:
   return "CAUSAL_LM" if name.endswith(("ForCausalLM", "LMHeadModel")) else None
 
 
+def _exported_layers(model: HFModel) -> tuple[SMoAConfig, list[tuple[str, LinearSite, int | None]]]:
+  """The one SMoA config and ``(HF name, site, layer index)`` of every adapted layer; refuses
+  what the authors' layout cannot hold."""
+  sites = [site for site in linear_sites(model) if site.adapted]
+  if not sites:
+    raise AdapterMismatchError("the model has no adapter layers: call smoa_jax.apply_adapter with "
+                               "an SMoAConfig first.")
+  methods = sorted({s.module.config.method for s in sites if s.module.config.method != "smoa"})
+  if methods:
+    raise AdapterMismatchError(f"the model carries {methods} adapters, but the authors' SMoA "
+                               "layout stores SMoA only (their LoRA and HiRA are other tuners); "
+                               "save it with smoa_jax.save_adapter.")
+  configs = {site.module.config for site in sites}
+  if len(configs) > 1:
+    raise AdapterMismatchError(f"the model holds SMoA adapters of {len(configs)} different "
+                               "configs; the authors' adapter_config.json describes one.")
+  adapted = {site.path for site in sites}
+  extras = [p for p, v in nnx.iter_graph(model)
+            if isinstance(v, TrainableParam) and tuple(p[:-1]) not in adapted]
+  if extras:
+    raise AdapterMismatchError(f"the model trains arrays outside SMoA layers "
+                               f"({['/'.join(map(str, p)) for p in extras[:5]]}), which the "
+                               "authors' layout does not carry; save with smoa_jax.save_adapter.")
+  key_map, layers = model.key_map(), []
+  for site in sites:
+    for name, index in site.unrolled() or [(site.name, None)]:
+      found = key_map.hf_for(name + "/kernel")
+      if found is None:
+        raise AdapterMismatchError(f"adapted module {name!r} has no Hugging Face name.")
+      layers.append((found[0].removesuffix(".weight"), site, index))
+  return configs.pop(), layers
+
+
 def save_authors_adapter(model: HFModel, path: str | os.PathLike, *, verify: bool = True,
                          torch_device: str = "cpu",
                          base_model_name_or_path: str | None = None) -> Path:
@@ -265,7 +307,9 @@ def save_authors_adapter(model: HFModel, path: str | os.PathLike, *, verify: boo
 
   ``adapter_config.json`` lists the adapted modules by their Hugging Face names in
   ``target_modules``; ``adapter_model.safetensors`` holds float32 ``lora_A.<k>`` ``(r_k, |C_k|)``
-  and ``lora_B.<k>`` ``(|R_k|, r_k)``. The write is atomic.
+  and ``lora_B.<k>`` ``(|R_k|, r_k)``. The write is atomic. With several processes every process
+  must call this (arrays are gathered); process 0 writes. Scanned models are written under their
+  unrolled module names.
 
   Args:
     model: a model from :func:`smoa_jax.from_hf` carrying :class:`SMoADense` layers of one config.
@@ -273,7 +317,7 @@ def save_authors_adapter(model: HFModel, path: str | os.PathLike, *, verify: boo
     verify: check every layer's permutation against the one their code will compute
       (:func:`authors_blocks`, needs torch) and re-express the factors in it; ``False`` skips the
       check, for a machine without torch, at the risk of a different dW where centroids near-tie.
-    torch_device: where torch runs those SVDs.
+    torch_device: where to run their SVD for the check (``"cuda"`` if they will load on a GPU).
     base_model_name_or_path: recorded in the config (default: the directory the model came from).
 
   Raises:
@@ -281,42 +325,24 @@ def save_authors_adapter(model: HFModel, path: str | os.PathLike, *, verify: boo
       several configs, other trainable arrays, or a permutation their layout cannot express.
   """
   _check_model(model, "save_authors_adapter")
-  layers = adapter_layers(model)
-  if not layers:
-    raise AdapterMismatchError("the model has no adapter layers: call smoa_jax.apply_adapter with "
-                               "an SMoAConfig first.")
-  methods = sorted({m.config.method for _, m in layers if not isinstance(m, SMoADense)})
-  if methods:
-    raise AdapterMismatchError(f"the model carries {methods} adapters, but the authors' SMoA "
-                               "layout stores SMoA only (their LoRA and HiRA are other tuners); "
-                               "save it with smoa_jax.save_adapter.")
-  configs = {layer.config for _, layer in layers}
-  if len(configs) > 1:
-    raise AdapterMismatchError(f"the model holds SMoA adapters of {len(configs)} different "
-                               "configs; the authors' adapter_config.json describes one.")
-  config = configs.pop()
-  adapted = {p for p, m in nnx.iter_graph(model) if isinstance(m, AdaptedDense)}
-  extras = [module_path(p) for p, v in nnx.iter_graph(model)
-            if isinstance(v, SMoAParam) and p[:-1] not in adapted]
-  if extras:
-    raise AdapterMismatchError(f"the model trains arrays outside SMoA layers ({extras[:5]}), "
-                               "which the authors' layout does not carry; save with "
-                               "smoa_jax.save_adapter.")
-  names = {p: (hf, conv1d) for hf, (p, _, conv1d) in _hf_modules(model).items()}
+  config, layers = _exported_layers(model)
+  if verify:
+    _import_torch()
   tensors: dict[str, np.ndarray] = {}
-  for name, layer in layers:
-    if name not in names:
-      raise AdapterMismatchError(f"adapted module {name!r} has no Hugging Face name.")
+  host: dict[str, tuple[np.ndarray, ...]] = {}
+  for hf_name, site, index in layers:
+    layer = site.module
+    if site.name not in host:  # every process gathers; one host copy per (stacked) layer
+      host[site.name] = tuple(to_host(v) for v in (layer.lora_a[...], layer.lora_b[...],
+                                                  layer.in_perm[...], layer.out_perm[...],
+                                                  layer.base_kernel()))
+    a, b, in_perm, out_perm, kernel = (v if index is None else v[index] for v in host[site.name])
     if verify:
-      theirs = authors_blocks(layer.base_kernel(), config.num_blocks, device=torch_device)
-      a, b = _factors_in_their_order(name, layer, theirs)
-    else:
-      a, b = np.asarray(layer.lora_a[...], np.float32), np.asarray(layer.lora_b[...], np.float32)
-    layout, hf = layer.op.layout, names[name][0]
-    for k, (c, o, r) in enumerate(zip(layout.in_sizes, layout.out_sizes, layout.ranks)):
-      if r > 0:
-        tensors[f"{PREFIX}{hf}.lora_A.{k}.weight"] = np.ascontiguousarray(a[k, :c, :r].T)
-        tensors[f"{PREFIX}{hf}.lora_B.{k}.weight"] = np.ascontiguousarray(b[k, :r, :o].T)
+      layout = layer.op.layout
+      ours = SpectralBlocks(in_perm, out_perm, layout.in_sizes, layout.out_sizes)
+      theirs = authors_blocks(kernel, config.num_blocks, device=torch_device)
+      a, b = _factors_in_their_order(site.name, a, b, np.asarray(kernel, np.float32), ours, theirs)
+    tensors.update(formats.encode_factors(hf_name, layer.op, a, b, per_block=True))
   alpha = int(config.alpha) if float(config.alpha).is_integer() else config.alpha
   document = {
       **AUTHORS_DEFAULTS, "peft_type": "SMOA", "auto_mapping": None, "revision": None,
@@ -324,55 +350,35 @@ def save_authors_adapter(model: HFModel, path: str | os.PathLike, *, verify: boo
       "task_type": _task_type(model), "inference_mode": True, "r": config.r,
       "num_blocks": config.num_blocks, "lora_alpha": alpha, "lora_dropout": config.dropout,
       "branch_ranks": None if config.branch_ranks is None else list(config.branch_ranks),
-      "target_modules": sorted(names[n][0] for n, _ in layers),
-      "fan_in_fan_out": all(names[n][1] for n, _ in layers),
+      "target_modules": sorted({hf_name for hf_name, _, _ in layers}),
+      "fan_in_fan_out": all(not model.key_map().hf_for(site.name + "/kernel")[1]
+                            for _, site, _ in layers if site.num_layers is None),
   }
-  with atomic_directory(path) as staged:
-    (staged / CONFIG_NAME).write_text(json.dumps(document, indent=2, sort_keys=True))
-    save_file(tensors, str(staged / SAFETENSORS_NAME), metadata={"format": "pt"})
+  if jax.process_index() == 0:
+    with atomic_directory(path) as staged:
+      (staged / formats.CONFIG_NAME).write_text(json.dumps(document, indent=2, sort_keys=True))
+      save_file(tensors, str(staged / formats.SAFETENSORS_NAME), metadata={"format": "pt"})
   return Path(path)
 
 
 # -- import ----------------------------------------------------------------------------------------
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """The config and the tensors (float32 numpy) of an adapter directory in the authors' layout."""
-  config_file = path / CONFIG_NAME
-  if not config_file.is_file():
-    raise CheckpointError(f"{path} is not an adapter directory: {CONFIG_NAME} is missing.")
+  document = formats.read_config(path)
+  formats.expect_format(path, document, "authors")
+  _import_torch()  # their permutation is recomputed with torch: fail before reading anything
+  tensors = formats.read_tensors(path, torch_bin=True)
+  return {**AUTHORS_DEFAULTS, **document}, {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+
+
+def _authors_config(document: dict[str, Any], path: Path) -> SMoAConfig:
   try:
-    document = json.loads(config_file.read_text())
-  except (OSError, UnicodeDecodeError, ValueError) as err:
-    raise CheckpointError(f"{config_file} is not valid JSON ({err}).") from err
-  if not isinstance(document, dict):
-    raise CheckpointError(f"{config_file} must hold a JSON object.")
-  if document.get("library") == "smoa-jax":
-    raise CheckpointError(f"{path} was written by smoa_jax.save_adapter: load it with "
-                          "smoa_jax.load_adapter.")
-  if document.get("peft_type") != "SMOA":
-    raise CheckpointError(f"{config_file} has peft_type={document.get('peft_type')!r}; expected "
-                          "'SMOA', an adapter saved by the authors' SMoA code or by "
-                          "save_authors_adapter.")
-  torch = _import_torch()
-  weights = next((path / f for f in (SAFETENSORS_NAME, TORCH_BIN_NAME) if (path / f).is_file()),
-                 None)
-  if weights is None:
-    raise CheckpointError(f"{path} holds no adapter weights: expected {SAFETENSORS_NAME} or "
-                          f"{TORCH_BIN_NAME}.")
-  try:
-    if weights.name == SAFETENSORS_NAME:
-      from safetensors.torch import load_file
-      state = load_file(str(weights))
-    else:
-      state = torch.load(weights, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as err:
-    raise CheckpointError(f"refused to load {weights}: it holds more than tensors "
-                          f"({str(err).splitlines()[0]}).") from err
-  except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as err:
-    raise CheckpointError(f"{weights} is unreadable ({type(err).__name__}: {err}); it may be "
-                          "truncated: save the adapter again.") from err
-  if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-    raise CheckpointError(f"the adapter weights in {path} are not a state dict of tensors.")
-  return document, {k: v.detach().to(torch.float32).numpy() for k, v in state.items()}
+    return SMoAConfig(r=document["r"], num_blocks=document["num_blocks"],
+                      alpha=document["lora_alpha"], dropout=document["lora_dropout"],
+                      branch_ranks=document["branch_ranks"])
+  except SMoAError as err:
+    raise CheckpointError(f"{path / formats.CONFIG_NAME}: {err} (from the authors' fields r, "
+                          "num_blocks, lora_alpha, lora_dropout, branch_ranks)") from err
 
 
 def _targeted(document: dict[str, Any], name: str) -> bool:
@@ -392,11 +398,32 @@ def _targeted(document: dict[str, Any], name: str) -> bool:
   return found
 
 
-def _problems(tensors: dict[str, np.ndarray], targets: list[str], modules: dict[str, Any],
-              config: SMoAConfig) -> list[str]:
-  """Every mismatch between the tensors and the targeted modules (keys, shapes, values)."""
-  expected = {f"{PREFIX}{n}.lora_{f}.{k}.weight"
-              for n in targets for k, r in enumerate(config.block_ranks) if r > 0 for f in "AB"}
+def _targets(model: HFModel, document: dict[str, Any], tensors: dict[str, np.ndarray],
+             modules: dict[str, _Module], path: Path) -> list[str]:
+  """The HF names of the modules their config targets (their matching rules)."""
+  if document["target_modules"] is None:  # their saved configs list them; else take the keys'
+    targets = sorted({m["module"] for k in tensors if (m := _FACTOR_KEY.fullmatch(k))
+                      and m["module"] in modules})
+  else:
+    try:
+      targets = [n for n in modules if _targeted(document, n)]
+    except (re.error, TypeError) as err:
+      raise CheckpointError(f"{path / formats.CONFIG_NAME}: invalid target_modules / "
+                            f"layers_to_transform / layers_pattern ({err}).") from err
+  if not targets:
+    scanned = " (load into an unrolled model: scan_layers=False)" if model.scan_layers else ""
+    raise AdapterMismatchError(f"target_modules={document['target_modules']!r} of "
+                               f"{path / formats.CONFIG_NAME} matches no linear module of "
+                               f"{type(model).__name__}{scanned}; its linear modules are e.g. "
+                               f"{sorted(modules)[:8]}.")
+  return targets
+
+
+def _key_problems(tensors: dict[str, np.ndarray], targets: list[str],
+                  modules: dict[str, _Module], config: SMoAConfig) -> list[str]:
+  """Every mismatch between the tensor names and the targeted modules."""
+  expected = {k for n in targets
+              for k in formats.factor_keys(n, config.block_ranks, per_block=True)}
   missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
   problems = []
   if missing:
@@ -415,8 +442,16 @@ def _problems(tensors: dict[str, np.ndarray], targets: list[str], modules: dict[
       message += (f"; {len(other)} are not SMoA factors (trained biases, bias != 'none', or "
                   "modules_to_save are not imported)")
     problems.append(message)
+  return problems
+
+
+def _module_problems(tensors: dict[str, np.ndarray], targets: list[str],
+                     modules: dict[str, _Module], config: SMoAConfig) -> list[str]:
+  """Shapes and values of each targeted module's factors, and adapters already in the model."""
+  problems = []
   for n in targets:
-    n_in, n_out = modules[n][1].kernel.shape
+    module = modules[n]
+    n_in, n_out = module.site.shape
     try:
       config.check_layer(n_in, n_out, n)
     except ConfigError as err:
@@ -424,14 +459,42 @@ def _problems(tensors: dict[str, np.ndarray], targets: list[str], modules: dict[
       continue
     for k, (c, o, r) in enumerate(zip(split_sizes(n_in, config.num_blocks),
                                       split_sizes(n_out, config.num_blocks), config.block_ranks)):
-      for key, shape in ((f"{PREFIX}{n}.lora_A.{k}.weight", (r, c)),
-                         (f"{PREFIX}{n}.lora_B.{k}.weight", (o, r))):
+      for key, shape in ((f"{formats.module_key(n)}.lora_A.{k}.weight", (r, c)),
+                         (f"{formats.module_key(n)}.lora_B.{k}.weight", (o, r))):
         if key in tensors and tensors[key].shape != shape:
           problems.append(f"{key} has shape {tensors[key].shape}, expected {shape} "
                           "(lora_A.k is (r_k, |C_k|), lora_B.k (|R_k|, r_k))")
         elif key in tensors and not np.all(np.isfinite(tensors[key])):
           problems.append(f"{key} holds NaN or Inf values")
+    layer = module.site.module
+    if module.site.adapted and (
+        layer.config.method != "smoa" or layer.merged
+        or layer.op.layout.ranks != config.block_ranks or layer.config.scaling != config.scaling):
+      problems.append(f"{n} already carries a {layer.config.method} adapter "
+                      f"(r={layer.config.r}, alpha={layer.config.alpha}, merged={layer.merged}) "
+                      f"that differs from this one (r={config.r}, alpha={config.alpha}, "
+                      f"ranks {config.block_ranks}); load into a model without it, or unmerge")
   return problems
+
+
+def _their_blocks(targets: list[str], modules: dict[str, _Module], config: SMoAConfig,
+                  torch_device: str) -> tuple[dict[str, SpectralBlocks], list[PermutationCheck]]:
+  """Their permutation of every targeted module (by our path), compared with ours; warns when
+  they differ."""
+  theirs, checks = {}, []
+  for n in targets:
+    site = modules[n].site
+    kernel = site.module.base_kernel() if site.adapted else site.module.kernel[...]
+    theirs[site.name] = authors_blocks(kernel, config.num_blocks, device=torch_device)
+    ours = site.module.blocks if site.adapted else spectral_blocks(kernel, config.num_blocks)
+    checks.append(compare_blocks(site.name, ours, theirs[site.name]))
+  differing = [c for c in checks if not c.matches]
+  if differing:
+    warnings.warn(f"the authors' spectral permutation differs from smoa_jax's in {len(differing)} "
+                  f"of {len(checks)} modules (tied or near-tied centroids): "
+                  + "; ".join(map(str, differing[:4])) + ". Using the authors' permutation, which "
+                  "the factors were trained against.", stacklevel=3)
+  return theirs, checks
 
 
 def load_authors_adapter(model: HFModel, path: str | os.PathLike, *,
@@ -441,10 +504,11 @@ def load_authors_adapter(model: HFModel, path: str | os.PathLike, *,
 
   The modules their config targets (their matching rules: ``target_modules`` names or regex,
   ``layers_to_transform`` / ``layers_pattern``) receive :class:`SMoADense` layers if they have
-  none (``apply_adapter`` with an exact-path regex and the authors' blocks), then the factors. The
-  permutation is the authors' (:func:`authors_blocks` on ``torch_device``), compared with ours
-  (``spectral_blocks``, or the layer's own when already adapted); a warning names the modules
-  where they differ. ``rngs`` drives adapter dropout (default ``nnx.Rngs(0)``). Needs torch.
+  none (:func:`smoa_jax.layers.inject.adapt_modules` with the authors' blocks), then the factors.
+  The permutation is the authors' (:func:`authors_blocks` on ``torch_device``), compared with
+  ours (``spectral_blocks``, or the layer's own when already adapted); a warning names the
+  modules where they differ. ``rngs`` drives adapter dropout (default ``nnx.Rngs(0)``). Needs
+  torch.
 
   Raises:
     CheckpointError: missing or unreadable files, not an SMoA adapter, invalid r / num_blocks /
@@ -454,85 +518,33 @@ def load_authors_adapter(model: HFModel, path: str | os.PathLike, *,
   """
   _check_model(model, "load_authors_adapter")
   path = Path(path)
-  if not path.is_dir():
-    raise CheckpointError(f"adapter directory {str(path)!r} does not exist.")
   document, tensors = _read(path)
-  document = {**AUTHORS_DEFAULTS, **document}
-  try:
-    config = SMoAConfig(r=document["r"], num_blocks=document["num_blocks"],
-                        alpha=document["lora_alpha"], dropout=document["lora_dropout"],
-                        branch_ranks=document["branch_ranks"])
-  except SMoAError as err:
-    raise CheckpointError(f"{path / CONFIG_NAME}: {err} (from the authors' fields r, num_blocks, "
-                          "lora_alpha, lora_dropout, branch_ranks)") from err
+  config = _authors_config(document, path)
   modules = _hf_modules(model)
-  if document["target_modules"] is None:  # their saved configs list them; else take the keys'
-    targets = sorted({m["module"] for k in tensors if (m := _FACTOR_KEY.fullmatch(k))
-                      and m["module"] in modules})
-  else:
-    try:
-      targets = [n for n in modules if _targeted(document, n)]
-    except (re.error, TypeError) as err:
-      raise CheckpointError(f"{path / CONFIG_NAME}: invalid target_modules / layers_to_transform / "
-                            f"layers_pattern ({err}).") from err
-  if not targets:
-    raise AdapterMismatchError(f"target_modules={document['target_modules']!r} of "
-                               f"{path / CONFIG_NAME} matches no linear module of "
-                               f"{type(model).__name__}; its linear modules are e.g. "
-                               f"{sorted(modules)[:8]}.")
-  problems = _problems(tensors, targets, modules, config)
-  for n in targets:
-    layer = modules[n][1]
-    if isinstance(layer, AdaptedDense) and (
-        not isinstance(layer, SMoADense) or layer.merged
-        or layer.op.layout.ranks != config.block_ranks or layer.config.scaling != config.scaling):
-      problems.append(f"{n} already carries a {layer.config.method} adapter "
-                      f"(r={layer.config.r}, alpha={layer.config.alpha}, merged={layer.merged}) "
-                      f"that differs from this one (r={config.r}, alpha={config.alpha}, "
-                      f"ranks {config.block_ranks}); load into a model without it, or unmerge")
+  targets = _targets(model, document, tensors, modules, path)
+  problems = (_key_problems(tensors, targets, modules, config)
+              + _module_problems(tensors, targets, modules, config))
   if problems:
     raise AdapterMismatchError(f"{path} does not fit this {type(model).__name__}:\n  "
                                + "\n  ".join(problems))
   flag = bool(document["fan_in_fan_out"])
-  corrected = [n for n in targets if modules[n][2] != flag]
+  corrected = [n for n in targets if modules[n].conv1d != flag]
   if corrected:
-    warnings.warn(f"{CONFIG_NAME} says fan_in_fan_out={flag}, but {len(corrected)} targeted "
-                  f"modules (e.g. {corrected[0]}) store their weight the other way; like the "
-                  "authors' code, the flag is corrected per module (the factors' layout does not "
-                  "depend on it).", stacklevel=2)
-
-  theirs, checks = {}, []
-  for n in targets:
-    name, layer, _ = modules[n]
-    kernel = layer.base_kernel() if isinstance(layer, SMoADense) else layer.kernel[...]
-    theirs[name] = authors_blocks(kernel, config.num_blocks, device=torch_device)
-    ours = (layer.blocks if isinstance(layer, SMoADense)
-            else spectral_blocks(kernel, config.num_blocks))
-    checks.append(compare_blocks(name, ours, theirs[name]))
-  differing = [c for c in checks if not c.matches]
-  if differing:
-    warnings.warn(f"the authors' spectral permutation differs from smoa_jax's in {len(differing)} "
-                  f"of {len(checks)} modules (tied or near-tied centroids): "
-                  + "; ".join(map(str, differing[:4])) + ". Using the authors' permutation, which "
-                  "the factors were trained against.", stacklevel=2)
-
-  config = dataclasses.replace(config, target_modules="|".join(re.escape(p) for p in theirs))
-  fresh = [modules[n][0] for n in targets if not isinstance(modules[n][1], SMoADense)]
+    warnings.warn(f"{formats.CONFIG_NAME} says fan_in_fan_out={flag}, but {len(corrected)} "
+                  f"targeted modules (e.g. {corrected[0]}) store their weight the other way; like "
+                  "the authors' code, the flag is corrected per module (the factors' layout does "
+                  "not depend on it).", stacklevel=2)
+  theirs, checks = _their_blocks(targets, modules, config, torch_device)
+  config = dataclasses.replace(config, target_modules=tuple(theirs))
+  fresh = [modules[n].path for n in targets if not modules[n].site.adapted]
   report = None
   if fresh:
-    report = apply_adapter(model, dataclasses.replace(
-        config, target_modules="|".join(re.escape(p) for p in fresh)),
-        rngs=rngs or nnx.Rngs(0), verbose=verbose, blocks=theirs)
-  layers = {module_path(p): m for p, m in nnx.iter_graph(model) if isinstance(m, SMoADense)}
+    report = adapt_modules(model, config, fresh, rngs=rngs or nnx.Rngs(0), verbose=verbose,
+                           blocks=theirs)
+  layers = {site.name: site.module for site in linear_sites(model) if site.adapted}
   for n in targets:
-    name = modules[n][0]
-    layer, blocks = layers[name], theirs[name]
-    a = np.zeros(layer.lora_a.shape, np.float32)
-    b = np.zeros(layer.lora_b.shape, np.float32)
-    for k, (c, o, r) in enumerate(zip(blocks.in_sizes, blocks.out_sizes, config.block_ranks)):
-      if r > 0:
-        a[k, :c, :r] = tensors[f"{PREFIX}{n}.lora_A.{k}.weight"].T
-        b[k, :r, :o] = tensors[f"{PREFIX}{n}.lora_B.{k}.weight"].T
+    layer, blocks = layers[modules[n].path], theirs[modules[n].path]
+    a, b = formats.decode_factors(n, layer.op, tensors, per_block=True)
     layer.in_perm[...] = blocks.in_perm
     layer.out_perm[...] = blocks.out_perm
     layer.lora_a[...] = jnp.asarray(a, layer.lora_a.dtype)

@@ -2,7 +2,7 @@
 
 What a checkpoint holds (never the frozen base model):
 
-* ``params``   -- every trainable array (``SMoAParam``), flattened by key path;
+* ``params``   -- every trainable array (``TrainableParam``), flattened by key path;
 * ``opt_state`` -- the optimizer state (moments exist only for trainable arrays);
 * ``rng``      -- the model's rng streams (adapter dropout), so a resumed run draws the same masks;
 * ``spectral`` -- the SMoA permutations (tiny; restoring them avoids any recomputation drift);

@@ -1,6 +1,7 @@
 """Portable adapters: ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT-style names).
 
-Layout of a saved adapter directory::
+Layout of a saved adapter directory (the shared names and the factor codec are
+:mod:`smoa_jax.io.formats`)::
 
     adapter_config.json        method, r, num_blocks, branch_ranks, alpha, dropout, target_modules,
                                library version, and per module: shape, block sizes, ranks and a
@@ -17,6 +18,8 @@ Layout of a saved adapter directory::
 The per-block ``lora_A.<k>`` / ``lora_B.<k>`` tensors are exactly the authors' PyTorch layout
 (``A_k = a_k^T``, ``B_k = b_k^T``), so their factors need no reshuffling; the stored permutations
 make loading free of any spectral recomputation (the preprocessing is done once per base model).
+A stacked (scanned) adapter layer is stored layer by layer under the unrolled module names, so
+the files of a scanned and an unrolled model are the same.
 
 Loading checks everything before touching the model: the config fits, every module exists and
 has the recorded shape, its kernel matches the recorded fingerprint (a different base model is
@@ -26,9 +29,11 @@ refused, naming the first mismatching module), and the tensor set is exactly the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -36,27 +41,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
-from smoa_jax.core.config import AdapterConfig, SMoAConfig, config_from_dict
-from smoa_jax.errors import AdapterMismatchError, CheckpointError, SMoAError
-from smoa_jax.io.files import atomic_directory
-from smoa_jax.layers.inject import AdapterReport, adapter_layers, apply_adapter, mark_trainable
-from smoa_jax.layers.paths import layer_path, module_path
-from smoa_jax.layers.dense import AdaptedDense, SMoADense, SMoAParam
-from smoa_jax.core.ops import SMoAOp
+from smoa_jax.core.config import AdapterConfig, config_from_dict
 from smoa_jax.core.spectral import SpectralBlocks
+from smoa_jax.errors import AdapterMismatchError, CheckpointError, SMoAError
+from smoa_jax.io import formats
+from smoa_jax.io.files import atomic_directory
+from smoa_jax.layers.dense import AdaptedDense
+from smoa_jax.layers.inject import AdapterReport, adapt_modules, mark_trainable
+from smoa_jax.layers.paths import module_path
+from smoa_jax.layers.sites import LinearSite, adapter_layers, linear_sites, unrolled_sites
 from smoa_jax.layers.stacked import stack_blocks
+from smoa_jax.layers.variables import TrainableParam
+from smoa_jax.parallel.sharding import to_host
 
-__all__ = ["save_adapter", "load_adapter", "read_adapter", "kernel_fingerprint", "CONFIG_NAME",
-           "WEIGHTS_NAME"]
+__all__ = ["save_adapter", "load_adapter", "read_adapter", "kernel_fingerprint"]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
-PREFIX = "base_model.model."
+# adapter_config.json keys that describe the file, not the adapter config.
+_META_KEYS = ("library", "library_version", "format_version", "modules", "trainable_arrays")
 _FINGERPRINT_SAMPLES = 16
 # bf16 vs fp32 copies of one base model must still match: compare at bf16 resolution.
 _FINGERPRINT_RTOL = 1e-2
@@ -85,72 +89,42 @@ def _fingerprints_match(saved: dict[str, Any], now: dict[str, Any]) -> bool:
   return bool(np.all(diff <= _FINGERPRINT_RTOL * (rms + np.abs(saved["samples"]))))
 
 
-def _dotted(path: str) -> str:
-  return PREFIX + path.replace("/", ".")
+def _perm_keys(name: str) -> tuple[str, str]:
+  return f"{formats.module_key(name)}.smoa_in_perm", f"{formats.module_key(name)}.smoa_out_perm"
 
 
-def _host(value: jax.Array) -> np.ndarray:
-  """A host copy; arrays spread over several processes are all-gathered first (a collective)."""
-  if isinstance(value, jax.Array) and not value.is_fully_addressable:
-    value = multihost_utils.process_allgather(value, tiled=True)
-  return np.asarray(value)
-
-
-def _per_layer(name: str, layer: AdaptedDense) -> list[tuple[str, int | None]]:
-  """``(module name, layer index)`` of every layer an adapter layer holds (L for stacked ones)."""
-  if layer.num_layers is None:
-    return [(name, None)]
-  names = [layer_path(name, i) for i in range(layer.num_layers)]
-  if None in names:
-    raise AdapterMismatchError(f"stacked adapter layer {name!r} has no layer container in its path.")
-  return list(zip(names, range(layer.num_layers)))
-
-
-def _module_tensors(name: str, layer: AdaptedDense, a: np.ndarray, b: np.ndarray,
-                    perms: tuple[np.ndarray, np.ndarray] | None) -> dict[str, np.ndarray]:
-  """Tensors of one (unstacked) layer: ``a``/``b`` as stored in the layer, ``perms`` for SMoA."""
-  dotted = _dotted(name)
-  if not isinstance(layer.op, SMoAOp):  # LoRA: a (in, r), b (r, out)
-    return {f"{dotted}.lora_A.weight": a.T.copy(), f"{dotted}.lora_B.weight": b.T.copy()}
-  if perms is None:  # HiRA: one unpermuted block
-    return {f"{dotted}.lora_A.weight": a[0].T.copy(), f"{dotted}.lora_B.weight": b[0].T.copy()}
-  layout = layer.op.layout
-  out = {f"{dotted}.smoa_in_perm": perms[0].astype(np.int32),
-         f"{dotted}.smoa_out_perm": perms[1].astype(np.int32)}
-  for k, (c, o, r) in enumerate(zip(layout.in_sizes, layout.out_sizes, layout.ranks)):
-    if r > 0:  # rank-0 blocks are frozen and have no tensors (as in the authors' code)
-      out[f"{dotted}.lora_A.{k}.weight"] = a[k, :c, :r].T.copy()
-      out[f"{dotted}.lora_B.{k}.weight"] = b[k, :r, :o].T.copy()
-  return out
-
-
-def _layer_entries(name: str, layer: AdaptedDense, config: AdapterConfig
+# -- save ------------------------------------------------------------------------------------------
+def _layer_entries(site: LinearSite, config: AdapterConfig
                    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """``adapter_config.json`` entries and tensors of an adapter layer, one per held layer."""
-  a, b = _host(layer.lora_a[...]).astype(np.float32), _host(layer.lora_b[...]).astype(np.float32)
-  perms = (_host(layer.in_perm[...]), _host(layer.out_perm[...])) if isinstance(layer, SMoADense) else None
-  layout = getattr(layer.op, "layout", None)
-  base = layer.base_kernel()
+  layer: AdaptedDense = site.module
+  unrolled = site.unrolled()
+  if not unrolled:
+    raise AdapterMismatchError(f"stacked adapter layer {site.name!r} has no layer container in "
+                               "its path, so its layers have no names to be saved under.")
+  a, b = to_host(layer.lora_a[...]), to_host(layer.lora_b[...])
+  perms = (to_host(layer.in_perm[...]), to_host(layer.out_perm[...])) if config.spectral_order else None
+  base, layout = layer.base_kernel(), layer.op.layout
   entries, tensors = {}, {}
-  for sub_name, i in _per_layer(name, layer):
-    pick = (lambda x: x) if i is None else (lambda x: x[i])
-    entries[sub_name] = {
+  for name, i in unrolled:
+    pick = (lambda x: x) if i is None else (lambda x, i=i: x[i])
+    entries[name] = {
         "in_features": layer.in_features, "out_features": layer.out_features,
-        "in_sizes": list(layout.in_sizes) if layout else None,
-        "out_sizes": list(layout.out_sizes) if layout else None,
-        "ranks": list(layout.ranks) if layout else [config.r],
-        "fingerprint": kernel_fingerprint(pick(base)),
-    }
-    tensors.update(_module_tensors(sub_name, layer, pick(a), pick(b),
-                                   None if perms is None else (pick(perms[0]), pick(perms[1]))))
+        "in_sizes": list(layout.in_sizes), "out_sizes": list(layout.out_sizes),
+        "ranks": list(layout.ranks), "fingerprint": kernel_fingerprint(pick(base))}
+    tensors.update(formats.encode_factors(name, layer.op, pick(a), pick(b),
+                                          per_block=config.spectral_order))
+    if perms is not None:
+      in_key, out_key = _perm_keys(name)
+      tensors[in_key], tensors[out_key] = (pick(p).astype(np.int32) for p in perms)
   return entries, tensors
 
 
 def _extra_trainables(model: nnx.Module) -> list[tuple[str, nnx.Variable]]:
-  """``SMoAParam`` arrays outside adapter layers (fully fine-tuned kernels, trainable heads)."""
-  adapted = {p for p, m in nnx.iter_graph(model) if isinstance(m, AdaptedDense)}
+  """``TrainableParam`` arrays outside adapter layers (fully fine-tuned kernels, trainable heads)."""
+  adapted = {site.path for site in linear_sites(model) if site.adapted}
   return [(module_path(p), v) for p, v in nnx.iter_graph(model)
-          if isinstance(v, SMoAParam) and p[:-1] not in adapted]
+          if isinstance(v, TrainableParam) and tuple(p[:-1]) not in adapted]
 
 
 def save_adapter(model: nnx.Module, path: str | os.PathLike, *,
@@ -168,9 +142,9 @@ def save_adapter(model: nnx.Module, path: str | os.PathLike, *,
   Raises:
     AdapterMismatchError: the model holds nothing trainable, or adapters of different configs.
   """
-  layers = adapter_layers(model)
+  sites = [site for site in linear_sites(model) if site.adapted]
   extras = _extra_trainables(model)
-  configs = {layer.config for _, layer in layers}
+  configs = {site.module.config for site in sites}
   if len(configs) > 1:
     raise AdapterMismatchError(f"the model holds adapters of {len(configs)} different configs; "
                                "save_adapter stores one adapter config per directory.")
@@ -180,18 +154,18 @@ def save_adapter(model: nnx.Module, path: str | os.PathLike, *,
           "the model has no adapter layers: call smoa_jax.apply_adapter first (for fully "
           "fine-tuned kernels pass config=FullFineTuneConfig(...)).")
     config = configs.pop()
-  if not layers and not extras:
+  if not sites and not extras:
     raise AdapterMismatchError("the model has nothing trainable to save.")
   modules: dict[str, Any] = {}
   tensors: dict[str, np.ndarray] = {}
-  for name, layer in layers:
-    entries, layer_tensors = _layer_entries(name, layer, config)
+  for site in sites:
+    entries, layer_tensors = _layer_entries(site, config)
     modules.update(entries)
     tensors.update(layer_tensors)
   trainable_arrays = {}
   for name, variable in extras:
     trainable_arrays[name] = list(variable.shape)
-    tensors[_dotted(name)] = _host(variable[...]).astype(np.float32)
+    tensors[formats.module_key(name)] = to_host(variable[...]).astype(np.float32)
   from smoa_jax import __version__
   document = {**config.to_dict(), "library": "smoa-jax", "library_version": __version__,
               "format_version": FORMAT_VERSION, "modules": modules,
@@ -199,191 +173,133 @@ def save_adapter(model: nnx.Module, path: str | os.PathLike, *,
 
   if jax.process_index() == 0:  # every process gathered the arrays above; one writes them
     with atomic_directory(path) as staged:
-      (staged / CONFIG_NAME).write_text(json.dumps(document, indent=2) + "\n")
-      save_file(tensors, str(staged / WEIGHTS_NAME), metadata={"format": "smoa-jax"})
+      (staged / formats.CONFIG_NAME).write_text(json.dumps(document, indent=2) + "\n")
+      save_file(tensors, str(staged / formats.SAFETENSORS_NAME), metadata={"format": "smoa-jax"})
   return Path(path)
 
 
+# -- load ------------------------------------------------------------------------------------------
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """``(adapter_config dict, tensors)`` of a saved adapter directory, with clear errors."""
-  path = Path(path)
-  if not path.is_dir():
-    raise CheckpointError(f"adapter directory {str(path)!r} does not exist.")
-  config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
-  if not config_file.is_file():
-    raise CheckpointError(f"{str(path)!r} is not an adapter directory: {CONFIG_NAME} is missing.")
-  try:
-    document = json.loads(config_file.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as err:
-    raise CheckpointError(f"{config_file} is not valid JSON ({err}).") from err
-  if not isinstance(document, dict):
-    raise CheckpointError(f"{config_file} must hold a JSON object.")
-  if document.get("peft_type") == "SMOA" and document.get("library") != "smoa-jax":
-    raise CheckpointError(f"{str(path)!r} holds an adapter saved by the authors' PyTorch SMoA code; "
-                          "load it with smoa_jax.load_authors_adapter(model, path).")
-  if not weights_file.is_file():
-    raise CheckpointError(f"{str(path)!r} is not an adapter directory: {WEIGHTS_NAME} is missing.")
-  try:
-    tensors = load_file(str(weights_file))
-  except (SafetensorError, OSError, ValueError) as err:
-    raise CheckpointError(f"{weights_file} is not a readable safetensors file ({err}); it may be "
-                          "truncated or corrupted: save the adapter again.") from err
-  return document, tensors
+  """``(adapter_config dict, tensors)`` of a saved portable adapter directory, with clear errors."""
+  document = formats.read_config(path)
+  formats.expect_format(path, document, "portable")
+  return document, formats.read_tensors(path)
+
+
+@dataclasses.dataclass
+class _Saved:
+  """A portable adapter as read from disk, its config and key set already checked."""
+
+  where: str
+  config: AdapterConfig
+  modules: dict[str, dict[str, Any]]  # unrolled module name -> entry
+  extras: dict[str, list[int]]        # trainable array path -> shape
+  tensors: dict[str, np.ndarray]
 
 
 def _expected_keys(name: str, config: AdapterConfig, entry: dict[str, Any]) -> set[str]:
-  dotted = _dotted(name)
-  if not isinstance(config, SMoAConfig):
-    return {f"{dotted}.lora_A.weight", f"{dotted}.lora_B.weight"}
-  keys = {f"{dotted}.smoa_in_perm", f"{dotted}.smoa_out_perm"}
-  for k, r in enumerate(entry["ranks"]):
-    if r > 0:
-      keys |= {f"{dotted}.lora_A.{k}.weight", f"{dotted}.lora_B.{k}.weight"}
-  return keys
+  keys = set(formats.factor_keys(name, entry["ranks"], per_block=config.spectral_order))
+  return keys | set(_perm_keys(name)) if config.spectral_order else keys
 
 
-def _check_tensor(key: str, tensors: dict[str, np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
-  value = tensors[key]
-  if tuple(value.shape) != tuple(shape):
-    raise AdapterMismatchError(f"tensor {key} has shape {tuple(value.shape)}, expected {tuple(shape)}.")
-  if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
-    raise AdapterMismatchError(f"tensor {key} holds NaN or Inf values.")
-  return value
-
-
-def load_adapter(model: nnx.Module, path: str | os.PathLike, *,
-                 rngs: nnx.Rngs | None = None, verbose: bool = False) -> AdapterReport | None:
-  """Load a saved adapter into ``model`` (in place); inject the layers first if they are absent.
-
-  If the model already carries adapter layers they must match the saved config (method, ranks,
-  blocks); otherwise the saved modules are adapted now, using the stored permutations (no
-  spectral recomputation). ``rngs`` drives adapter dropout (default ``nnx.Rngs(0)``).
-
-  Raises:
-    CheckpointError: missing/unreadable files.
-    AdapterMismatchError: different base model (fingerprint), wrong method/K/r, unknown modules,
-      missing or unexpected tensors, wrong shapes.
-  """
+def _read_saved(path: str | os.PathLike) -> _Saved:
   document, tensors = read_adapter(path)
-  meta_keys = {"library", "library_version", "format_version", "modules", "trainable_arrays"}
-  if document.get("library") != "smoa-jax":
-    raise CheckpointError(f"{path} was not written by smoa-jax save_adapter (no 'library' key); "
-                          "for the authors' PyTorch layout use smoa_jax.load_authors_adapter.")
   try:
-    config = config_from_dict({k: v for k, v in document.items() if k not in meta_keys})
+    config = config_from_dict({k: v for k, v in document.items() if k not in _META_KEYS})
   except SMoAError as err:
-    raise CheckpointError(f"{path}/{CONFIG_NAME}: {err}") from err
+    raise CheckpointError(f"{path}/{formats.CONFIG_NAME}: {err}") from err
   modules: dict[str, Any] = document.get("modules") or {}
   extras: dict[str, Any] = document.get("trainable_arrays") or {}
   if not modules and not extras:
-    raise CheckpointError(f"{path}/{CONFIG_NAME} lists no adapted modules or trainable arrays.")
-
+    raise CheckpointError(f"{path}/{formats.CONFIG_NAME} lists no adapted modules or trainable "
+                          "arrays.")
   expected = set().union(*(_expected_keys(n, config, e) for n, e in modules.items()),
-                         {_dotted(n) for n in extras})
+                         {formats.module_key(n) for n in extras})
   missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
   if missing or unexpected:
-    raise AdapterMismatchError(f"{path}/{WEIGHTS_NAME} does not match its config: missing keys "
-                               f"{missing[:10]}, unexpected keys {unexpected[:10]}.")
+    raise AdapterMismatchError(f"{path}/{formats.SAFETENSORS_NAME} does not match its config: "
+                               f"missing keys {missing[:10]}, unexpected keys {unexpected[:10]}.")
+  return _Saved(str(path), config, modules, extras, tensors)
 
-  targets = _targets(model)
-  for name, entry in modules.items():
-    if name not in targets:
+
+def _check_layer_fits(layer: AdaptedDense, name: str, config: AdapterConfig,
+                      entry: dict[str, Any]) -> None:
+  """An adapter layer already in the model must have the saved method and block/rank structure."""
+  if layer.config.method != config.method:
+    raise AdapterMismatchError(f"module {name!r} carries a {layer.config.method} adapter, but the "
+                               f"saved adapter is {config.method}.")
+  layout = layer.op.layout
+  ours = {"ranks": list(layout.ranks), "in_sizes": list(layout.in_sizes),
+          "out_sizes": list(layout.out_sizes)}
+  theirs = {k: entry.get(k) for k in ours if entry.get(k) is not None}
+  if {k: ours[k] for k in theirs} != theirs:
+    raise AdapterMismatchError(f"module {name!r}: the model's adapter has {ours} but the saved one "
+                               f"has {theirs} (different r, num_blocks or branch_ranks).")
+
+
+def _match_modules(model: nnx.Module, saved: _Saved) -> dict[str, list[str]]:
+  """Site name -> the saved unrolled names it holds (in layer order), after checking that every
+  saved module exists with its shape, its base kernel's fingerprint and a fitting adapter."""
+  units = unrolled_sites(model)
+  groups: dict[str, list[str]] = defaultdict(list)
+  for name, entry in saved.modules.items():
+    if name not in units:
       raise AdapterMismatchError(f"the adapter targets module {name!r}, which the model does not "
                                  "have: is this the base model the adapter was trained on?")
-    module, layer, index = targets[name]
+    site, index = units[name]
     shape = (entry["in_features"], entry["out_features"])
-    if tuple(layer.kernel.shape[-2:]) != shape:
-      raise AdapterMismatchError(f"module {name!r}: kernel shape {tuple(layer.kernel.shape[-2:])} but "
-                                 f"the adapter was trained on {shape}.")
-    if isinstance(layer, AdaptedDense):
-      _check_layer_fits(layer, name, config, entry)
-      base = layer.base_kernel()
-    else:
-      base = layer.kernel[...]
-    base = base if index is None else base[index]
-    if "fingerprint" in entry and not _fingerprints_match(entry["fingerprint"], kernel_fingerprint(base)):
+    if site.shape != shape:
+      raise AdapterMismatchError(f"module {name!r}: kernel shape {site.shape} but the adapter was "
+                                 f"trained on {shape}.")
+    if site.adapted:
+      _check_layer_fits(site.module, name, saved.config, entry)
+    base = site.module.base_kernel() if site.adapted else site.module.kernel[...]
+    now = kernel_fingerprint(base if index is None else base[index])
+    if "fingerprint" in entry and not _fingerprints_match(entry["fingerprint"], now):
       raise AdapterMismatchError(
           f"module {name!r}: its kernel differs from the one the adapter was trained on (norm "
-          f"{kernel_fingerprint(base)['norm']:.6g} vs {entry['fingerprint']['norm']:.6g}); refusing to "
-          "load onto a different base model.")
-  by_module: dict[str, list[str]] = {}
-  for name in modules:
-    by_module.setdefault(targets[name][0], []).append(name)
-  for module, names in by_module.items():
-    layer = targets[names[0]][1]
-    if len(layer.kernel.shape) == 3 and len(names) != layer.kernel.shape[0]:
+          f"{now['norm']:.6g} vs {entry['fingerprint']['norm']:.6g}); refusing to load onto a "
+          "different base model.")
+    groups[site.name].append(name)
+  for site_name, names in groups.items():
+    site, _ = units[names[0]]
+    if site.num_layers and len(names) != site.num_layers:
       raise AdapterMismatchError(
-          f"{module!r} holds {layer.kernel.shape[0]} stacked (scanned) layers, but the adapter has "
+          f"{site_name!r} holds {site.num_layers} stacked (scanned) layers, but the adapter has "
           f"only {len(names)} of them; load it into the unrolled model (scan_layers=False).")
-    by_module[module] = sorted(names, key=lambda n: targets[n][2] or 0)
+    groups[site_name] = sorted(names, key=lambda n: units[n][1] or 0)
+  return dict(groups)
 
-  blocks: dict[str, SpectralBlocks] = {}
-  if isinstance(config, SMoAConfig):
-    for name, entry in modules.items():
-      dotted = _dotted(name)
-      in_perm = _check_tensor(f"{dotted}.smoa_in_perm", tensors, (entry["in_features"],))
-      out_perm = _check_tensor(f"{dotted}.smoa_out_perm", tensors, (entry["out_features"],))
-      for perm, n in ((in_perm, entry["in_features"]), (out_perm, entry["out_features"])):
-        if sorted(perm.tolist()) != list(range(n)):
-          raise AdapterMismatchError(f"{dotted}: stored permutation is not a permutation of 0..{n - 1}.")
-      blocks[name] = SpectralBlocks(jnp.asarray(in_perm, jnp.int32), jnp.asarray(out_perm, jnp.int32),
-                                    tuple(entry["in_sizes"]), tuple(entry["out_sizes"]))
 
+def _saved_blocks(saved: _Saved, groups: dict[str, list[str]]) -> dict[str, SpectralBlocks]:
+  """The stored spectral blocks of every site (stacked for scanned layers); empty if the
+  method does not use a spectral order."""
+  if not saved.config.spectral_order:
+    return {}
+  per_module = {}
+  for name, entry in saved.modules.items():
+    perms = []
+    for key, n in zip(_perm_keys(name), (entry["in_features"], entry["out_features"])):
+      perm = formats.checked_tensor(saved.tensors, key, (n,))
+      if sorted(perm.tolist()) != list(range(n)):
+        raise AdapterMismatchError(f"{key}: stored permutation is not a permutation of "
+                                   f"0..{n - 1}.")
+      perms.append(jnp.asarray(perm, jnp.int32))
+    per_module[name] = SpectralBlocks(*perms, tuple(entry["in_sizes"]), tuple(entry["out_sizes"]))
+  return {site: per_module[names[0]] if len(names) == 1 and names[0] == site
+          else stack_blocks([per_module[n] for n in names]) for site, names in groups.items()}
+
+
+def _check_extras(model: nnx.Module, saved: _Saved) -> None:
   variables = {module_path(p): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
-  for name, shape in extras.items():
+  for name, shape in saved.extras.items():
     if name not in variables:
-      raise AdapterMismatchError(f"the adapter holds trainable array {name!r}, which the model lacks.")
-    _check_tensor(_dotted(name), tensors, tuple(variables[name].shape))
+      raise AdapterMismatchError(f"the adapter holds trainable array {name!r}, which the model "
+                                 "lacks.")
+    formats.checked_tensor(saved.tensors, formats.module_key(name), tuple(variables[name].shape))
     if tuple(shape) != tuple(variables[name].shape):
       raise AdapterMismatchError(f"{name!r}: shape {tuple(variables[name].shape)} in the model, "
                                  f"{tuple(shape)} in the adapter.")
-
-  report = None
-  to_inject = [m for m, names in by_module.items()
-               if not isinstance(targets[names[0]][1], AdaptedDense)]
-  if to_inject:
-    exact = "|".join(re.escape(n) for n in to_inject)
-    inject_config = type(config)(**{**_init_kwargs(config), "target_modules": exact,
-                                    "exclude_modules": None, "layers_to_transform": None})
-    module_blocks = {m: (blocks[names[0]] if targets[names[0]][2] is None
-                         else stack_blocks([blocks[n] for n in names]))
-                     for m, names in by_module.items() if blocks}
-    report = apply_adapter(model, inject_config, rngs=rngs or nnx.Rngs(0), verbose=verbose,
-                           blocks=module_blocks)
-  targets = _targets(model)
-  for module, names in by_module.items():
-    layer = targets[names[0]][1]
-    values = [_layer_values(layer, n, modules[n], tensors, blocks.get(n)) for n in names]
-    stacked = [np.stack(v) if targets[names[0]][2] is not None else v[0] for v in zip(*values)]
-    layer_vars = [layer.lora_a, layer.lora_b] + ([layer.in_perm, layer.out_perm]
-                                                 if isinstance(layer, SMoADense) else [])
-    for variable, value in zip(layer_vars, stacked):
-      _set_like(variable, value)
-  frozen = [n for n in extras if not isinstance(variables[n], SMoAParam)]
-  if frozen:
-    mark_trainable(model, "|".join(re.escape(n) for n in frozen))
-  variables = {module_path(p): v for p, v in nnx.iter_graph(model) if isinstance(v, SMoAParam)}
-  for name in extras:
-    _set_like(variables[name], tensors[_dotted(name)])
-  return report
-
-
-def _targets(model: nnx.Module) -> dict[str, tuple[str, nnx.Module, int | None]]:
-  """Unrolled module name -> ``(module path, linear or adapter layer, layer index or None)``.
-
-  A stacked (scanned) layer at ``model/layers/self_attn/q_proj`` answers for every
-  ``model/layers/<i>/self_attn/q_proj``.
-  """
-  out = {}
-  for path, node in nnx.iter_graph(model):
-    if isinstance(node, (nnx.Linear, AdaptedDense)):
-      name = module_path(path)
-      if len(node.kernel.shape) == 3:
-        out.update({layer_path(name, i): (name, node, i) for i in range(node.kernel.shape[0])
-                    if layer_path(name, i) is not None})
-      else:
-        out[name] = (name, node, None)
-  return out
 
 
 def _set_like(variable: nnx.Variable, value: np.ndarray) -> None:
@@ -397,43 +313,60 @@ def _set_like(variable: nnx.Variable, value: np.ndarray) -> None:
     variable[...] = jnp.asarray(value)
 
 
-def _check_layer_fits(layer: AdaptedDense, name: str, config: AdapterConfig,
-                      entry: dict[str, Any]) -> None:
-  """An adapter layer already in the model must have the saved method and block/rank structure."""
-  if layer.config.method != config.method:
-    raise AdapterMismatchError(f"module {name!r} carries a {layer.config.method} adapter, but the "
-                               f"saved adapter is {config.method}.")
-  layout = getattr(layer.op, "layout", None)
-  if isinstance(layer, SMoADense):
-    ours = {"ranks": list(layout.ranks), "in_sizes": list(layout.in_sizes),
-            "out_sizes": list(layout.out_sizes)}
-  else:
-    ours = {"ranks": [layer.config.r]}
-  theirs = {k: entry.get(k) for k in ours}
-  if ours != theirs:
-    raise AdapterMismatchError(f"module {name!r}: the model's adapter has {ours} but the saved one "
-                               f"has {theirs} (different r, num_blocks or branch_ranks).")
+def _assign_factors(model: nnx.Module, saved: _Saved, groups: dict[str, list[str]],
+                    blocks: dict[str, SpectralBlocks]) -> None:
+  """Write the saved factors (and permutations) into the model's adapter layers."""
+  layers = dict(adapter_layers(model))
+  for site_name, names in groups.items():
+    layer = layers[site_name]
+    pairs = [formats.decode_factors(n, layer.op, saved.tensors,
+                                    per_block=saved.config.spectral_order) for n in names]
+    stacked = layer.num_layers is not None
+    values = [np.stack(v) if stacked else v[0] for v in zip(*pairs)]
+    targets = [layer.lora_a, layer.lora_b]
+    if saved.config.spectral_order:
+      values += [np.asarray(blocks[site_name].in_perm), np.asarray(blocks[site_name].out_perm)]
+      targets += [layer.in_perm, layer.out_perm]
+    for variable, value in zip(targets, values):
+      _set_like(variable, value)
 
 
-def _init_kwargs(config: AdapterConfig) -> dict[str, Any]:
-  data = config.to_dict()
-  data.pop("method")
-  return data
+def _assign_extras(model: nnx.Module, saved: _Saved) -> None:
+  variables = {module_path(p): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
+  frozen = [n for n in saved.extras if not isinstance(variables[n], TrainableParam)]
+  if frozen:
+    mark_trainable(model, "|".join(map(re.escape, frozen)))
+  variables = {module_path(p): v for p, v in nnx.iter_graph(model)
+               if isinstance(v, TrainableParam)}
+  for name in saved.extras:
+    _set_like(variables[name], saved.tensors[formats.module_key(name)])
 
 
-def _layer_values(layer: AdaptedDense, name: str, entry: dict[str, Any],
-                  tensors: dict[str, np.ndarray], blocks: SpectralBlocks | None) -> list[np.ndarray]:
-  """One layer's ``[a, b]`` (+ ``[in_perm, out_perm]`` for SMoA) in the layer's stored layout."""
-  dotted = _dotted(name)
-  if not isinstance(layer, SMoADense):
-    r = entry["ranks"][0]
-    a = _check_tensor(f"{dotted}.lora_A.weight", tensors, (r, entry["in_features"])).T
-    b = _check_tensor(f"{dotted}.lora_B.weight", tensors, (entry["out_features"], r)).T
-    return [a[None], b[None]] if isinstance(layer.op, SMoAOp) else [a, b]  # HiRA: K = 1
-  a = np.zeros(layer.lora_a.shape[-3:], np.float32)
-  b = np.zeros(layer.lora_b.shape[-3:], np.float32)
-  for k, (c, o, r) in enumerate(zip(entry["in_sizes"], entry["out_sizes"], entry["ranks"])):
-    if r > 0:
-      a[k, :c, :r] = _check_tensor(f"{dotted}.lora_A.{k}.weight", tensors, (r, c)).T
-      b[k, :r, :o] = _check_tensor(f"{dotted}.lora_B.{k}.weight", tensors, (o, r)).T
-  return [a, b, np.asarray(blocks.in_perm), np.asarray(blocks.out_perm)]
+def load_adapter(model: nnx.Module, path: str | os.PathLike, *,
+                 rngs: nnx.Rngs | None = None, verbose: bool = False) -> AdapterReport | None:
+  """Load a saved adapter into ``model`` (in place); inject the layers first if they are absent.
+
+  If the model already carries adapter layers they must match the saved config (method, ranks,
+  blocks); otherwise the saved modules are adapted now, using the stored permutations (no
+  spectral recomputation). ``rngs`` drives adapter dropout (default ``nnx.Rngs(0)``).
+
+  Returns the injection report, or None when every module already carried its adapter.
+
+  Raises:
+    CheckpointError: missing/unreadable files.
+    AdapterMismatchError: different base model (fingerprint), wrong method/K/r, unknown modules,
+      missing or unexpected tensors, wrong shapes.
+  """
+  saved = _read_saved(path)
+  groups = _match_modules(model, saved)
+  _check_extras(model, saved)
+  blocks = _saved_blocks(saved, groups)
+  sites = {site.name: site for site in linear_sites(model)}
+  fresh = [name for name in groups if not sites[name].adapted]
+  report = None
+  if fresh:
+    report = adapt_modules(model, saved.config, fresh, rngs=rngs or nnx.Rngs(0), verbose=verbose,
+                           blocks=blocks)
+  _assign_factors(model, saved, groups, blocks)
+  _assign_extras(model, saved)
+  return report

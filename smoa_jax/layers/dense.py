@@ -1,16 +1,19 @@
-"""Flax NNX layers: ``SMoADense`` (and the ``LoRADense`` / ``HiRADense`` baselines).
+"""Flax NNX layers: ``SMoADense`` (and the ``LoRADense`` / ``HiRADense`` baselines), one thin
+shell over any method's op.
 
 Each is a drop-in for ``nnx.Linear``: the frozen weights keep the paths ``kernel`` ``(in, out)``
 and ``bias`` ``(out,)``, so checkpoints and sharding rules written for ``nnx.Linear`` still apply.
 The adapter adds:
 
-* ``lora_a``, ``lora_b`` -- trainable, of type :class:`SMoAParam` (a subclass of
-  ``nnx.LoRAParam``): ``nnx.Optimizer(model, tx, wrt=smoa_jax.SMoAParam)`` trains only them;
-* ``in_perm``, ``out_perm`` -- SMoA only, of type :class:`SpectralIndex`: the spectral
-  permutations, non-trainable state that is saved with the adapter.
+* ``lora_a``, ``lora_b`` -- trainable, of type :class:`~smoa_jax.TrainableParam` (a subclass of
+  ``nnx.LoRAParam``): ``nnx.Optimizer(model, tx, wrt=smoa_jax.TrainableParam)`` trains only them;
+* ``in_perm``, ``out_perm`` -- for methods that work in W's spectral order (SMoA), of type
+  :class:`~smoa_jax.SpectralIndex`: the permutations, non-trainable state saved with the adapter.
 
-The math lives in :mod:`smoa_jax.core.ops`; these classes only hold state and pick the path
-(folded when the adapter's dropout is inactive, unfolded otherwise).
+The math lives in the method's op (:mod:`smoa_jax.core.ops`: ``config.make_op(in, out,
+blocks)``); the layer only holds state and picks the path (folded when the adapter's dropout
+is inactive, unfolded otherwise). :class:`AdaptedDense` serves every method; ``SMoADense``,
+``LoRADense`` and ``HiRADense`` are the same layer restricted to their config class.
 
 Sharding: when the kernel carries ``out_sharding`` metadata, the factors inherit its in/out mesh
 axes (:func:`factor_specs`) and the permutations are replicated; on a kernel laid out on a mesh
@@ -42,12 +45,15 @@ from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PrecisionLike
 
 from smoa_jax.core import ops
-from smoa_jax.parallel import sharding
-from smoa_jax.core.config import AdapterConfig, HiRAConfig, LoRAConfig, SMoAConfig
-from smoa_jax.errors import ConfigError, KernelError
+from smoa_jax.core.config import AdapterConfig
+from smoa_jax.core.methods import HiRAConfig, LoRAConfig, SMoAConfig
 from smoa_jax.core.spectral import SpectralBlocks, spectral_blocks
+from smoa_jax.errors import ConfigError, KernelError
+from smoa_jax.layers.variables import SMoAParam, SpectralIndex, TrainableParam
+from smoa_jax.parallel import sharding
 
 __all__ = [
+    "TrainableParam",
     "SMoAParam",
     "SpectralIndex",
     "AdaptedDense",
@@ -60,14 +66,6 @@ __all__ = [
 ]
 
 default_kernel_init = initializers.lecun_normal()
-
-
-class SMoAParam(nnx.LoRAParam):
-  """Variable type of every trainable adapter array (and of fully fine-tuned kernels)."""
-
-
-class SpectralIndex(nnx.Variable):
-  """Non-trainable int32 permutation of a kernel's coordinates (spectral order)."""
 
 
 def factor_specs(kernel_spec: tuple[Any, ...], a_ndim: int) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
@@ -138,9 +136,11 @@ class AdaptedDense(nnx.Module):
       bias: nnx.Param | jax.Array | None = None,
       blocks: SpectralBlocks | None = None,
   ):
-    if not isinstance(config, self.config_type):
-      raise ConfigError(f"{type(self).__name__} needs a {self.config_type.__name__}, got "
-                        f"{type(config).__name__}; use smoa_jax.adapter_class(config) to pick the layer.")
+    if not isinstance(config, self.config_type) or config.trains_base_kernel:
+      raise ConfigError(f"{type(self).__name__} needs a {self.config_type.__name__} of an adapter "
+                        f"method, got {type(config).__name__}; use smoa_jax.adapter_class(config) "
+                        "to pick the layer (full fine-tuning trains the kernel itself: use "
+                        "apply_adapter).")
     config.check_layer(in_features, out_features, type(self).__name__)
     if kernel is None:
       kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
@@ -169,16 +169,35 @@ class AdaptedDense(nnx.Module):
     a_spec, b_spec = factor_specs(kernel_spec, a.ndim) if kernel_spec else (None, None)
     a, a_meta = shard_like_kernel(self.kernel, a, a_spec)
     b, b_meta = shard_like_kernel(self.kernel, b, b_spec)
-    self.lora_a = SMoAParam(a, **a_meta)
-    self.lora_b = SMoAParam(b, **b_meta)
+    self.lora_a = TrainableParam(a, **a_meta)
+    self.lora_b = TrainableParam(b, **b_meta)
     self.dropout = nnx.Dropout(config.dropout, rngs=rngs if config.dropout > 0 else None)
 
-  def _make_op(self, blocks: SpectralBlocks | None) -> ops.SMoAOp | ops.LoRAOp:
-    del blocks
-    return ops.make_op(self.config, self.in_features, self.out_features)
+  def _make_op(self, blocks: SpectralBlocks | None) -> ops.AdapterOp:
+    """The config's op; a method in W's spectral order also gets its permutation Variables
+    (computed from the kernel unless ``blocks`` are given)."""
+    if self.config.spectral_order:
+      if blocks is None:
+        blocks = spectral_blocks(self.kernel[...], self.config.num_blocks,
+                                 method=self.config.spectral_method)
+      for name, perm in (("in_perm", blocks.in_perm), ("out_perm", blocks.out_perm)):
+        value, meta = shard_like_kernel(self.kernel, jnp.asarray(perm, jnp.int32), (None,))
+        setattr(self, name, SpectralIndex(value, **meta))
+    return self.config.make_op(self.in_features, self.out_features, blocks)
 
   def _perms(self) -> ops.Perms:
+    if self.config.spectral_order:
+      return self.in_perm[...], self.out_perm[...]
     return None
+
+  @property
+  def blocks(self) -> SpectralBlocks | None:
+    """The layer's :class:`SpectralBlocks` (permutations and block sizes), or None when its
+    method works in the natural coordinate order."""
+    if not self.config.spectral_order:
+      return None
+    layout = self.op.layout
+    return SpectralBlocks(self.in_perm[...], self.out_perm[...], layout.in_sizes, layout.out_sizes)
 
   @classmethod
   def from_linear(cls, linear: nnx.Linear, config: AdapterConfig, *, rngs: nnx.Rngs,
@@ -221,9 +240,7 @@ class AdaptedDense(nnx.Module):
   @property
   def num_trainable_params(self) -> int:
     """Trainable adapter parameters, padding excluded (all layers of a stacked layer)."""
-    per_layer = (self.op.layout.num_params if isinstance(self.op, ops.SMoAOp)
-                 else self.op.num_params)
-    return per_layer * (self.num_layers or 1)
+    return self.op.num_params * (self.num_layers or 1)
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
                rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
@@ -251,13 +268,11 @@ class AdaptedDense(nnx.Module):
     if self.merged:
       return
     a, b = self.lora_a[...], self.lora_b[...]
-    if isinstance(self.op, ops.SMoAOp):
-      factor = self._layerwise(self.op.modulation, a, b, self._perms())
-      if bool(jnp.any(jnp.abs(factor) < 1e-6)):
-        raise ConfigError(
-            f"cannot merge {type(self).__name__}: some entries of 1 + (alpha/r) a_k b_k are ~0, so "
-            "W could not be recovered by unmerge. Use merge_and_unload (which never unmerges) or "
-            "keep the layer unmerged.")
+    if not bool(jnp.all(self._layerwise(self.op.invertible_merge, a, b, self._perms()))):
+      raise ConfigError(
+          f"cannot merge {type(self).__name__}: W could not be recovered from W + dW by unmerge "
+          "with these factors (for SMoA and HiRA, some entries of 1 + (alpha/r) a_k b_k are ~0). "
+          "Use merge_and_unload (which never unmerges) or keep the layer unmerged.")
     self.kernel[...] = self._layerwise(self.op.merged_kernel, self.kernel[...], a, b, self._perms())
     self.merged = True
 
@@ -300,7 +315,7 @@ class AdaptedDense(nnx.Module):
 
 
 class SMoADense(AdaptedDense):
-  """SMoA layer: K spectral blocks, ``dW_k = (alpha/r)(a_k b_k) * W_k`` (see :mod:`smoa_jax.core.ops`).
+  """SMoA layer: K spectral blocks, ``dW_k = (alpha/r)(a_k b_k) * W_k`` (see :mod:`smoa_jax.core.smoa`).
 
   ``lora_a`` is ``(K, max|C_k|, max r_k)`` and ``lora_b`` ``(K, max r_k, max|R_k|)``, stacked and
   zero-padded; ``in_perm``/``out_perm`` hold the spectral order, computed from the kernel at
@@ -308,25 +323,6 @@ class SMoADense(AdaptedDense):
   """
 
   config_type = SMoAConfig
-
-  def _make_op(self, blocks: SpectralBlocks | None) -> ops.SMoAOp:
-    if blocks is None:
-      blocks = spectral_blocks(self.kernel[...], self.config.num_blocks,
-                               method=self.config.spectral_method)
-    in_perm, meta = shard_like_kernel(self.kernel, jnp.asarray(blocks.in_perm, jnp.int32), (None,))
-    self.in_perm = SpectralIndex(in_perm, **meta)
-    out_perm, meta = shard_like_kernel(self.kernel, jnp.asarray(blocks.out_perm, jnp.int32), (None,))
-    self.out_perm = SpectralIndex(out_perm, **meta)
-    return ops.make_op(self.config, self.in_features, self.out_features, blocks)
-
-  def _perms(self) -> ops.Perms:
-    return self.in_perm[...], self.out_perm[...]
-
-  @property
-  def blocks(self) -> SpectralBlocks:
-    """The layer's :class:`SpectralBlocks` (permutations and block sizes)."""
-    layout = self.op.layout
-    return SpectralBlocks(self.in_perm[...], self.out_perm[...], layout.in_sizes, layout.out_sizes)
 
 
 class HiRADense(AdaptedDense):
@@ -344,13 +340,14 @@ class LoRADense(AdaptedDense):
   config_type = LoRAConfig
 
 
+# The named layer of each built-in method; any other method gets the generic AdaptedDense.
 _LAYERS: dict[str, type[AdaptedDense]] = {"smoa": SMoADense, "hira": HiRADense, "lora": LoRADense}
 
 
 def adapter_class(config: AdapterConfig) -> type[AdaptedDense]:
   """The NNX layer class for a config (``SMoAConfig`` -> ``SMoADense``, ...)."""
-  try:
-    return _LAYERS[config.method]
-  except KeyError:
-    raise ConfigError(f"{type(config).__name__} has no adapter layer; expected SMoAConfig, "
-                      "LoRAConfig or HiRAConfig.") from None
+  if config.trains_base_kernel or type(config) is AdapterConfig:
+    raise ConfigError(f"{type(config).__name__} has no adapter layer (full fine-tuning trains the "
+                      "kernels themselves); use apply_adapter, or SMoAConfig, LoRAConfig, "
+                      "HiRAConfig.")
+  return _LAYERS.get(config.method, AdaptedDense)

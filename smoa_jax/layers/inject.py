@@ -3,8 +3,10 @@
 ``apply_adapter(model, config, rngs=...)`` walks the module tree, selects ``nnx.Linear`` layers by
 ``config.target_modules`` / ``exclude_modules`` / ``layers_to_transform`` and replaces each, in
 place, by the adapter layer of the config's method (``SMoADense``, ``LoRADense``, ``HiRADense``);
-for :class:`~smoa_jax.FullFineTuneConfig` it re-types the selected kernels to ``SMoAParam``
+for :class:`~smoa_jax.FullFineTuneConfig` it re-types the selected kernels to ``TrainableParam``
 instead. The frozen ``kernel``/``bias`` Variables are moved into the new layers, never copied.
+Selection is the only step that interprets patterns: :func:`adapt_modules` adapts an exact list
+of module paths, and the adapter loaders call it with the paths a file names.
 
 Matching (module paths are the ``/``-joined attribute path, e.g. ``model/layers/3/self_attn/q_proj``):
 
@@ -29,7 +31,7 @@ import io
 import re
 import sys
 from collections import defaultdict
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 from flax import nnx
@@ -37,18 +39,22 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
-from smoa_jax.parallel import sharding
-from smoa_jax.core.config import AdapterConfig, FullFineTuneConfig, SMoAConfig
-from smoa_jax.errors import ConfigError, TargetError
-from smoa_jax.layers.paths import layer_index, module_path
-from smoa_jax.layers.dense import AdaptedDense, SMoAParam, adapter_class
+from smoa_jax.core.config import AdapterConfig
 from smoa_jax.core.spectral import SpectralBlocks, spectral_blocks_batched
+from smoa_jax.errors import ConfigError, TargetError
+from smoa_jax.layers.dense import adapter_class
+from smoa_jax.layers.paths import layer_index, module_path
+from smoa_jax.layers.sites import (LinearSite, adapter_layers, linear_sites, replace_module,
+                                   retype_variable, sites_by_name)
 from smoa_jax.layers.stacked import adapt_stacked, stack_blocks
+from smoa_jax.layers.variables import TrainableParam
+from smoa_jax.parallel import sharding
 
 __all__ = [
     "AdapterReport",
     "ModuleReport",
     "apply_adapter",
+    "adapt_modules",
     "adapter_layers",
     "merge_and_unload",
     "merge_adapters",
@@ -73,20 +79,8 @@ def _matches(patterns: tuple[str, ...] | str, path: str) -> bool:
   return False
 
 
-def _linear_layers(model: nnx.Module) -> list[tuple[tuple[Any, ...], nnx.Module]]:
-  """All ``nnx.Linear`` and adapter layers with their paths (shared modules once)."""
-  return [(path, node) for path, node in nnx.iter_graph(model)
-          if isinstance(node, (nnx.Linear, AdaptedDense))]
-
-
-def adapter_layers(model: nnx.Module) -> list[tuple[str, AdaptedDense]]:
-  """Every adapter layer of ``model`` with its ``/``-joined path, in tree order."""
-  return [(module_path(path), node) for path, node in nnx.iter_graph(model)
-          if isinstance(node, AdaptedDense)]
-
-
 def count_params(model: nnx.Module) -> int:
-  """Number of scalars in all ``nnx.Param`` (incl. ``SMoAParam``) Variables; shared ones once."""
+  """Number of scalars in all ``nnx.Param`` (incl. ``TrainableParam``) Variables; shared ones once."""
   return sum(int(np.prod(v.shape)) for _, v in nnx.iter_graph(model)
              if isinstance(v, nnx.Param))
 
@@ -146,59 +140,49 @@ class AdapterReport:
     return console.export_text()
 
 
-def _select(model: nnx.Module, config: AdapterConfig) -> list[tuple[tuple[Any, ...], nnx.Module]]:
-  layers = _linear_layers(model)
-  candidates = [(p, m) for p, m in layers if not isinstance(m, AdaptedDense)]
-  chosen = [(p, m) for p, m in candidates if _matches(config.target_modules, module_path(p))]
+def _select(model: nnx.Module, config: AdapterConfig) -> list[LinearSite]:
+  """The unadapted linear layers ``config`` targets; raises naming the candidates if none."""
+  sites = linear_sites(model)
+  candidates = [s for s in sites if not s.adapted]
+  chosen = [s for s in candidates if _matches(config.target_modules, s.name)]
   if config.exclude_modules is not None:
-    chosen = [(p, m) for p, m in chosen if not _matches(config.exclude_modules, module_path(p))]
+    chosen = [s for s in chosen if not _matches(config.exclude_modules, s.name)]
   if config.layers_to_transform is not None:
-    found = sorted({i for p, _ in candidates if (i := layer_index(module_path(p))) is not None})
+    found = sorted({i for s in candidates if (i := layer_index(s.name)) is not None})
     missing = sorted(set(config.layers_to_transform) - set(found))
     if missing:
       span = f"{found[0]}..{found[-1]}" if found else "none (no 'layers/<i>' in any path)"
       raise TargetError(f"layers_to_transform={list(config.layers_to_transform)}: layers {missing} "
                         f"do not exist; the model's layer indices are {span}.")
-    chosen = [(p, m) for p, m in chosen if layer_index(module_path(p)) in config.layers_to_transform]
+    chosen = [s for s in chosen if layer_index(s.name) in config.layers_to_transform]
   if not chosen:
-    names = [module_path(p) for p, _ in candidates]
-    adapted = [module_path(p) for p, m in layers if isinstance(m, AdaptedDense)]
+    names = [s.name for s in candidates]
+    adapted = [s.name for s in sites if s.adapted]
     shown = "\n  ".join(names[:40]) + ("\n  ..." if len(names) > 40 else "")
     hint = (f"\n{len(adapted)} modules are already adapted (call merge_and_unload first to "
             "adapt them again)." if adapted else "")
+    exclude = "" if config.exclude_modules is None else f", exclude_modules={config.exclude_modules!r}"
+    layers = ("" if config.layers_to_transform is None
+              else f", layers_to_transform={list(config.layers_to_transform)}")
     raise TargetError(
-        f"no linear layer matched target_modules={config.target_modules!r}"
-        f"{'' if config.exclude_modules is None else f', exclude_modules={config.exclude_modules!r}'}"
-        f"{'' if config.layers_to_transform is None else f', layers_to_transform={list(config.layers_to_transform)}'}"
-        f". Candidate linear layers ({len(names)}):\n  {shown or '(none)'}{hint}")
+        f"no linear layer matched target_modules={config.target_modules!r}{exclude}{layers}. "
+        f"Candidate linear layers ({len(names)}):\n  {shown or '(none)'}{hint}")
   return chosen
 
 
-def _replace(model: nnx.Module, path: tuple[Any, ...], new: nnx.Module) -> None:
-  parent = model
-  for key in path[:-1]:
-    parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-  if isinstance(path[-1], int):
-    parent[path[-1]] = new
-  else:
-    setattr(parent, path[-1], new)
-
-
-def _spectral_blocks_by_shape(targets, config: SMoAConfig, show_progress: bool | None
-                              ) -> dict[str, SpectralBlocks]:
+def _spectral_blocks_by_shape(targets: list[LinearSite], config: AdapterConfig,
+                              show_progress: bool | None) -> dict[str, SpectralBlocks]:
   """Spectral blocks of every target, one batched computation per kernel shape.
 
   A stacked (scanned) target ``kernel (L, in, out)`` contributes L kernels and gets its blocks
-  stacked (:func:`smoa_jax.layers.stacked.stack_blocks`). Layers are sliced chunk by chunk, so at most
-  one chunk of kernel copies exists at a time.
+  stacked (:func:`smoa_jax.layers.stacked.stack_blocks`). Layers are sliced chunk by chunk, so
+  at most one chunk of kernel copies exists at a time.
   """
   by_shape: dict[tuple[int, ...], list[tuple[str, int | None, nnx.Variable]]] = defaultdict(list)
-  for path, layer in targets:
-    shape = tuple(layer.kernel.shape[-2:])
-    config.check_layer(*shape, module_path(path))
-    stacked = len(layer.kernel.shape) == 3
-    for i in (range(layer.kernel.shape[0]) if stacked else (None,)):
-      by_shape[shape].append((module_path(path), i, layer.kernel))
+  for site in targets:
+    kernel = site.module.kernel
+    for i in (range(site.num_layers) if site.num_layers else (None,)):
+      by_shape[site.shape].append((site.name, i, kernel))
   total = sum(len(items) for items in by_shape.values())
   show = total >= PROGRESS_MIN_TARGETS if show_progress is None else show_progress
   found: dict[str, list[SpectralBlocks]] = defaultdict(list)
@@ -213,11 +197,69 @@ def _spectral_blocks_by_shape(targets, config: SMoAConfig, show_progress: bool |
         kernels = [var[...] if i is None else var[i] for _, i, var in group]
         blocks = spectral_blocks_batched(kernels, config.num_blocks,
                                          method=config.spectral_method, chunk_size=chunk)
-        for (path, _, _), b in zip(group, blocks):
-          found[path].append(b)
+        for (name, _, _), b in zip(group, blocks):
+          found[name].append(b)
         bar.update(len(group))
-  stacked_paths = {module_path(p) for p, layer in targets if len(layer.kernel.shape) == 3}
-  return {path: stack_blocks(bs) if path in stacked_paths else bs[0] for path, bs in found.items()}
+  stacked = {s.name for s in targets if s.num_layers}
+  return {name: stack_blocks(bs) if name in stacked else bs[0] for name, bs in found.items()}
+
+
+def _adapt(model: nnx.Module, site: LinearSite, config: AdapterConfig, rngs: nnx.Rngs,
+           blocks: SpectralBlocks | None) -> ModuleReport:
+  """Adapt one site in place (a new layer, or the kernel re-typed); its report row."""
+  n_in, n_out = site.shape
+  layers = site.num_layers or 1
+  if config.trains_base_kernel:
+    retype_variable(model, site.path + ("kernel",), TrainableParam)
+    op = config.make_op(n_in, n_out)
+  else:
+    new = (adapt_stacked(site.module, config, rngs=rngs, blocks=blocks) if site.num_layers
+           else adapter_class(config).from_linear(site.module, config, rngs=rngs, blocks=blocks))
+    replace_module(model, site.path, new)
+    op = new.op
+  return ModuleReport(site.name, n_in, n_out, config.method, op.num_blocks, op.ranks,
+                      op.num_params * layers)
+
+
+def adapt_modules(model: nnx.Module, config: AdapterConfig, names: list[str], *,
+                  rngs: nnx.Rngs, verbose: bool = True, show_progress: bool | None = None,
+                  blocks: dict[str, SpectralBlocks] | None = None) -> AdapterReport:
+  """Adapt exactly the linear layers at module paths ``names``, in place (no pattern matching).
+
+  This is :func:`apply_adapter` after selection; the adapter loaders call it with the paths a
+  file names. ``blocks`` (by path) are used where given, the rest are computed (methods in W's
+  spectral order only).
+
+  Raises:
+    TargetError: a name is not a linear layer of the model, or is already adapted.
+    ConfigError: the config does not fit a layer (e.g. ``num_blocks`` too large).
+  """
+  if not isinstance(config, AdapterConfig) or type(config) is AdapterConfig:
+    raise ConfigError(f"apply_adapter needs an SMoAConfig, LoRAConfig, HiRAConfig or "
+                      f"FullFineTuneConfig, got {type(config).__name__}.")
+  sites = sites_by_name(model)
+  unknown = [n for n in names if n not in sites]
+  adapted = [n for n in names if n in sites and sites[n].adapted]
+  if unknown or adapted:
+    raise TargetError(f"cannot adapt {unknown + adapted}: "
+                      + (f"not linear layers of {type(model).__name__} (e.g. {sorted(sites)[:6]})"
+                         if unknown else "already adapted (call merge_and_unload first)") + ".")
+  targets = [sites[n] for n in names]
+  for site in targets:
+    if len(site.module.kernel.shape) not in (2, 3):
+      raise ConfigError(f"{site.name} has a kernel of shape {tuple(site.module.kernel.shape)}; "
+                        "only (in, out) kernels and stacked (layers, in, out) kernels of scanned "
+                        "models can be adapted.")
+    config.check_layer(*site.shape, site.name)
+  known = dict(blocks or {})
+  if config.spectral_order:
+    todo = [s for s in targets if s.name not in known]
+    known.update(_spectral_blocks_by_shape(todo, config, show_progress) if todo else {})
+  entries = [_adapt(model, site, config, rngs, known.get(site.name)) for site in targets]
+  report = AdapterReport(config, tuple(entries), count_params(model))
+  if verbose:
+    report.print()
+  return report
 
 
 def apply_adapter(model: nnx.Module, config: AdapterConfig, *, rngs: nnx.Rngs,
@@ -245,67 +287,28 @@ def apply_adapter(model: nnx.Module, config: AdapterConfig, *, rngs: nnx.Rngs,
   if not isinstance(config, AdapterConfig) or type(config) is AdapterConfig:
     raise ConfigError(f"apply_adapter needs an SMoAConfig, LoRAConfig, HiRAConfig or "
                       f"FullFineTuneConfig, got {type(config).__name__}.")
-  targets = _select(model, config)
-  for path, layer in targets:
-    if len(layer.kernel.shape) not in (2, 3):
-      raise ConfigError(f"{module_path(path)} has a kernel of shape {tuple(layer.kernel.shape)}; "
-                        "only (in, out) kernels and stacked (layers, in, out) kernels of scanned "
-                        "models can be adapted.")
-  entries = []
-  if isinstance(config, FullFineTuneConfig):
-    for path, layer in targets:
-      n_in, n_out = layer.kernel.shape[-2:]
-      _retype(model, path + ("kernel",), SMoAParam)
-      entries.append(ModuleReport(module_path(path), n_in, n_out, config.method, 1, (),
-                                  int(np.prod(layer.kernel.shape))))
-  else:
-    known = dict(blocks or {})
-    if isinstance(config, SMoAConfig):
-      todo = [(p, m) for p, m in targets if module_path(p) not in known]
-      known.update(_spectral_blocks_by_shape(todo, config, show_progress) if todo else {})
-    cls = adapter_class(config)
-    for path, layer in targets:
-      name = module_path(path)
-      if len(layer.kernel.shape) == 3:
-        new = adapt_stacked(layer, config, rngs=rngs, blocks=known.get(name))
-      else:
-        new = cls.from_linear(layer, config, rngs=rngs, blocks=known.get(name))
-      _replace(model, path, new)
-      layout = getattr(new.op, "layout", None)
-      ranks = layout.ranks if layout is not None else (config.r,)
-      entries.append(ModuleReport(name, new.in_features, new.out_features, config.method,
-                                  len(ranks), ranks, new.num_trainable_params))
-  report = AdapterReport(config, tuple(entries), count_params(model))
-  if verbose:
-    report.print()
-  return report
-
-
-def _retype(model: nnx.Module, path: tuple[Any, ...], cls: type[nnx.Variable]) -> None:
-  parent = model
-  for key in path[:-1]:
-    parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-  old = parent[path[-1]] if isinstance(path[-1], int) else getattr(parent, path[-1])
-  _replace(model, path, cls(old[...], **old.get_metadata()))
+  names = [site.name for site in _select(model, config)]
+  return adapt_modules(model, config, names, rngs=rngs, verbose=verbose,
+                       show_progress=show_progress, blocks=blocks)
 
 
 def mark_trainable(model: nnx.Module, pattern: str) -> list[str]:
   """Make every ``nnx.Param`` whose ``/``-joined path full-matches ``pattern`` trainable, in place.
 
-  The Variables are re-typed to ``SMoAParam`` (values and metadata kept), so the same optimizer
-  filter trains them and :func:`~smoa_jax.save_adapter` stores them with the adapter, like PEFT's
-  ``modules_to_save`` (e.g. ``pattern=r"classifier/.*"`` for a fresh task head).
+  The Variables are re-typed to ``TrainableParam`` (values and metadata kept), so the same
+  optimizer filter trains them and :func:`~smoa_jax.save_adapter` stores them with the adapter,
+  like PEFT's ``modules_to_save`` (e.g. ``pattern=r"classifier/.*"`` for a fresh task head).
 
   Returns the re-typed paths; raises :class:`TargetError` if none matched.
   """
   regex = re.compile(pattern)
   chosen = [path for path, v in nnx.iter_graph(model)
-            if isinstance(v, nnx.Param) and not isinstance(v, SMoAParam)
+            if isinstance(v, nnx.Param) and not isinstance(v, TrainableParam)
             and regex.fullmatch(module_path(path))]
   if not chosen:
     raise TargetError(f"mark_trainable: no frozen parameter path matched {pattern!r}.")
   for path in chosen:
-    _retype(model, path, SMoAParam)
+    retype_variable(model, path, TrainableParam)
   return [module_path(p) for p in chosen]
 
 
@@ -313,13 +316,13 @@ def merge_and_unload(model: nnx.Module) -> nnx.Module:
   """Fold every adapter into its kernel and put back plain ``nnx.Linear`` layers (in place).
 
   Arrays made trainable by :class:`FullFineTuneConfig` or :func:`mark_trainable` become
-  ``nnx.Param`` again. The
-  merged kernel is ``W + dW`` summed in float32 and cast to the kernel dtype. Returns ``model``.
+  ``nnx.Param`` again. The merged kernel is ``W + dW`` summed in float32 and cast to the kernel
+  dtype. Returns ``model``.
   """
-  for path, layer in [(p, m) for p, m in nnx.iter_graph(model) if isinstance(m, AdaptedDense)]:
-    _replace(model, path, layer.to_linear())
-  for path in [p for p, v in nnx.iter_graph(model) if isinstance(v, SMoAParam)]:
-    _retype(model, path, nnx.Param)
+  for site in [s for s in linear_sites(model) if s.adapted]:
+    replace_module(model, site.path, site.module.to_linear())
+  for path in [p for p, v in nnx.iter_graph(model) if isinstance(v, TrainableParam)]:
+    retype_variable(model, path, nnx.Param)
   return model
 
 

@@ -2,8 +2,9 @@
 
 Drop-ins for ``flax.linen.Dense``: same ``features`` / ``use_bias`` / ``dtype`` / ``param_dtype``
 / ``precision`` / ``kernel_init`` / ``bias_init`` fields, same ``params`` names ``kernel (in, out)``
-and ``bias (out,)``, plus ``lora_a`` / ``lora_b`` in ``params`` and, for SMoA, ``in_perm`` /
-``out_perm`` in the ``"spectral"`` collection. The math is :mod:`smoa_jax.core.ops`, shared with NNX.
+and ``bias (out,)``, plus ``lora_a`` / ``lora_b`` in ``params`` and, for methods in W's spectral
+order (SMoA), ``in_perm`` / ``out_perm`` in the ``"spectral"`` collection. The math is the
+method's op (:mod:`smoa_jax.core.ops`), shared with NNX.
 
 The spectral permutations are computed from the kernel at ``init``. When you load pretrained
 kernels into ``params`` afterwards, call :func:`refresh_spectral` so the permutations describe the
@@ -11,7 +12,9 @@ loaded weights, not the random initial ones::
 
     variables = model.init(key, x)
     variables = {**variables, "params": load_pretrained(variables["params"])}
-    variables = smoa_jax.linen.refresh_spectral(variables)
+    variables = smoa_jax.linen.refresh_spectral(model, variables, x)
+
+(Any apply with the ``"spectral"`` collection mutable recomputes them the same way.)
 
 Dropout on the adapter path uses the ``"dropout"`` rng and ``deterministic`` (attribute or call
 argument, like ``flax.linen.Dropout``).
@@ -19,18 +22,19 @@ argument, like ``flax.linen.Dropout``).
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.traverse_util import flatten_dict, unflatten_dict
 from flax.typing import Dtype, Initializer, PrecisionLike
 
 from smoa_jax.core import ops
-from smoa_jax.core.config import AdapterConfig, HiRAConfig, LoRAConfig, SMoAConfig, split_sizes
-from smoa_jax.errors import ConfigError
+from smoa_jax.core.config import AdapterConfig, split_sizes
+from smoa_jax.core.methods import HiRAConfig, LoRAConfig, SMoAConfig
 from smoa_jax.core.spectral import SpectralBlocks, spectral_orders
+from smoa_jax.errors import ConfigError
 
 __all__ = ["AdaptedDense", "SMoADense", "LoRADense", "HiRADense", "refresh_spectral"]
 
@@ -38,7 +42,7 @@ SPECTRAL = "spectral"
 
 
 class AdaptedDense(nn.Module):
-  """``flax.linen.Dense`` plus a trainable adapter; see the module docstring."""
+  """``flax.linen.Dense`` plus a trainable adapter of any method; see the module docstring."""
 
   features: int
   config: AdapterConfig
@@ -52,24 +56,42 @@ class AdaptedDense(nn.Module):
 
   config_type: ClassVar[type[AdapterConfig]] = AdapterConfig
 
-  def _op_and_perms(self, kernel: jax.Array) -> tuple[ops.SMoAOp | ops.LoRAOp, ops.Perms]:
-    return ops.make_op(self.config, *kernel.shape), None
+  def _op_and_perms(self, kernel: jax.Array) -> tuple[ops.AdapterOp, ops.Perms]:
+    """The config's op; a method in W's spectral order reads (or, at init and whenever the
+    ``"spectral"`` collection is mutable, computes) its permutations from the kernel."""
+    config = self.config
+    n_in, n_out = kernel.shape
+    if not config.spectral_order:
+      return config.make_op(n_in, n_out), None
+    orders = None
+
+    def order(which: int) -> jax.Array:
+      nonlocal orders
+      if orders is None:  # once, from the current kernel, with the layer's own method
+        orders = spectral_orders(kernel, config.spectral_method)
+      return orders[which]
+
+    in_perm = self.variable(SPECTRAL, "in_perm", order, 0)
+    out_perm = self.variable(SPECTRAL, "out_perm", order, 1)
+    if self.is_mutable_collection(SPECTRAL) and not self.is_initializing():
+      in_perm.value, out_perm.value = order(0), order(1)
+    blocks = SpectralBlocks(in_perm.value, out_perm.value, split_sizes(n_in, config.num_blocks),
+                            split_sizes(n_out, config.num_blocks))
+    return config.make_op(n_in, n_out, blocks), (in_perm.value, out_perm.value)
 
   @nn.compact
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None) -> jax.Array:
     """``y = x @ W + bias + dropout(x) @ dW`` for ``inputs (..., in)`` -> ``(..., features)``."""
-    if not isinstance(self.config, self.config_type):
-      raise ConfigError(f"{type(self).__name__} needs a {self.config_type.__name__}, got "
-                        f"{type(self.config).__name__}.")
+    if not isinstance(self.config, self.config_type) or self.config.trains_base_kernel:
+      raise ConfigError(f"{type(self).__name__} needs a {self.config_type.__name__} of an adapter "
+                        f"method, got {type(self.config).__name__}.")
     in_features = inputs.shape[-1]
     self.config.check_layer(in_features, self.features, self.name or type(self).__name__)
     kernel = self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
     op, perms = self._op_and_perms(kernel)
-    init_a, init_b = (lambda key: op.init_factors(key, self.config.param_dtype)[0],
-                      lambda key: op.init_factors(key, self.config.param_dtype)[1])
-    a = self.param("lora_a", init_a)
-    b = self.param("lora_b", init_b)
+    a = self.param("lora_a", lambda key: op.init_factors(key, self.config.param_dtype)[0])
+    b = self.param("lora_b", lambda key: op.init_factors(key, self.config.param_dtype)[1])
     x, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     x_adapter = None
     if self.config.dropout > 0 and not nn.merge_param("deterministic", self.deterministic,
@@ -86,23 +108,6 @@ class SMoADense(AdaptedDense):
 
   config_type = SMoAConfig
 
-  def _op_and_perms(self, kernel: jax.Array) -> tuple[ops.SMoAOp, ops.Perms]:
-    config = self.config
-    orders = None
-
-    def order(which: int) -> jax.Array:
-      nonlocal orders
-      if orders is None:  # computed once, at init, from the freshly initialized kernel
-        orders = spectral_orders(kernel, config.spectral_method)
-      return orders[which]
-
-    in_perm = self.variable(SPECTRAL, "in_perm", order, 0)
-    out_perm = self.variable(SPECTRAL, "out_perm", order, 1)
-    n_in, n_out = kernel.shape
-    blocks = SpectralBlocks(in_perm.value, out_perm.value, split_sizes(n_in, config.num_blocks),
-                            split_sizes(n_out, config.num_blocks))
-    return ops.make_op(config, n_in, n_out, blocks), (in_perm.value, out_perm.value)
-
 
 class HiRADense(AdaptedDense):
   """Linen HiRA baseline: ``dW = (alpha/r)(a @ b) * W`` over the whole kernel."""
@@ -116,24 +121,25 @@ class LoRADense(AdaptedDense):
   config_type = LoRAConfig
 
 
-def refresh_spectral(variables: dict[str, Any], method: str = "auto") -> dict[str, Any]:
-  """Recompute every ``"spectral"`` permutation from the kernel now in ``params``.
+def refresh_spectral(model: nn.Module, variables: dict[str, Any], *args: Any,
+                     **kwargs: Any) -> dict[str, Any]:
+  """Recompute every ``"spectral"`` permutation of ``model`` from the kernels now in ``params``.
 
-  Returns a new variables dict (inputs untouched). Raises :class:`ConfigError` if a spectral entry
-  has no matching ``params/.../kernel``.
+  Runs ``model.apply(variables, *args, **kwargs)`` once (give the usual example inputs) with the
+  ``"spectral"`` collection mutable: every spectral layer recomputes its permutations from its
+  current kernel with its own ``config.spectral_method``. Returns a new variables dict; the input
+  is untouched and ``params`` is the same object.
+
+  Raises:
+    ConfigError: ``variables`` lacks a parameter the model needs (pass the whole model's
+      variables).
   """
-  if SPECTRAL not in variables:
+  try:
+    _, updated = model.apply(variables, *args, mutable=[SPECTRAL], **kwargs)
+  except (flax.errors.ScopeParamNotFoundError, flax.errors.ScopeCollectionNotFound) as err:
+    raise ConfigError(f"refresh_spectral: {err.__class__.__name__}: the variables lack a "
+                      "parameter the model reads; pass the variables of the whole model (no "
+                      "params to refresh from).") from err
+  if SPECTRAL not in updated:
     return variables
-  params = flatten_dict(variables["params"], sep="/")
-  spectral = flatten_dict(variables[SPECTRAL], sep="/")
-  refreshed: dict[str, jax.Array] = {}
-  compute: Callable[[jax.Array], tuple[jax.Array, jax.Array]] = jax.jit(
-      lambda w: spectral_orders(w, method))
-  for module in sorted({key.rpartition("/")[0] for key in spectral}):
-    prefix = f"{module}/" if module else ""
-    kernel = params.get(f"{prefix}kernel")
-    if kernel is None:
-      raise ConfigError(f"spectral entry {module or '<top>'!r} has no params['{prefix}kernel'] to "
-                        "refresh from; pass the variables of the whole model.")
-    refreshed[f"{prefix}in_perm"], refreshed[f"{prefix}out_perm"] = compute(kernel)
-  return {**variables, SPECTRAL: unflatten_dict(refreshed, sep="/")}
+  return {**variables, SPECTRAL: updated[SPECTRAL]}

@@ -2,14 +2,14 @@
 
 Two idioms freeze the base model:
 
-* NNX: filter by Variable type. ``nnx.Optimizer(model, tx, wrt=smoa_jax.SMoAParam)`` and
-  ``nnx.grad(loss, argnums=nnx.DiffState(0, smoa_jax.SMoAParam))`` never even compute a gradient
+* NNX: filter by Variable type. ``nnx.Optimizer(model, tx, wrt=smoa_jax.TrainableParam)`` and
+  ``nnx.grad(loss, argnums=nnx.DiffState(0, smoa_jax.TrainableParam))`` never even compute a gradient
   for a frozen kernel.
 * Pytrees (Linen ``params``, ``nnx.State``, any dict): :func:`trainable_labels` marks adapter
   leaves ``"trainable"`` and everything else ``"frozen"``; :func:`freeze_base` wraps an optimizer so
   that frozen leaves get exactly zero updates and no optimizer state.
 
-A leaf is trainable if it is an ``SMoAParam`` Variable (NNX), or if its last path component is
+A leaf is trainable if it is an ``TrainableParam`` Variable (NNX), or if its last path component is
 ``lora_a`` / ``lora_b`` (Linen and plain dicts), or if it matches the ``extra`` regex.
 
 The ``optax.masked`` trap: ``optax.masked(tx, mask)`` applies ``tx`` where the mask is True and
@@ -33,7 +33,7 @@ import jax
 import optax
 from flax import nnx
 
-from smoa_jax.layers.dense import SMoAParam
+from smoa_jax.layers.variables import TrainableParam
 
 __all__ = ["TRAINABLE", "FROZEN", "ADAPTER_LEAF_NAMES", "trainable_labels", "trainable_mask",
            "freeze_base", "masked_recipe"]
@@ -67,7 +67,7 @@ def trainable_labels(tree: Any, *, extra: str | None = None) -> Any:
   def label(path, leaf):
     names = [_key_name(p) for p in path]
     if _is_variable(leaf):
-      trainable = isinstance(leaf, SMoAParam)
+      trainable = isinstance(leaf, TrainableParam)
     else:
       trainable = bool(names) and names[-1] in ADAPTER_LEAF_NAMES
     if pattern is not None and pattern.fullmatch("/".join(names)):

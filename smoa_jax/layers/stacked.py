@@ -24,10 +24,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from smoa_jax.core.config import AdapterConfig
-from smoa_jax.layers.dense import AdaptedDense, SMoADense, adapter_class, factor_specs, shard_like_kernel
+from smoa_jax.layers.dense import AdaptedDense, adapter_class, factor_specs, shard_like_kernel
 from smoa_jax.core.spectral import SpectralBlocks, spectral_blocks_batched
 
-__all__ = ["stack_blocks", "unstack_blocks", "adapt_stacked"]
+__all__ = ["stack_blocks", "adapt_stacked"]
 
 
 def stack_blocks(blocks: Sequence[SpectralBlocks]) -> SpectralBlocks:
@@ -35,12 +35,6 @@ def stack_blocks(blocks: Sequence[SpectralBlocks]) -> SpectralBlocks:
   return SpectralBlocks(jnp.stack([b.in_perm for b in blocks]),
                         jnp.stack([b.out_perm for b in blocks]), blocks[0].in_sizes,
                         blocks[0].out_sizes)
-
-
-def unstack_blocks(blocks: SpectralBlocks) -> list[SpectralBlocks]:
-  """Inverse of :func:`stack_blocks`."""
-  return [SpectralBlocks(i, o, blocks.in_sizes, blocks.out_sizes)
-          for i, o in zip(blocks.in_perm, blocks.out_perm)]
 
 
 def adapt_stacked(linear: nnx.Module, config: AdapterConfig, *, rngs: nnx.Rngs,
@@ -51,7 +45,7 @@ def adapt_stacked(linear: nnx.Module, config: AdapterConfig, *, rngs: nnx.Rngs,
   """
   num_layers = linear.kernel.shape[0]
   cls = adapter_class(config)
-  if blocks is None and cls is SMoADense:
+  if blocks is None and config.spectral_order:
     blocks = stack_blocks(spectral_blocks_batched(linear.kernel[...], config.num_blocks,
                                                   method=config.spectral_method))
 
@@ -67,7 +61,7 @@ def adapt_stacked(linear: nnx.Module, config: AdapterConfig, *, rngs: nnx.Rngs,
   if kernel_spec is not None:
     a_spec, b_spec = factor_specs(kernel_spec, len(new.lora_a.shape))
     arrays = [(new.lora_a, a_spec), (new.lora_b, b_spec)]
-    if isinstance(new, SMoADense):
+    if config.spectral_order:
       arrays += [(new.in_perm, (None, None)), (new.out_perm, (None, None))]
     for var, spec in arrays:
       value, metadata = shard_like_kernel(new.kernel, var[...], spec)

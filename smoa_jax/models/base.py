@@ -39,7 +39,8 @@ class HFModel(nnx.Module):
   ``sharding_rules`` (Megatron-style partitioning, :mod:`smoa_jax.parallel.spmd`) and implement
   :meth:`key_map`. ``scan_layers`` is True when the layers are stacked (:func:`stack_layers`).
   ``hf_config`` is a copy of the Hugging Face config dict (stored as JSON so the module stays
-  hashable under ``nnx.jit``); ``source_dir`` is the directory the weights came from (set by
+  hashable under ``nnx.jit``); ``fresh_params`` the parameter paths the checkpoint lacked (freshly
+  initialized, e.g. a new head); ``source_dir`` is the directory the weights came from (set by
   :func:`smoa_jax.from_hf`) so an export can copy its tokenizer files.
   """
 
@@ -55,6 +56,7 @@ class HFModel(nnx.Module):
     config["architectures"] = [self.architecture]
     self._hf_config_json = json.dumps(config, sort_keys=True)
     self.source_dir: str | None = None
+    self.fresh_params: tuple[str, ...] = ()
     return config
 
   @property

@@ -17,7 +17,7 @@ The correspondence of names is each model's key map (:meth:`HFModel.key_map`), t
 for both directions. Export folds adapters: a module that is an :class:`smoa_jax.AdaptedDense`
 contributes ``folded_kernel()`` (``W + dW``) as its kernel and its bias; its adapter arrays
 (``lora_a``, ``lora_b``, ``in_perm``, ``out_perm``) are dropped. A kernel re-typed to
-``SMoAParam`` (full fine-tuning) is an ordinary parameter and exports as such. The directory is
+``TrainableParam`` (full fine-tuning) is an ordinary parameter and exports as such. The directory is
 written next to its destination and renamed into place, so a failure leaves nothing half-written.
 
 Example::
@@ -34,7 +34,6 @@ import contextlib
 import functools
 import json
 import os
-import pickle
 import re
 import shutil
 import warnings
@@ -43,7 +42,6 @@ from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 from flax.typing import Dtype
@@ -56,14 +54,14 @@ from jax.sharding import Mesh
 from smoa_jax.parallel import sharding
 from smoa_jax.parallel import spmd
 from smoa_jax.errors import CheckpointError, ConfigError
-from smoa_jax.io.files import atomic_directory
+from smoa_jax.io.files import atomic_directory, read_json_object, safe_torch_load, torch_to_numpy
 from smoa_jax.models import build_model
 from smoa_jax.models.base import HFModel
 from smoa_jax.models.keymap import KeyMap
 from smoa_jax.layers.paths import layer_path, module_path, split_layer_path
-from smoa_jax.layers.dense import AdaptedDense
+from smoa_jax.layers.sites import linear_sites
 
-__all__ = ["from_hf", "to_hf", "param_bytes", "atomic_directory", "TOKENIZER_FILES"]
+__all__ = ["from_hf", "to_hf", "param_bytes", "TOKENIZER_FILES"]
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -134,44 +132,13 @@ def _open_safetensors(files: list[Path], stack: contextlib.ExitStack) -> _Checkp
   return ckpt
 
 
-def _torch_to_numpy(tensor: Any) -> np.ndarray:
-  import torch
-
-  if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; reinterpret the bits
-    return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-  return tensor.numpy()
-
-
 def _open_torch_bins(files: list[Path]) -> _Checkpoint:
-  try:
-    import torch
-  except ImportError as err:
-    raise CheckpointError(f"{files[0]} is a PyTorch pickle checkpoint, which needs torch; install "
-                          "it (pip install 'smoa-jax[torch]') or convert the checkpoint to "
-                          "safetensors.") from err
   ckpt = _Checkpoint()
   for file in files:
-    try:
-      try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-      except RuntimeError as err:  # legacy (non-zip) format cannot be memory-mapped
-        if "mmap" not in str(err):
-          raise
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-      raise CheckpointError(
-          f"refused to load {file}: its pickle would execute code or build objects other than "
-          f"tensors, which torch.load(weights_only=True) forbids ({str(err).splitlines()[0]}). Only "
-          "use checkpoints you trust; convert a trusted one to safetensors first.") from err
-    except Exception as err:  # torch raises RuntimeError/EOFError/... on corrupt files
-      raise CheckpointError(f"{file} is not a readable PyTorch checkpoint ({type(err).__name__}: "
-                            f"{err}); it may be truncated or corrupted. Re-download it.") from err
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-      raise CheckpointError(f"{file} holds {type(state).__name__}, expected a state dict of "
-                            "tensor name -> tensor.")
+    state = safe_torch_load(file, mmap=True)
     for name, tensor in state.items():
       ckpt.add(name, tensor.shape, str(tensor.dtype).removeprefix("torch."),
-               tensor.is_floating_point(), lambda index, t=tensor: _torch_to_numpy(t)[index])
+               tensor.is_floating_point(), lambda index, t=tensor: torch_to_numpy(t)[index])
   return ckpt
 
 
@@ -205,13 +172,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
   if not file.is_file():
     raise CheckpointError(f"{directory} has no config.json; expected a Hugging Face model "
                           "directory (save it with save_pretrained, which writes config.json).")
-  try:
-    config = json.loads(file.read_text())
-  except (OSError, UnicodeDecodeError, ValueError) as err:
-    raise CheckpointError(f"{file} is not valid JSON ({err}); restore the original config.json.") from err
-  if not isinstance(config, dict):
-    raise CheckpointError(f"{file} holds a JSON {type(config).__name__}, expected an object.")
-  return config
+  return read_json_object(file, "the model's config.json")
 
 
 # -- memory ----------------------------------------------------------------------------------------
@@ -374,7 +335,7 @@ def _fresh_value(path: str, shape: tuple[int, ...], dtype: Any, std: float,
 def from_hf(path: str | os.PathLike[str], dtype: Dtype = jnp.float32, *,
             param_dtype: Dtype | None = None, num_labels: int | None = None,
             max_bytes: int | None = None, seed: int = 0, mesh: Mesh | None = None,
-            scan_layers: bool = False) -> HFModel:
+            scan_layers: bool = False, warn_fresh: bool = True) -> HFModel:
   """Load a Hugging Face model directory as an NNX model of the matching family.
 
   Args:
@@ -395,6 +356,8 @@ def from_hf(path: str | os.PathLike[str], dtype: Dtype = jnp.float32, *,
       multi-process JAX every process calls ``from_hf`` and reads only its devices' slices.
     scan_layers: stack the layers (``(L, ...)`` Params) and run them under ``nnx.scan``; the
       layer body compiles once instead of L times.
+    warn_fresh: warn about parameters the checkpoint lacks (they are in ``model.fresh_params``
+      either way); turn off when an adapter about to be loaded holds them.
 
   Returns:
     The model (``LlamaForCausalLM``, ``GPT2LMHeadModel``, ``BertModel``, ...) with ``hf_config``
@@ -438,9 +401,11 @@ def from_hf(path: str | os.PathLike[str], dtype: Dtype = jnp.float32, *,
       if mesh is not None:
         value = sharding.place(value, sharding.named(mesh, params[p].get_metadata("out_sharding")))
       params[p].set_value(value)
-    warnings.warn(f"{len(fresh)} parameters are not in {directory} and were freshly initialized "
-                  f"(train them before use): {fresh}", stacklevel=2)
+    if warn_fresh:
+      warnings.warn(f"{len(fresh)} parameters are not in {directory} and were freshly "
+                    f"initialized (train them before use): {fresh}", stacklevel=2)
   model.source_dir = str(directory.resolve())
+  model.fresh_params = tuple(fresh)
   return model
 
 
@@ -468,7 +433,7 @@ def _export_entries(model: HFModel) -> list[tuple[str, tuple[int, ...], Any, Cal
   the whole stack is computed once per Param, when its first layer is written).
   """
   key_map = model.key_map()
-  adapters = {p: m for p, m in nnx.iter_graph(model) if isinstance(m, AdaptedDense)}
+  adapters = {site.path: site.module for site in linear_sites(model) if site.adapted}
   entries, unmapped = [], []
   for path, var in nnx.to_flat_state(nnx.state(model)):
     parent = tuple(path[:-1])

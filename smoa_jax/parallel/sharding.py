@@ -47,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from smoa_jax.errors import ConfigError
 
-__all__ = ["AXES", "BATCH_AXES", "Spec", "parse_mesh", "make_mesh", "axis_size", "fit_spec",
+__all__ = ["to_host", "AXES", "BATCH_AXES", "Spec", "parse_mesh", "make_mesh", "axis_size", "fit_spec",
            "named", "mesh_of", "place", "replicate", "batch_sharding", "shard_batch",
            "constrain_batch", "initialize_distributed", "is_main_process"]
 
@@ -247,3 +247,13 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 def is_main_process() -> bool:
   """True on process 0 (the one that writes shared files such as logs and exports)."""
   return jax.process_index() == 0
+
+
+def to_host(value: Any) -> np.ndarray:
+  """A host (numpy) copy of ``value``; an array spread over several processes is all-gathered
+  first, which is a collective: every process must call this for the same arrays."""
+  if isinstance(value, jax.Array) and not value.is_fully_addressable:
+    from jax.experimental import multihost_utils
+
+    value = multihost_utils.process_allgather(value, tiled=True)
+  return np.asarray(value)

@@ -36,7 +36,9 @@ from jax.sharding import Mesh
 
 from smoa_jax.parallel import sharding
 from smoa_jax.errors import ConfigError
-from smoa_jax.layers.dense import AdaptedDense, SpectralIndex, factor_specs
+from smoa_jax.layers.dense import factor_specs
+from smoa_jax.layers.sites import linear_sites
+from smoa_jax.layers.variables import SpectralIndex
 
 __all__ = ["Rule", "model_rules", "rule_spec", "sharding_plan", "annotate", "shard_model"]
 
@@ -83,7 +85,7 @@ def sharding_plan(model: nnx.Module, mesh: Mesh,
   """
   rules = model_rules(model) if rules is None else tuple(rules)
   variables = _array_variables(model)
-  adapters = {_path(p): m for p, m in nnx.iter_graph(model) if isinstance(m, AdaptedDense)}
+  adapters = {site.name: site.module for site in linear_sites(model) if site.adapted}
   plan: dict[str, sharding.Spec] = {}
 
   def spec_of(path: str) -> sharding.Spec:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from smoa_jax.errors import ConfigError, NonFiniteLossError
 from smoa_jax.io import rundir
 from smoa_jax.io.checkpoint import TrainCheckpointer
-from smoa_jax.layers.dense import SMoAParam, SpectralIndex
+from smoa_jax.layers.variables import SpectralIndex, TrainableParam
 from smoa_jax.parallel import sharding, spmd
 from smoa_jax.training import data as data_lib
 from smoa_jax.training.config import TrainConfig, make_optimizer
@@ -58,7 +58,7 @@ class TrainResult:
 
 
 def _split(model: nnx.Module):
-  return nnx.split(model, SMoAParam, nnx.RngState, SpectralIndex, ...)
+  return nnx.split(model, TrainableParam, nnx.RngState, SpectralIndex, ...)
 
 
 def _make_eval_step(task: Task, graphdef):
@@ -279,6 +279,106 @@ def _due(every: int | None, step: int, last: bool) -> bool:
   return bool(every and step % every == 0) or last
 
 
+def _device_batch(host_batch: dict[str, np.ndarray], accum: int,
+                  mesh: jax.sharding.Mesh | None) -> dict[str, jax.Array]:
+  """A host batch as ``(accum, micro_batch, ...)`` device arrays (split over the mesh)."""
+  batch = {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in host_batch.items()}
+  if mesh is not None:
+    return sharding.shard_batch(batch, mesh, batch_axis=1)
+  return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+class _Run:
+  """One call of :func:`train`: the set-up, then :meth:`loop` with its log / eval / save steps."""
+
+  def __init__(self, model, task, train_data, config, eval_data, output, resume, on_save, mesh):
+    self.model, self.task, self.config, self.mesh = model, task, config, mesh
+    self.eval_data, self.on_save = eval_data, on_save
+    num_examples = len(next(iter(train_data.values())))
+    self.total = config.total_steps(num_examples)
+    self.per_epoch = data_lib.batches_per_epoch(num_examples, config.batch_size)
+    tx, self.schedule = make_optimizer(config, self.total)
+    self.checkpointer = (TrainCheckpointer(output / rundir.CHECKPOINT_DIR,
+                                           max_to_keep=config.keep_checkpoints)
+                         if output is not None else None)
+    if resume and (self.checkpointer is None or self.checkpointer.latest_step() is None):
+      raise ConfigError(f"resume=True but there is no checkpoint in {output}.")
+    if mesh is not None:
+      spmd.shard_model(model, mesh)
+    model.eval()
+    self.eval_step = _under_mesh(_make_eval_step(task, nnx.graphdef(model)), mesh)
+    model.train()
+    graphdef, self.state = _initial_state(model, tx, mesh)
+    if resume:
+      _restore(self.state, self.checkpointer, config.seed)
+    self.log = _MetricsLog(output / rundir.METRICS_NAME if output is not None else None,
+                           self.state.step if resume else None)
+    if output is not None:
+      output.mkdir(parents=True, exist_ok=True)
+    self.step_fn = _make_train_step(task, graphdef, tx, self.state, mesh)
+    self.last_saved = self.checkpointer.latest_step() if self.checkpointer is not None else None
+    self.monitor = _Monitor(task, self._last_saved_text)
+    self.eval_metrics: dict[str, float] | None = None
+    self.stream = data_lib.iterate(train_data, config.batch_size, config.seed,
+                                   start_epoch=self.state.epoch, start_index=self.state.index)
+
+  def _last_saved_text(self) -> str:
+    if self.last_saved is None:
+      return "none"
+    return f"step {self.last_saved} in {self.checkpointer.directory}"
+
+  def loop(self) -> TrainResult:
+    state, config = self.state, self.config
+    bar = tqdm(total=self.total, initial=state.step, desc="train", unit="step",
+               disable=not config.progress, file=sys.stderr, dynamic_ncols=True)
+    try:
+      while state.step < self.total:
+        epoch, index, host_batch = next(self.stream)
+        state.params, state.opt_state, state.rng, sums, weight = self.step_fn(
+            state.params, state.opt_state, state.rng, state.spectral, state.rest,
+            _device_batch(host_batch, config.grad_accum_steps, self.mesh))
+        state.step += 1
+        step, last = state.step, state.step == self.total
+        self.monitor.add(step, sums, weight, int(host_batch["attention_mask"].sum())
+                         if "attention_mask" in host_batch else 0)
+        bar.update(1)
+        if _due(config.log_every, step, last):
+          record = self.monitor.window_record(step, float(self.schedule(step - 1)), epoch)
+          self.log.write(record)
+          bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}")
+        if self.eval_data is not None and _due(config.eval_every, step, last):
+          self._evaluate(step)
+        if self.checkpointer is not None and _due(config.save_every, step, last):
+          self._save(step, epoch, index)
+      self.monitor.flush()
+    finally:
+      bar.close()
+      if self.checkpointer is not None:
+        self.checkpointer.close()
+    nnx.update(self.model, state.params, state.rng, state.spectral)
+    return TrainResult(state.step, self.monitor.train_metrics, self.eval_metrics, self.log.path,
+                       self.log.history)
+
+  def _evaluate(self, step: int) -> None:
+    self.eval_metrics = _evaluate(self.eval_step, self.task, self.state.arrays(), self.eval_data,
+                                  self.config.batch_size, self.mesh)
+    self.log.write({"step": step, "split": "eval", **self.eval_metrics})
+
+  def _save(self, step: int, epoch: int, index: int) -> None:
+    """Checkpoint the state after ``step`` (batch ``index`` of ``epoch`` was its last)."""
+    state = self.state
+    self.monitor.flush()  # never checkpoint params produced by a non-finite step
+    state.epoch, state.index = (epoch, index + 1) if index + 1 < self.per_epoch else (epoch + 1, 0)
+    self.checkpointer.save(step, params=state.params, opt_state=state.opt_state, rng=state.rng,
+                           spectral=state.spectral,
+                           meta={"step": step, "epoch": state.epoch, "index": state.index,
+                                 "seed": self.config.seed})
+    self.last_saved = step
+    if self.on_save is not None:
+      nnx.update(self.model, *jax.tree.map(jnp.copy, (state.params, state.rng)), state.spectral)
+      self.on_save(step)
+
+
 def train(model: nnx.Module, task: Task, train_data: dict[str, np.ndarray], config: TrainConfig,
           *, eval_data: dict[str, np.ndarray] | None = None,
           output_dir: str | os.PathLike | None = None, resume: bool = False,
@@ -307,76 +407,5 @@ def train(model: nnx.Module, task: Task, train_data: dict[str, np.ndarray], conf
     NonFiniteLossError: the loss became NaN/Inf; the message names the step and the last good
       checkpoint, which is left intact.
   """
-  num_examples = len(next(iter(train_data.values())))
-  total = config.total_steps(num_examples)
-  per_epoch = data_lib.batches_per_epoch(num_examples, config.batch_size)
-  tx, schedule = make_optimizer(config, total)
   output = Path(output_dir) if output_dir is not None else None
-  checkpointer = (TrainCheckpointer(output / rundir.CHECKPOINT_DIR,
-                                    max_to_keep=config.keep_checkpoints)
-                  if output is not None else None)
-  if resume and (checkpointer is None or checkpointer.latest_step() is None):
-    raise ConfigError(f"resume=True but there is no checkpoint in {output}.")
-
-  if mesh is not None:
-    spmd.shard_model(model, mesh)
-  model.eval()
-  eval_step = _under_mesh(_make_eval_step(task, nnx.graphdef(model)), mesh)
-  model.train()
-  graphdef, state = _initial_state(model, tx, mesh)
-  if resume:
-    _restore(state, checkpointer, config.seed)
-  log = _MetricsLog(output / rundir.METRICS_NAME if output is not None else None,
-                    state.step if resume else None)
-  if output is not None:
-    output.mkdir(parents=True, exist_ok=True)
-  step_fn = _make_train_step(task, graphdef, tx, state, mesh)
-  last_saved = checkpointer.latest_step() if checkpointer is not None else None
-  monitor = _Monitor(task, lambda: (f"step {last_saved} in {checkpointer.directory}"
-                                    if last_saved is not None else "none"))
-  eval_metrics: dict[str, float] | None = None
-  accum = config.grad_accum_steps
-  bar = tqdm(total=total, initial=state.step, desc="train", unit="step",
-             disable=not config.progress, file=sys.stderr, dynamic_ncols=True)
-  stream = data_lib.iterate(train_data, config.batch_size, config.seed,
-                            start_epoch=state.epoch, start_index=state.index)
-  try:
-    while state.step < total:
-      epoch, index, host_batch = next(stream)
-      batch = {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:])
-               for k, v in host_batch.items()}
-      batch = (sharding.shard_batch(batch, mesh, batch_axis=1) if mesh is not None
-               else {k: jnp.asarray(v) for k, v in batch.items()})
-      state.params, state.opt_state, state.rng, sums, weight = step_fn(
-          state.params, state.opt_state, state.rng, state.spectral, state.rest, batch)
-      state.step += 1
-      step, last = state.step, state.step == total
-      monitor.add(step, sums, weight, int(host_batch["attention_mask"].sum())
-                  if "attention_mask" in host_batch else 0)
-      bar.update(1)
-      if _due(config.log_every, step, last):
-        record = monitor.window_record(step, float(schedule(step - 1)), epoch)
-        log.write(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}")
-      if eval_data is not None and _due(config.eval_every, step, last):
-        eval_metrics = _evaluate(eval_step, task, state.arrays(), eval_data, config.batch_size,
-                                 mesh)
-        log.write({"step": step, "split": "eval", **eval_metrics})
-      if checkpointer is not None and _due(config.save_every, step, last):
-        monitor.flush()  # never checkpoint params produced by a non-finite step
-        state.epoch, state.index = (epoch, index + 1) if index + 1 < per_epoch else (epoch + 1, 0)
-        checkpointer.save(step, params=state.params, opt_state=state.opt_state, rng=state.rng,
-                          spectral=state.spectral,
-                          meta={"step": step, "epoch": state.epoch, "index": state.index,
-                                "seed": config.seed})
-        last_saved = step
-        if on_save is not None:
-          nnx.update(model, *jax.tree.map(jnp.copy, (state.params, state.rng)), state.spectral)
-          on_save(step)
-    monitor.flush()
-  finally:
-    bar.close()
-    if checkpointer is not None:
-      checkpointer.close()
-  nnx.update(model, state.params, state.rng, state.spectral)
-  return TrainResult(state.step, monitor.train_metrics, eval_metrics, log.path, log.history)
+  return _Run(model, task, train_data, config, eval_data, output, resume, on_save, mesh).loop()

@@ -167,6 +167,7 @@ def test_classification_finetune_eval_export_and_reload_in_transformers(files, t
 
   code, out, err = run_cli(capsys, "eval", "--run", run, "--data", files["cls_eval"])
   assert code == 0, err
+  assert "freshly initialized" not in err  # the run's adapter holds the trained head
   metrics = json.loads(out)
   assert set(metrics) == {"loss", "accuracy", "num_examples"} and metrics["num_examples"] == 16
 

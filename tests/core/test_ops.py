@@ -10,6 +10,7 @@ from jax.test_util import check_grads
 
 import smoa_jax
 from smoa_jax.core import ops
+from smoa_jax.core.smoa import SMoAOp
 from smoa_jax.core.config import split_sizes
 from tests import reference
 
@@ -89,7 +90,7 @@ def test_smoa_k1_identity_order_is_hira():
   w = jnp.asarray(rng.standard_normal((12, 9)), jnp.float32)
   a, b = rng.standard_normal((12, 4)), rng.standard_normal((4, 9))
   smoa_dw = smoa_jax.delta_weight(w, smoa_jax.identity_blocks(12, 9, 1), [(a, b)], 0.25)
-  hira = ops.make_op(smoa_jax.HiRAConfig(r=4, alpha=1.0), 12, 9)
+  hira = smoa_jax.HiRAConfig(r=4, alpha=1.0).make_op(12, 9)
   hira_dw = hira.delta(w, jnp.asarray(a, jnp.float32)[None], jnp.asarray(b, jnp.float32)[None], None)
   np.testing.assert_allclose(smoa_dw, hira_dw, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(hira_dw, 0.25 * (a @ b) * np.asarray(w), rtol=1e-5, atol=1e-5)
@@ -97,7 +98,7 @@ def test_smoa_k1_identity_order_is_hira():
 
 def test_lora_formula():
   rng = np.random.default_rng(2)
-  op = ops.make_op(smoa_jax.LoRAConfig(r=3, alpha=6.0), 7, 5)
+  op = smoa_jax.LoRAConfig(r=3, alpha=6.0).make_op(7, 5)
   a, b = rng.standard_normal((7, 3)).astype(np.float32), rng.standard_normal((3, 5)).astype(np.float32)
   w = rng.standard_normal((7, 5)).astype(np.float32)
   x = rng.standard_normal((4, 7)).astype(np.float32)
@@ -106,7 +107,7 @@ def test_lora_formula():
 
 def _smoa_op(w, blocks, ranks, scaling=0.8):
   layout = ops.BlockLayout(blocks.in_sizes, blocks.out_sizes, ranks)
-  return ops.SMoAOp(layout, scaling), (blocks.in_perm, blocks.out_perm)
+  return SMoAOp(layout, scaling), (blocks.in_perm, blocks.out_perm)
 
 
 def test_zero_init_is_exact_no_op_and_init_bounds():
@@ -144,7 +145,7 @@ def test_folded_and_unfolded_paths_agree_in_value_and_gradient():
 def test_gradients_match_finite_differences(fold):
   w, blocks, factors = _case(m=9, n=7, k=2, ranks=(2, 1))
   layout = ops.BlockLayout(blocks.in_sizes, blocks.out_sizes, (2, 1))
-  op, perms = ops.SMoAOp(layout, 0.8, adapter_dtype="float64"), (blocks.in_perm, blocks.out_perm)
+  op, perms = SMoAOp(layout, 0.8, adapter_dtype="float64"), (blocks.in_perm, blocks.out_perm)
   a, b = ops.stack_factors(factors, op.layout)
   x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 9)), jnp.float32)
 

@@ -1,6 +1,6 @@
 """Tests for smoa_jax/io/authors.py: adapters in the authors' PyTorch SMoA layout.
 
-The other side is :mod:`tests.authors_reference`, a torch SMoA layer written from DESIGN section 1
+The other side is :mod:`tests.authors_reference`, a torch SMoA layer written from docs/design.md section 1
 in torch layout (not the authors' code), put into tiny random ``transformers`` models: Llama
 (``nn.Linear``, ``torch_weight (out, in)``) and GPT-2 (``Conv1D``, weight ``(in, out)``).
 """

@@ -68,14 +68,30 @@ def test_refresh_spectral_follows_loaded_kernels():
   module, variables, _, x = _pair("smoa")
   new_kernel = jax.random.normal(jax.random.key(5), variables["params"]["kernel"].shape)
   loaded = {**variables, "params": {**variables["params"], "kernel": new_kernel}}
-  refreshed = smoa_linen.refresh_spectral(loaded)
+  refreshed = smoa_linen.refresh_spectral(module, loaded, x)
   expected = smoa_jax.spectral_blocks(new_kernel, 3)
   np.testing.assert_array_equal(refreshed["spectral"]["in_perm"], expected.in_perm)
   np.testing.assert_array_equal(refreshed["spectral"]["out_perm"], expected.out_perm)
   assert refreshed["params"] is loaded["params"]
+  assert not np.array_equal(refreshed["spectral"]["in_perm"], variables["spectral"]["in_perm"])
   broken = {**variables, "params": {}}
   with pytest.raises(smoa_jax.ConfigError, match="no params"):
-    smoa_linen.refresh_spectral(broken)
+    smoa_linen.refresh_spectral(module, broken, x)
+
+
+def test_refresh_spectral_uses_each_layers_spectral_method(monkeypatch):
+  from smoa_jax.layers import linen_dense
+  used = []
+  original = linen_dense.spectral_orders
+  monkeypatch.setattr(linen_dense, "spectral_orders",
+                      lambda kernel, method: used.append(method) or original(kernel, method))
+  config = smoa_jax.SMoAConfig(r=4, num_blocks=2, alpha=8.0, spectral_method="svd")
+  module = smoa_linen.SMoADense(6, config)
+  x = jnp.ones((2, 5))
+  variables = module.init(jax.random.key(0), x)
+  used.clear()
+  smoa_linen.refresh_spectral(module, variables, x)
+  assert used == ["svd"]
 
 
 def test_nested_model_and_dropout():
@@ -90,7 +106,7 @@ def test_nested_model_and_dropout():
   x = jnp.ones((2, 12))
   variables = Model().init(jax.random.key(0), x, deterministic=True)
   assert set(variables["spectral"]) == {"up", "down"}
-  refreshed = smoa_linen.refresh_spectral(variables)
+  refreshed = smoa_linen.refresh_spectral(Model(), variables, x, deterministic=True)
   np.testing.assert_array_equal(refreshed["spectral"]["up"]["in_perm"], variables["spectral"]["up"]["in_perm"])
   y_eval = Model().apply(variables, x, deterministic=True)
   y_train = Model().apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(1)})

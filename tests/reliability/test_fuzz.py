@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import smoa_jax
 from smoa_jax.training import data
 from smoa_jax.core import ops
+from smoa_jax.core.smoa import SMoAOp
 from smoa_jax.core.config import config_from_dict, split_sizes
 from tests.reliability import probe
 
@@ -39,7 +40,7 @@ def test_ops_stay_finite_and_merge_round_trips(case):
   w = jnp.asarray(rng.standard_normal((m, n)) * scale, dtype)
   blocks = smoa_jax.spectral_blocks(w, k)
   layout = ops.BlockLayout(blocks.in_sizes, blocks.out_sizes, split_sizes(r, k))
-  op = ops.SMoAOp(layout, 2.0 / r)
+  op = SMoAOp(layout, 2.0 / r)
   perms = (blocks.in_perm, blocks.out_perm)
   a, b = op.init_factors(jax.random.key(seed % 1000))
   b = b + 0.05 * jnp.asarray(rng.standard_normal(b.shape), jnp.float32)  # |1 + s ab| stays > 0

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 from smoa_jax.errors import CheckpointError, ConfigError, SMoAError
-from smoa_jax.io import rundir
+from smoa_jax.io import formats, rundir
 
 PROG = "smoa-jax"
 METHODS = ("smoa", "lora", "hira", "full")
@@ -154,14 +155,15 @@ def tokenized(path: str, task: str, tokenizer: Any, seq_len: int, num_labels: in
 
 
 def load_model(model_dir: str, task: str, num_labels: int | None, dtype: str | None,
-               seq_len: int | None = None, mesh: Any = None):
+               seq_len: int | None = None, mesh: Any = None, warn_fresh: bool = True):
   """``from_hf`` with the task's head; refuses a sequence length beyond the model's positions."""
   import jax.numpy as jnp
 
   import smoa_jax
 
   model = smoa_jax.from_hf(model_dir, dtype=jnp.dtype(dtype or "float32"),
-                           num_labels=num_labels if task == "classification" else None, mesh=mesh)
+                           num_labels=num_labels if task == "classification" else None, mesh=mesh,
+                           warn_fresh=warn_fresh)
   config = model.hf_config
   limit = config.get("max_position_embeddings") or config.get("n_positions")
   if seq_len is not None and limit and seq_len > limit:
@@ -195,7 +197,16 @@ def model_with_adapter(args: argparse.Namespace, run: dict[str, Any], task: str,
   import smoa_jax
 
   dtype = args.dtype or run["flags"].get("dtype")
-  model = load_model(model_dir(args, run), task, num_labels, dtype, seq_len)
+  model = load_model(model_dir(args, run), task, num_labels, dtype, seq_len,
+                     warn_fresh=not args.run)
   if args.run:
-    smoa_jax.load_adapter(model, Path(args.run) / rundir.ADAPTER_DIR)
+    adapter_dir = Path(args.run) / rundir.ADAPTER_DIR
+    smoa_jax.load_adapter(model, adapter_dir)
+    # Only what neither the checkpoint nor the run's adapter holds stays untrained.
+    loaded = formats.read_config(adapter_dir).get("trainable_arrays") or {}
+    untrained = [p for p in model.fresh_params if p not in loaded]
+    if untrained:
+      warnings.warn(f"{len(untrained)} parameters are in neither {model.source_dir} nor the "
+                    f"run's adapter and were freshly initialized (train them before use): "
+                    f"{untrained}", stacklevel=2)
   return model

@@ -1,0 +1,170 @@
+"""The adapter file formats in one place: shared names, readers, detection, the per-block codec.
+
+Every adapter directory smoa-jax reads or writes has PEFT's layout::
+
+    adapter_config.json        a JSON object describing the adapter
+    adapter_model.safetensors  (or adapter_model.bin, a PyTorch pickle) with tensors named
+                               base_model.model.<module>.<factor>
+
+Three formats use it; ``adapter_config.json`` tells them apart (:func:`detect_format`):
+
+* ``portable`` -- smoa-jax's own (:mod:`smoa_jax.io.portable`): ``"library": "smoa-jax"``, any
+  method, the spectral permutations and a fingerprint of every base kernel;
+* ``authors`` -- the authors' PyTorch SMoA (:mod:`smoa_jax.io.authors`): ``"peft_type": "SMOA"``,
+  SMoA factors only (the permutation is recomputed from the base weights);
+* ``peft`` -- PEFT's own adapters (``"peft_type"`` of another method).
+
+The factors of one module are stored per block in torch layout (:func:`encode_factors`):
+``lora_A.<k>.weight = a_k^T (r_k, |C_k|)`` and ``lora_B.<k>.weight = b_k^T (|R_k|, r_k)`` for a
+method in W's spectral order (a rank-0 block has no tensors), or ``lora_A.weight (r, in)`` and
+``lora_B.weight (out, r)`` for a single-block method (LoRA, HiRA). The op of the module
+(:meth:`smoa_jax.core.ops.AdapterOp.factor_blocks`) converts between these blocks and the
+layer's stored factors, so the codec never looks at the method.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
+
+from smoa_jax.core.ops import AdapterOp
+from smoa_jax.errors import AdapterMismatchError, CheckpointError
+from smoa_jax.io.files import read_json_object, safe_torch_load, torch_to_numpy
+
+__all__ = ["CONFIG_NAME", "SAFETENSORS_NAME", "TORCH_BIN_NAME", "PREFIX", "Format",
+           "read_config", "read_tensors", "detect_format", "expect_format", "module_key",
+           "factor_keys", "encode_factors", "decode_factors", "checked_tensor"]
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+TORCH_BIN_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+# Which loader reads each format (for errors that point the user to the right one).
+LOADERS = {"portable": "smoa_jax.load_adapter", "authors": "smoa_jax.load_authors_adapter",
+           "peft": "smoa_jax.load_peft_adapter"}
+
+Format = Literal["portable", "authors", "peft"]
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+  """The ``adapter_config.json`` object of an adapter directory (clear errors when absent)."""
+  directory = Path(directory)
+  if not directory.is_dir():
+    raise CheckpointError(f"adapter directory {str(directory)!r} does not exist.")
+  if not (directory / CONFIG_NAME).is_file():
+    raise CheckpointError(f"{str(directory)!r} is not an adapter directory: {CONFIG_NAME} is "
+                          "missing.")
+  return read_json_object(directory / CONFIG_NAME, "an adapter config")
+
+
+def detect_format(document: dict[str, Any]) -> Format:
+  """``portable``, ``authors`` or ``peft`` from an ``adapter_config.json`` object."""
+  if document.get("library") == "smoa-jax":
+    return "portable"
+  peft_type = document.get("peft_type")
+  if peft_type == "SMOA":
+    return "authors"
+  if isinstance(peft_type, str):
+    return "peft"
+  raise CheckpointError(f"{CONFIG_NAME} has neither \"library\": \"smoa-jax\" nor a PEFT "
+                        "\"peft_type\"; it was not written by smoa-jax, the authors' SMoA code or "
+                        "PEFT.")
+
+
+def expect_format(directory: str | os.PathLike, document: dict[str, Any], wanted: Format) -> None:
+  """Raise, naming what the directory holds and the right loader, unless it is ``wanted``."""
+  found = detect_format(document)
+  if found == wanted:
+    return
+  what = ("an adapter saved by smoa_jax.save_adapter" if found == "portable" else
+          "an adapter saved by the authors' SMoA code or save_authors_adapter" if found == "authors"
+          else f"a PEFT adapter with peft_type={document.get('peft_type')!r}")
+  raise CheckpointError(f"{str(directory)!r} holds {what}, not the {wanted} format; load it with "
+                        f"{LOADERS[found]}(model, path).")
+
+
+def read_tensors(directory: str | os.PathLike, *, torch_bin: bool = False) -> dict[str, np.ndarray]:
+  """The adapter's tensors as numpy arrays: ``adapter_model.safetensors``, or (``torch_bin``)
+  ``adapter_model.bin`` read safely (tensors only) when no safetensors file is there."""
+  directory = Path(directory)
+  safetensors_file, torch_file = directory / SAFETENSORS_NAME, directory / TORCH_BIN_NAME
+  if safetensors_file.is_file():
+    try:
+      return load_file(str(safetensors_file))
+    except (SafetensorError, OSError, ValueError) as err:
+      raise CheckpointError(f"{safetensors_file} is unreadable as safetensors ({err}); it may be "
+                            "truncated or corrupted: save the adapter again.") from err
+  if torch_bin and torch_file.is_file():
+    return {k: torch_to_numpy(v.detach().cpu()) for k, v in safe_torch_load(torch_file).items()}
+  expected = f"{SAFETENSORS_NAME}{f' or {TORCH_BIN_NAME}' if torch_bin else ''}"
+  raise CheckpointError(f"{str(directory)!r} holds no adapter weights: {expected} is missing.")
+
+
+# -- the per-block codec ---------------------------------------------------------------------------
+def module_key(module: str) -> str:
+  """The tensor-name prefix of a module: ``model/layers/0/q_proj`` (or its dotted HF name)
+  -> ``base_model.model.model.layers.0.q_proj``."""
+  return PREFIX + module.replace("/", ".")
+
+
+def factor_keys(module: str, ranks: Sequence[int], *, per_block: bool) -> list[str]:
+  """The tensor names :func:`encode_factors` writes for a module with these block ``ranks``."""
+  if not per_block:
+    return [f"{module_key(module)}.lora_A.weight", f"{module_key(module)}.lora_B.weight"]
+  return [f"{module_key(module)}.lora_{f}.{k}.weight"
+          for k, r in enumerate(ranks) if r > 0 for f in "AB"]
+
+
+def encode_factors(module: str, op: AdapterOp, a: Any, b: Any, *,
+                   per_block: bool) -> dict[str, np.ndarray]:
+  """One module's factors as torch-layout float32 tensors (see the module docstring)."""
+  blocks = op.factor_blocks(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  if not per_block:
+    ((a_k, b_k),) = blocks
+    return {f"{module_key(module)}.lora_A.weight": np.ascontiguousarray(a_k.T),
+            f"{module_key(module)}.lora_B.weight": np.ascontiguousarray(b_k.T)}
+  out = {}
+  for k, (a_k, b_k) in enumerate(blocks):
+    if a_k.shape[1] > 0:  # rank-0 blocks are frozen and have no tensors (as in the authors' code)
+      out[f"{module_key(module)}.lora_A.{k}.weight"] = np.ascontiguousarray(a_k.T)
+      out[f"{module_key(module)}.lora_B.{k}.weight"] = np.ascontiguousarray(b_k.T)
+  return out
+
+
+def checked_tensor(tensors: dict[str, np.ndarray], key: str,
+                   shape: tuple[int, ...]) -> np.ndarray:
+  """``tensors[key]`` after checking its shape and that it is finite."""
+  value = tensors[key]
+  if tuple(value.shape) != tuple(shape):
+    raise AdapterMismatchError(f"tensor {key} has shape {tuple(value.shape)}, expected "
+                               f"{tuple(shape)}.")
+  if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+    raise AdapterMismatchError(f"tensor {key} holds NaN or Inf values.")
+  return value
+
+
+def decode_factors(module: str, op: AdapterOp, tensors: dict[str, np.ndarray], *,
+                   per_block: bool) -> tuple[np.ndarray, np.ndarray]:
+  """Inverse of :func:`encode_factors`: the factors in the layer's stored layout (float32)."""
+  layout = op.layout
+  if not per_block:
+    (n_in,), (n_out,), (r,) = layout.in_sizes, layout.out_sizes, layout.ranks
+    a = checked_tensor(tensors, f"{module_key(module)}.lora_A.weight", (r, n_in)).T
+    b = checked_tensor(tensors, f"{module_key(module)}.lora_B.weight", (n_out, r)).T
+    blocks = [(a, b)]
+  else:
+    blocks = []
+    for k, (c, o, r) in enumerate(zip(layout.in_sizes, layout.out_sizes, layout.ranks)):
+      if r == 0:
+        blocks.append((np.zeros((c, 0), np.float32), np.zeros((0, o), np.float32)))
+        continue
+      a_k = checked_tensor(tensors, f"{module_key(module)}.lora_A.{k}.weight", (r, c)).T
+      b_k = checked_tensor(tensors, f"{module_key(module)}.lora_B.{k}.weight", (o, r)).T
+      blocks.append((a_k, b_k))
+  a, b = op.stack_blocks(blocks)
+  return np.asarray(a), np.asarray(b)
