@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmark scripts: interleaved timing, machine description, RESULTS.md.
+"""Shared helpers of the benchmark scripts: timing, sizes, machine description, CLI, RESULTS.md.
 
 Timing on a noisy, shared machine
     :func:`time_interleaved` runs every candidate once per *round*, round-robin (the starting
@@ -9,6 +9,13 @@ Timing on a noisy, shared machine
     always taken side by side within one run, never across runs. Candidates of different
     runtimes (JAX, PyTorch) go in separate groups with a pause between them, because one
     runtime's spinning worker threads slow down the other's next call.
+
+Compiling and sizing
+    Every JAX candidate is compiled ahead of time (:func:`aot_compile`, never timed) and run
+    through :func:`blocking_call`; :func:`allocated_bytes` reads what one call allocates from
+    XLA's buffer assignment. :func:`tree_nbytes` and :func:`tree_size` count the bytes and scalars
+    of any pytree of arrays (JAX, abstract ``ShapeDtypeStruct``, NumPy or torch);
+    :func:`format_mib` prints bytes in MiB.
 
 RESULTS.md
     One file, one section per script, each between ``<!-- begin: NAME -->`` and
@@ -30,23 +37,42 @@ import platform
 import re
 import shlex
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
+import numpy as np
+
 __all__ = [
-    "parse_shape",
     "RESULTS_PATH",
     "RESULTS_HEADER",
+    "MIB",
+    "GIB",
     "Timings",
     "time_interleaved",
+    "aot_compile",
+    "blocking_call",
+    "allocated_bytes",
+    "array_nbytes",
+    "tree_nbytes",
+    "tree_size",
+    "format_mib",
     "num_cores",
+    "set_torch_threads",
     "load_average",
     "machine_description",
     "command_line",
     "markdown_table",
     "write_section",
+    "cli_argv",
+    "benchmark_parser",
+    "add_run_flags",
+    "parse_ints",
+    "parse_shape",
+    "publish",
 ]
 
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
@@ -58,6 +84,9 @@ and says how it was produced; regenerate a section by running the command shown 
 repository root (`--help` lists the options). Do not edit between the markers by hand. The
 machine is shared: trust the ratios (measured side by side) more than absolute times.
 """
+
+MIB = 2**20
+GIB = 2**30
 
 # Environment variables that change what a benchmark measures; recorded with the command.
 _RELEVANT_ENV = ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_ENABLE_X64", "OMP_NUM_THREADS",
@@ -140,12 +169,64 @@ def time_interleaved(*groups: Mapping[str, Callable[[], Any]], rounds: int, warm
   return Timings(samples)
 
 
+# -- compiling and sizing --------------------------------------------------------------------------
+def aot_compile(fn: Callable, *args: Any, **jit_options: Any) -> jax.stages.Compiled:
+  """``jax.jit(fn, **jit_options)`` lowered and compiled for ``args`` ahead of time, so that no
+  timed call pays for tracing or compiling."""
+  return jax.jit(fn, **jit_options).lower(*args).compile()
+
+
+def blocking_call(compiled: Callable, *args: Any) -> Callable[[], Any]:
+  """A zero-argument ``compiled(*args)`` that waits for the result: what :func:`time_interleaved`
+  runs (JAX dispatches asynchronously; an unblocked call would time only the dispatch)."""
+  return lambda: jax.block_until_ready(compiled(*args))
+
+
+def allocated_bytes(compiled: jax.stages.Compiled) -> int:
+  """Bytes one call allocates beyond its arguments, from XLA's buffer assignment: temporary plus
+  output buffers, less the outputs that reuse donated argument buffers."""
+  stats = compiled.memory_analysis()
+  return stats.temp_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+
+
+def array_nbytes(array: Any) -> int:
+  """``size x itemsize`` of one array: JAX, NumPy, torch, or abstract (``jax.ShapeDtypeStruct``)."""
+  return int(np.prod(array.shape)) * array.dtype.itemsize
+
+
+def tree_nbytes(tree: Any) -> int:
+  """Bytes of all arrays in a pytree (an ``nnx.State``, an optimizer state, a list of torch
+  tensors, ...); leaves without a dtype (Python numbers, empty states) count 0."""
+  return sum(array_nbytes(x) for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
+def tree_size(tree: Any) -> int:
+  """Number of scalars in all arrays of a pytree (a parameter count)."""
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
+def format_mib(nbytes: int, decimals: int = 1) -> str:
+  """Bytes as MiB for a table cell: ``format_mib(3 * 2**19) == "1.5"``, thousands with ``,``."""
+  return f"{nbytes / MIB:,.{decimals}f}"
+
+
+# -- the machine -----------------------------------------------------------------------------------
 def num_cores() -> int:
   """CPU cores this process may run on (what XLA's CPU thread pool sizes itself to)."""
   try:
     return len(os.sched_getaffinity(0))
   except AttributeError:  # not Linux
     return os.cpu_count() or 1
+
+
+def set_torch_threads() -> int:
+  """Give PyTorch as many threads as XLA's CPU client uses (every usable core), so that JAX and
+  torch candidates run on the same cores; returns that number."""
+  import torch  # here: only the scripts that time PyTorch need it
+
+  threads = num_cores()
+  torch.set_num_threads(threads)
+  return threads
 
 
 def _cpu_model() -> str:
@@ -180,8 +261,6 @@ def machine_description(*, load_at_start: float | None = None,
   Best called when the run ends with ``load_at_start`` (from :func:`load_average` at the start):
   it then reports the load at the start and now, which tells how busy the shared machine was.
   """
-  import jax  # here, so that importing this module stays cheap
-
   cores = num_cores()
   load = (f"{load_average():.2f}" if load_at_start is None
           else f"{load_at_start:.2f} at start, {load_average():.2f} at end")
@@ -255,6 +334,25 @@ def write_section(name: str, title: str, body: str, *, command: str, machine: st
     raise
 
 
+# -- command line ----------------------------------------------------------------------------------
+def cli_argv(argv: Sequence[str] | None) -> list[str]:
+  """A script's arguments: ``argv`` when ``main`` is called from Python, else the command line."""
+  return list(sys.argv[1:] if argv is None else argv)
+
+
+def benchmark_parser(module: str, description: str, **options: Any) -> argparse.ArgumentParser:
+  """The parser of ``python -m module`` (``--help`` shows the command to type)."""
+  return argparse.ArgumentParser(prog=f"python -m {module}", description=description, **options)
+
+
+def add_run_flags(parser: argparse.ArgumentParser, *, quick: str,
+                  no_write: str = "do not update benchmarks/RESULTS.md") -> None:
+  """``--quick`` (a smoke run; help text ``quick``) and ``--no-write``, the last two options of
+  every benchmark. A quick run must never write: the caller sets ``no_write`` when ``quick``."""
+  parser.add_argument("--quick", action="store_true", help=quick)
+  parser.add_argument("--no-write", action="store_true", help=no_write)
+
+
 def parse_ints(text: str) -> tuple[int, ...]:
   """``"2,4"`` -> ``(2, 4)``: a comma-separated list of ints given on a command line."""
   try:
@@ -272,10 +370,12 @@ def parse_shape(text: str) -> tuple[int, int]:
   return n_in, n_out
 
 
-def publish(section: str, title: str, body: str, *, module: str, argv: Sequence[str],
-            machine: str, write: bool) -> None:
-  """Print a benchmark's ``body`` and machine line; with ``write``, rewrite its RESULTS.md section
-  (:func:`write_section`) with the command that reproduces it."""
+# -- the end of a run ------------------------------------------------------------------------------
+def publish(section: str, title: str, body: str, *, module: str, argv: Sequence[str], write: bool,
+            load_at_start: float, torch_threads: int | None = None) -> None:
+  """Print a benchmark's ``body`` and machine line (:func:`machine_description`); with ``write``,
+  rewrite its RESULTS.md section (:func:`write_section`) with the command that reproduces it."""
+  machine = machine_description(load_at_start=load_at_start, torch_threads=torch_threads)
   print(body)
   print(f"machine: {machine}")
   if write:

@@ -34,7 +34,6 @@ from flax import nnx
 from torch import nn
 
 import smoa_jax
-from smoa_jax.core import ops
 
 __all__ = ["AuthorsSMoALinear", "compare_with_smoa_jax"]
 
@@ -91,8 +90,8 @@ class AuthorsSMoALinear(nn.Module):
                  row_sizes=layout.out_sizes, col_sizes=layout.in_sizes, ranks=layout.ranks,
                  alpha=layer.config.alpha, dropout=layer.config.dropout)
     with torch.no_grad():
-      for k, (a_k, b_k) in enumerate(ops.unstack_factors(layer.lora_a[...], layer.lora_b[...],
-                                                         layout)):
+      for k, (a_k, b_k) in enumerate(layer.op.factor_blocks(layer.lora_a[...],
+                                                            layer.lora_b[...])):
         module.lora_A[k].copy_(torch.from_numpy(np.array(a_k).T))
         module.lora_B[k].copy_(torch.from_numpy(np.array(b_k).T))
     return module
@@ -127,7 +126,7 @@ def compare_with_smoa_jax(layer: smoa_jax.SMoADense, x: np.ndarray,
     return y, *vjp(dy)
 
   y_jax, dparams, dx_jax = forward_backward(params, rest, jnp.asarray(x), jnp.asarray(dy))
-  grads_jax = ops.unstack_factors(dparams["lora_a"][...], dparams["lora_b"][...], layer.op.layout)
+  grads_jax = layer.op.factor_blocks(dparams["lora_a"][...], dparams["lora_b"][...])
 
   module = AuthorsSMoALinear.from_smoa_dense(layer)
   x_torch = torch.from_numpy(np.array(x)).requires_grad_(True)

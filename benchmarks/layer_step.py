@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from typing import Any, Callable, Sequence
 
 import jax
@@ -47,7 +46,7 @@ import torch
 from flax import nnx
 
 import smoa_jax
-from benchmarks import _common
+from benchmarks import _common, _models
 from benchmarks.authors_torch import AuthorsSMoALinear, peak_live_bytes
 
 SECTION = "layer_step"
@@ -90,10 +89,9 @@ class ShapeResult:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog=f"python -m {MODULE}",
-      description="Time forward+backward of one adapted layer: SMoA vs LoRA, HiRA, the frozen "
-                  "base layer and the authors' PyTorch algorithm; merged inference vs base.")
+  parser = _common.benchmark_parser(
+      MODULE, "Time forward+backward of one adapted layer: SMoA vs LoRA, HiRA, the frozen "
+              "base layer and the authors' PyTorch algorithm; merged inference vs base.")
   parser.add_argument("--shapes", type=_common.parse_shape, nargs="+",
                       default=[(1024, 1024), (576, 1536), (1536, 576)], help="kernels, in x out")
   parser.add_argument("--tokens", type=int, default=2048, help="T, rows of x (default 2048)")
@@ -107,9 +105,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--max-seconds", type=float, default=120.0,
                       help="stop timing a shape after this long, once 3 rounds are done")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny sizes and 3 rounds, to check that the script runs (never writes)")
-  parser.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+  _common.add_run_flags(
+      parser, quick="tiny sizes and 3 rounds, to check that the script runs (never writes)")
   args = parser.parse_args(argv)
   if args.quick:
     # Uneven blocks (47 = 24 + 23) and uneven ranks (3 = 2 + 1) exercise the padding paths.
@@ -118,16 +115,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
-def _nbytes(tree: Any) -> int:
-  return sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(tree))
-
-
 def _compile(fn: Callable, *args) -> tuple[Callable[[], Any], int]:
   """AOT-compile ``fn(*args)``; returns a blocking zero-arg runner and its temp + output bytes."""
-  compiled = jax.jit(fn).lower(*args).compile()
-  stats = compiled.memory_analysis()
-  step_bytes = stats.temp_size_in_bytes + stats.output_size_in_bytes
-  return (lambda: jax.block_until_ready(compiled(*args))), step_bytes
+  compiled = _common.aot_compile(fn, *args)
+  return _common.blocking_call(compiled, *args), _common.allocated_bytes(compiled)
 
 
 def _adapter_step(layer: smoa_jax.AdaptedDense, x: jax.Array, dy: jax.Array):
@@ -193,15 +184,10 @@ def _torch_peak_bytes(step: Callable[[], Any], module: AuthorsSMoALinear, x: tor
   return peak_live_bytes(step)
 
 
-def _random_b(layer: smoa_jax.AdaptedDense, key: jax.Array) -> None:
-  """Non-zero ``b`` (as after some training), so nothing is trivially zero."""
-  layer.lora_b[...] = 0.01 * jax.random.normal(key, layer.lora_b.shape, layer.lora_b.dtype)
-
-
 def bench_shape(n_in: int, n_out: int, args: argparse.Namespace) -> ShapeResult:
   """Build every candidate of one shape, then time them all in one interleaved run."""
   key = jax.random.key(args.seed)
-  k_lin, k_bias, k_x, k_dy, k_b = jax.random.split(key, 5)
+  k_lin, k_bias, k_x, k_dy = jax.random.split(key, 4)
   linear = nnx.Linear(n_in, n_out, rngs=nnx.Rngs(params=k_lin))
   linear.bias[...] = 0.1 * jax.random.normal(k_bias, (n_out,))
   x = jax.random.normal(k_x, (args.tokens, n_in))
@@ -220,20 +206,21 @@ def bench_shape(n_in: int, n_out: int, args: argparse.Namespace) -> ShapeResult:
         (f"lora_r{r}", smoa_jax.LoRADense, smoa_jax.LoRAConfig(r=r, alpha=args.alpha)),
         (f"hira_r{r}", smoa_jax.HiRADense, smoa_jax.HiRAConfig(r=r, alpha=args.alpha))):
       layer = layer_cls.from_linear(linear, config, rngs=nnx.Rngs(args.seed))
-      _random_b(layer, k_b)
+      _models.randomize_lora_b(layer, args.seed + 1)
       candidates[name], step_bytes[name] = _adapter_step(layer, x, dy)
-      state_bytes[name] = _nbytes(nnx.state(layer, smoa_jax.TrainableParam))
+      state_bytes[name] = _common.tree_nbytes(nnx.state(layer, smoa_jax.TrainableParam))
   for case in cases:
     config = smoa_jax.SMoAConfig(r=case.r, num_blocks=case.k, alpha=args.alpha)
     layer = smoa_jax.SMoADense.from_linear(linear, config, rngs=nnx.Rngs(args.seed))
-    _random_b(layer, k_b)
+    _models.randomize_lora_b(layer, args.seed + 1)
     candidates[case.smoa], step_bytes[case.smoa] = _adapter_step(layer, x, dy)
-    state_bytes[case.smoa] = _nbytes(nnx.state(layer, (smoa_jax.TrainableParam, smoa_jax.SpectralIndex)))
+    state_bytes[case.smoa] = _common.tree_nbytes(
+        nnx.state(layer, (smoa_jax.TrainableParam, smoa_jax.SpectralIndex)))
     module = AuthorsSMoALinear.from_smoa_dense(layer)
     torch_modules[case.authors] = module
     torch_candidates[case.authors] = _torch_step(module, x_torch, dy_torch)
-    state_bytes[case.authors] = sum(
-        t.nbytes for name, t in module.state_dict().items() if name not in ("weight", "bias"))
+    state_bytes[case.authors] = _common.tree_nbytes(
+        [t for name, t in module.state_dict().items() if name not in ("weight", "bias")])
     if case == cases[0]:
       merged = nnx.clone(layer)
       merged.merge()
@@ -251,10 +238,6 @@ def bench_shape(n_in: int, n_out: int, args: argparse.Namespace) -> ShapeResult:
 
 def _ms(seconds: float) -> str:
   return f"{seconds * 1e3:.3g}"
-
-
-def _mib(nbytes: int) -> str:
-  return f"{nbytes / 2**20:.2f}"
 
 
 def _x(ratio: float) -> str:
@@ -277,9 +260,10 @@ def render(results: Sequence[ShapeResult], tokens: int, torch_threads: int) -> s
       ratio_rows.append(head + [_x(smoa_lora), _x(t.ratio(case.smoa, hira)),
                                 _x(t.ratio(case.smoa, "base")), _x(authors),
                                 _x(t.ratio(case.authors, "torch_base"))])
-      memory_rows.append(head + [_mib(res.step_bytes[n]) for n in (case.smoa, lora, hira, "base",
-                                                                   case.authors)]
-                         + [_mib(res.state_bytes[n]) for n in (case.smoa, lora, case.authors)])
+      memory_rows.append(
+          head + [_common.format_mib(res.step_bytes[n], 2)
+                  for n in (case.smoa, lora, hira, "base", case.authors)]
+          + [_common.format_mib(res.state_bytes[n], 2) for n in (case.smoa, lora, case.authors)])
       if case.k == 2:
         lora_ratios_k2.append(smoa_lora)
       authors_ratios.append(authors)
@@ -328,19 +312,18 @@ def render(results: Sequence[ShapeResult], tokens: int, torch_threads: int) -> s
 
 def main(argv: Sequence[str] | None = None) -> str:
   """Run the benchmark, print the results, update RESULTS.md unless told not to; return the body."""
-  argv = list(sys.argv[1:] if argv is None else argv)
+  argv = _common.cli_argv(argv)
   args = parse_args(argv)
   load_at_start = _common.load_average()
-  threads = _common.num_cores()
-  torch.set_num_threads(threads)
+  threads = _common.set_torch_threads()
   results = []
   for n_in, n_out in args.shapes:
     print(f"shape {n_in}x{n_out}: compiling and timing ...", flush=True)
     results.append(bench_shape(n_in, n_out, args))
   body = render(results, args.tokens, threads)
-  machine = _common.machine_description(load_at_start=load_at_start, torch_threads=threads)
   _common.publish(SECTION, "layer_step: one adapted layer, forward + backward", body,
-                  module=MODULE, argv=argv, machine=machine, write=not args.no_write)
+                  module=MODULE, argv=argv, write=not args.no_write, load_at_start=load_at_start,
+                  torch_threads=threads)
   return body
 
 

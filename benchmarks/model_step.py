@@ -57,65 +57,31 @@ candidates have measured persistently slower (see RESULTS.md), so both runs are 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import torch
 from flax import nnx
 
 import smoa_jax
-from benchmarks import _common
+from benchmarks import _budgets, _common, _models
 from benchmarks.authors_torch import AuthorsSMoALinear, peak_live_bytes
-from smoa_jax.training.loop import make_optimizer
+from smoa_jax.training.config import make_optimizer
 
 SECTION = "model_step"
 MODULE = "benchmarks.model_step"
-TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+TARGETS = _models.LLAMA_TARGETS
 SMOA_LORA_TARGET = 1.10  # SMoA / LoRA step time on the whole model
 AUTHORS_TARGET = 2.0  # authors / SMoA step time
 SETTLE_SECONDS = 1.0  # pause after each runtime's group; cheap next to multi-second steps
 LEARNING_RATE = 1e-5  # small: the timed steps keep updating the same arrays
 FROZEN_PATTERN = r"model/layers/0/input_layernorm/.*"
-
-# SmolLM2-135M (Llama architecture), for random weights when the real ones are not cached.
-SMOLLM2_CONFIG = dict(vocab_size=49152, hidden_size=576, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-                      intermediate_size=1536, max_position_embeddings=8192, rope_theta=100000.0,
-                      rms_norm_eps=1e-5, tie_word_embeddings=True, hidden_act="silu")
-# --quick: every target kernel is 32 x 32, so the eager set-up ops compile for one shape only.
-QUICK_CONFIG = dict(vocab_size=256, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                    num_key_value_heads=2, head_dim=16, intermediate_size=32,
-                    max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-5,
-                    tie_word_embeddings=True, hidden_act="silu")
-
-
-def save_random_model(model_cls: Any, config: Any, directory: Path, seed: int = 0) -> Path:
-  """A randomly initialised transformers ``model_cls(config)`` saved in HF format to ``directory``."""
-  torch.manual_seed(seed)
-  model_cls(config).save_pretrained(str(directory))
-  return directory
-
-
-@contextlib.contextmanager
-def fast_compile(enabled: bool) -> Iterator[None]:
-  """With ``enabled`` (``--quick``), XLA skips most optimizations while inside: the smoke test's
-  tiny programs compile about twice as fast (its numbers mean nothing anyway)."""
-  name = "jax_disable_most_optimizations"
-  previous = jax.config.values[name]
-  jax.config.update(name, enabled or previous)
-  try:
-    yield
-  finally:
-    jax.config.update(name, previous)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,19 +93,16 @@ class Candidate:
 
 
 def candidates(p: int, r: int, ks: Sequence[int]) -> list[Candidate]:
-  """Equal rank r (SMoA for each K, LoRA, HiRA), equal parameters (SMoA r=2p K=2 vs LoRA r=p),
-  full fine-tuning, frozen. ``ks`` must contain 2."""
-  alpha = 2.0 * r
-  out = [Candidate(f"SMoA K={k} r={r}", smoa_jax.SMoAConfig(r=r, num_blocks=k, alpha=alpha,
-                                                            target_modules=TARGETS)) for k in ks]
-  out += [Candidate(f"LoRA r={r}", smoa_jax.LoRAConfig(r=r, alpha=alpha, target_modules=TARGETS)),
-          Candidate(f"HiRA r={r}", smoa_jax.HiRAConfig(r=r, alpha=alpha, target_modules=TARGETS))]
-  if 2 * p != r:
-    out.append(Candidate(f"SMoA K=2 r={2 * p}", smoa_jax.SMoAConfig(
-        r=2 * p, num_blocks=2, alpha=4.0 * p, target_modules=TARGETS)))
-  if p != r:
-    out.append(Candidate(f"LoRA r={p}", smoa_jax.LoRAConfig(r=p, alpha=2.0 * p,
-                                                            target_modules=TARGETS)))
+  """Equal rank r (SMoA for each K, LoRA, HiRA), equal parameters (SMoA r=2p K=2 vs LoRA r=p,
+  :class:`benchmarks._budgets.EqualBudget`), full fine-tuning, frozen. ``ks`` must contain 2."""
+  out = [Candidate(f"SMoA K={k} r={r}", _budgets.smoa_config(r, k, TARGETS)) for k in ks]
+  out += [Candidate(f"LoRA r={r}", _budgets.lora_config(r, TARGETS)),
+          Candidate(f"HiRA r={r}", _budgets.hira_config(r, TARGETS))]
+  budget = _budgets.EqualBudget(p, num_blocks=2)
+  if budget.smoa_rank != r:
+    out.append(Candidate(f"SMoA K={budget.num_blocks} r={budget.smoa_rank}", budget.smoa(TARGETS)))
+  if budget.lora_rank != r:
+    out.append(Candidate(f"LoRA r={budget.lora_rank}", budget.lora(TARGETS)))
   out += [Candidate("full FT", smoa_jax.FullFineTuneConfig(target_modules=TARGETS)),
           Candidate("frozen", None)]
   return out
@@ -157,56 +120,31 @@ class JaxStep:
   step_bytes: int
 
 
-def _nbytes(tree: Any) -> int:
-  return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
-             if hasattr(x, "dtype"))
-
-
 def jax_step(model: nnx.Module, batch: dict[str, jax.Array]) -> JaxStep:
   """AOT-compile forward + backward + clip + AdamW over the model's ``TrainableParam`` arrays."""
   tx, _ = make_optimizer(smoa_jax.TrainConfig(steps=1000, learning_rate=LEARNING_RATE), 1000)
-  task = smoa_jax.CausalLMTask()
-  graphdef, params, rest = nnx.split(model, smoa_jax.TrainableParam, ...)
+  step, params, rest = _models.train_step(model, smoa_jax.CausalLMTask(), tx)
   params = jax.tree.map(jnp.copy, params)  # donated below: never the arrays other models share
   opt_state = tx.init(params)
-
-  def step(params, opt_state, rest, batch):
-    def loss_fn(params):
-      loss, weight, _ = task.loss(nnx.merge(graphdef, params, rest), batch)
-      return loss / weight
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, rest, batch).compile()
-  stats = compiled.memory_analysis()
+  compiled = _common.aot_compile(step, params, opt_state, rest, batch, donate_argnums=(0, 1))
   state = [params, opt_state]
 
   def run():
     state[0], state[1], loss = compiled(state[0], state[1], rest, batch)
     return jax.block_until_ready((state[0], state[1], loss))
 
-  return JaxStep(run, sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
-                 _nbytes(opt_state), stats.argument_size_in_bytes,
-                 stats.temp_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes)
+  return JaxStep(run, _common.tree_size(params), _common.tree_nbytes(opt_state),
+                 compiled.memory_analysis().argument_size_in_bytes,
+                 _common.allocated_bytes(compiled))
 
 
 def jax_forward(model: nnx.Module, batch: dict[str, jax.Array]) -> Callable[[], Any]:
   """AOT-compiled logits of the whole model (merged-inference timing)."""
   graphdef, state = nnx.split(model)
-  compiled = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(
-      ids, attention_mask=mask)).lower(state, batch["input_ids"], batch["attention_mask"]).compile()
-  return lambda: jax.block_until_ready(compiled(state, batch["input_ids"],
-                                                batch["attention_mask"]))
-
-
-def _random_b(model: nnx.Module, seed: int) -> None:
-  """Small random ``b`` in every adapter layer (as after some training): nothing is trivially 0."""
-  rng = np.random.default_rng(seed)
-  for _, layer in smoa_jax.adapter_layers(model):
-    b = layer.lora_b
-    b[...] = jnp.asarray(0.01 * rng.standard_normal(b.shape), b.dtype)
+  args = (state, batch["input_ids"], batch["attention_mask"])
+  compiled = _common.aot_compile(
+      lambda state, ids, mask: nnx.merge(graphdef, state)(ids, attention_mask=mask), *args)
+  return _common.blocking_call(compiled, *args)
 
 
 # -- PyTorch ---------------------------------------------------------------------------------------
@@ -260,9 +198,8 @@ def frozen_torch_model(model_dir: Path) -> torch.nn.Module:
 def torch_resident_bytes(step: TorchStep) -> tuple[int, int]:
   """``(parameters + buffers + optimizer state, optimizer state)`` bytes (after a first step)."""
   tensors = list(step.model.parameters()) + list(step.model.buffers())
-  optimizer = sum(t.nbytes for state in step.optimizer.state.values() for t in state.values()
-                  if isinstance(t, torch.Tensor))
-  return sum(t.nbytes for t in tensors) + optimizer, optimizer
+  optimizer = _common.tree_nbytes(list(step.optimizer.state.values()))
+  return _common.tree_nbytes(tensors) + optimizer, optimizer
 
 
 def torch_peak_bytes(step: TorchStep) -> int:
@@ -339,11 +276,10 @@ def _ks(text: str) -> tuple[int, ...]:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog=f"python -m {MODULE}",
-      description="Time a full training step of SmolLM2-135M (targets q,k,v,up,down) with SMoA, "
-                  "LoRA, HiRA, full fine-tuning, the frozen model, and the authors' algorithm in "
-                  "PyTorch; memory, optimizer state, merged inference vs base.")
+  parser = _common.benchmark_parser(
+      MODULE, "Time a full training step of SmolLM2-135M (targets q,k,v,up,down) with SMoA, "
+              "LoRA, HiRA, full fine-tuning, the frozen model, and the authors' algorithm in "
+              "PyTorch; memory, optimizer state, merged inference vs base.")
   parser.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
   parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (default 256)")
   parser.add_argument("--r", type=int, default=8, help="the equal rank (default 8)")
@@ -356,9 +292,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       help="stop timing after this long, once 3 rounds are done")
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch candidates")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny random Llama, batch 2 x 16, 2 rounds: a smoke test (never writes)")
-  parser.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+  _common.add_run_flags(
+      parser, quick="tiny random Llama, batch 2 x 16, 2 rounds: a smoke test (never writes)")
   args = parser.parse_args(argv)
   if args.quick:
     args.batch, args.seq, args.r, args.p, args.ks, args.rounds = 2, 16, 4, 2, (2,), 2
@@ -368,19 +303,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def model_directory(quick: bool, workdir: Path) -> tuple[Path, str]:
   """The HF directory to benchmark and a phrase saying what it is."""
-  import transformers
-
-  from smoa_jax.app import assets
-
   if quick:
-    config = transformers.LlamaConfig(**QUICK_CONFIG)
-    return (save_random_model(transformers.LlamaForCausalLM, config, workdir / "tiny"),
+    return (_models.save_random_llama(_models.tiny_llama_config(), workdir / "tiny"),
             "a tiny random Llama (--quick)")
-  if assets.is_cached("smollm2"):
-    return assets.fetch_smollm2(), "SmolLM2-135M-Instruct (real weights, dequantized Q4_1)"
-  config = transformers.LlamaConfig(**SMOLLM2_CONFIG)
-  return (save_random_model(transformers.LlamaForCausalLM, config, workdir / "smollm2-random"),
-          "SmolLM2-135M's config with random weights (the asset is not cached)")
+  directory, real = _models.smollm2_directory(workdir)
+  return directory, ("SmolLM2-135M-Instruct (real weights, dequantized Q4_1)" if real else
+                     "SmolLM2-135M's config with random weights (the asset is not cached)")
 
 
 @dataclasses.dataclass
@@ -400,8 +328,7 @@ class Measured:
 
 
 def measure(args: argparse.Namespace, log: Callable[[str], None]) -> Measured:
-  threads = _common.num_cores()
-  torch.set_num_threads(threads)
+  _common.set_torch_threads()
   with tempfile.TemporaryDirectory(prefix="smoa-model-step-") as workdir:
     model_dir, description = model_directory(args.quick, Path(workdir))
     config = json.loads((model_dir / "config.json").read_text())
@@ -425,7 +352,7 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> Measured:
                                show_progress=False, blocks=blocks.get(k))
         if isinstance(cand.config, smoa_jax.SMoAConfig) and k not in blocks:
           blocks[k] = {path: layer.blocks for path, layer in smoa_jax.adapter_layers(model)}
-        _random_b(model, args.seed + 1)
+        _models.randomize_lora_b(model, args.seed + 1)
       adapted[cand.name] = model
       steps[cand.name] = jax_step(model, batch)
       predicted[cand.name] = cost.of(cand.config)
@@ -462,10 +389,6 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> Measured:
                     args.batch * args.seq, description)
 
 
-def _mib(nbytes: int) -> str:
-  return f"{nbytes / 2**20:,.1f}"
-
-
 def render(m: Measured, args: argparse.Namespace, threads: int) -> str:
   """The markdown body: speed and cost model, memory, and the targets' verdicts."""
   t, f, r, p = m.timings, m.flops, args.r, args.p
@@ -492,7 +415,7 @@ def render(m: Measured, args: argparse.Namespace, threads: int) -> str:
     else:
       s = m.jax[name]
       resident, optimizer, step = s.resident_bytes, s.optimizer_bytes, s.step_bytes
-    memory.append([label, _mib(optimizer), _mib(resident), _mib(step), _mib(resident + step)])
+    memory.append([label, *map(_common.format_mib, (optimizer, resident, step, resident + step))])
   parts = [
       f"A full training step (forward + backward + clip + AdamW) of {m.model}, batch "
       f"{args.batch} x {args.seq} = {m.tokens:,} tokens, float32, targets {', '.join(TARGETS)} of "
@@ -513,6 +436,9 @@ def render(m: Measured, args: argparse.Namespace, threads: int) -> str:
   ]
   smoa2 = f"SMoA K=2 r={r}"
   ratio = t.ratio(smoa2, lora)
+  budget = _budgets.EqualBudget(p, num_blocks=2)
+  budget_smoa = f"SMoA K={budget.num_blocks} r={budget.smoa_rank}"
+  budget_lora = f"LoRA r={budget.lora_rank}"
   verdicts = [
       f"- {smoa2} / {lora} = {ratio:.3f} (target <= {SMOA_LORA_TARGET:.2f}: "
       f"**{'MET' if ratio <= SMOA_LORA_TARGET else 'MISSED'}**); the cost model predicts "
@@ -520,9 +446,9 @@ def render(m: Measured, args: argparse.Namespace, threads: int) -> str:
       f"of targeted frozen-layer work in F_lora = {f.lora(r) / 1e9:,.0f} GFLOP.",
       *(f"- SMoA K={k} r={r} / {lora} = {t.ratio(f'SMoA K={k} r={r}', lora):.3f} (predicted "
         f"{f.smoa(k) / f.lora(r):.3f})." for k in args.ks if k != 2),
-      f"- Equal trainable parameters: SMoA K=2 r={2 * p} / LoRA r={p} = "
-      f"{t.ratio(f'SMoA K=2 r={2 * p}', f'LoRA r={p}'):.3f} (predicted "
-      f"{f.smoa(2) / f.lora(p):.3f}).",
+      f"- Equal trainable parameters: {budget_smoa} / {budget_lora} = "
+      f"{t.ratio(budget_smoa, budget_lora):.3f} (predicted "
+      f"{f.smoa(budget.num_blocks) / f.lora(budget.lora_rank):.3f}).",
       f"- Merged inference (forward only): SMoA K=2 r={r} after `merge_and_unload` / base = "
       f"{t.ratio('merged fwd', 'base fwd'):.3f} (target 1.00; {tokens_s('merged fwd')} vs "
       f"{tokens_s('base fwd')} tokens/s).",
@@ -547,24 +473,22 @@ def render(m: Measured, args: argparse.Namespace, threads: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> str:
   """Run the benchmark, print the results, update RESULTS.md unless told not to; return the body."""
-  argv = list(sys.argv[1:] if argv is None else argv)
+  argv = _common.cli_argv(argv)
   args = parse_args(argv)
   load_at_start = _common.load_average()
 
   def log(text: str) -> None:
     print(text, flush=True)
 
-  with fast_compile(args.quick):
+  with _models.fast_compile(args.quick):
     measured = measure(args, log)
   threads = _common.num_cores()
   body = render(measured, args, threads)
-  machine = _common.machine_description(load_at_start=load_at_start,
-                                        torch_threads=None if args.no_torch else threads)
   # A JAX-only run gets its own section: it does not replace the run that includes PyTorch.
   section, title = ((f"{SECTION}_jax_only", "model_step, JAX only (--no-torch)") if args.no_torch
                     else (SECTION, "model_step: a full training step of SmolLM2-135M"))
-  _common.publish(section, title, body, module=MODULE, argv=argv, machine=machine,
-                  write=not args.no_write)
+  _common.publish(section, title, body, module=MODULE, argv=argv, write=not args.no_write,
+                  load_at_start=load_at_start, torch_threads=None if args.no_torch else threads)
   return body
 
 

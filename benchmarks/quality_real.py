@@ -56,7 +56,6 @@ import argparse
 import dataclasses
 import math
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -65,8 +64,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from benchmarks import _common
-from benchmarks.model_step import fast_compile, save_random_model
+from benchmarks import _budgets, _common, _models
 
 SECTION = "quality_real"
 MODULE = "benchmarks.quality_real"
@@ -109,6 +107,11 @@ class Plan:
   def metric(self) -> str:
     return "accuracy" if self.task == "sentiment" else "perplexity"
 
+  @property
+  def budget(self) -> _budgets.EqualBudget:
+    """SMoA r = 2p in K = 2 blocks vs LoRA and HiRA r = p."""
+    return _budgets.EqualBudget(self.p, num_blocks=2)
+
 
 SENTIMENT = Plan(
     task="sentiment", p=4, targets=("query", "value"), steps=100, batch_size=32, seq_len=64,
@@ -118,7 +121,7 @@ SENTIMENT = Plan(
              Method("linear probe", "probe", (1e-2, 5e-2))),
     val_limit=None, test_limit=None, eval_batch=100)
 SHAKESPEARE = Plan(
-    task="shakespeare", p=8, targets=("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"),
+    task="shakespeare", p=8, targets=_models.LLAMA_TARGETS,
     steps=30, batch_size=4, seq_len=128, warmup_steps=3, seeds=(0, 1, 2),
     methods=(Method("SMoA", "smoa", (1e-2, 3e-2, 1e-1)), Method("LoRA", "lora", (2e-3, 5e-3, 1e-2)),
              Method("HiRA", "hira", (1e-2, 3e-2, 1e-1)),
@@ -144,12 +147,8 @@ def _tiny_dir(task: str, vocab_size: int, directory: Path) -> Path:
     config = transformers.BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1,
                                      num_attention_heads=2, intermediate_size=32,
                                      max_position_embeddings=64)
-    return save_random_model(transformers.BertModel, config, directory)
-  config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1,
-                                    num_attention_heads=2, num_key_value_heads=2,
-                                    intermediate_size=32, max_position_embeddings=64,
-                                    tie_word_embeddings=True)
-  return save_random_model(transformers.LlamaForCausalLM, config, directory)
+    return _models.save_random_model(transformers.BertModel, config, directory)
+  return _models.save_random_llama(_models.tiny_llama_config(vocab_size), directory)
 
 
 def _evenly(arrays: dict[str, np.ndarray], limit: int | None) -> dict[str, np.ndarray]:
@@ -222,15 +221,13 @@ def adapter_config(kind: str, plan: Plan):
   """The method's config at the common budget (``None`` for the linear probe)."""
   import smoa_jax
 
-  p, targets = plan.p, plan.targets
   return {
-      "smoa": lambda: smoa_jax.SMoAConfig(r=2 * p, num_blocks=2, alpha=4.0 * p,
-                                          target_modules=targets),
-      "lora": lambda: smoa_jax.LoRAConfig(r=p, alpha=2.0 * p, target_modules=targets),
-      "hira": lambda: smoa_jax.HiRAConfig(r=p, alpha=2.0 * p, target_modules=targets),
-      "full": lambda: smoa_jax.FullFineTuneConfig(target_modules=targets),
-      "probe": lambda: None,
-  }[kind]()
+      "smoa": plan.budget.smoa,
+      "lora": plan.budget.lora,
+      "hira": plan.budget.hira,
+      "full": lambda targets: smoa_jax.FullFineTuneConfig(target_modules=targets),
+      "probe": lambda targets: None,
+  }[kind](plan.targets)
 
 
 # -- one run ---------------------------------------------------------------------------------------
@@ -272,8 +269,8 @@ def train_run(ctx: Context, method: Method, lr: float, seed: int, *, validate: b
   head = 0
   if plan.task == "sentiment":
     smoa_jax.mark_trainable(model, r"classifier/.*")
-    head = sum(int(np.prod(v.shape)) for path, v in nnx.iter_graph(model)
-               if isinstance(v, smoa_jax.TrainableParam) and "classifier" in path)
+    head = _common.tree_size([v for path, v in nnx.iter_graph(model)
+                              if isinstance(v, smoa_jax.TrainableParam) and "classifier" in path])
   train_config = smoa_jax.TrainConfig(
       steps=plan.steps, batch_size=plan.batch_size, learning_rate=lr,
       warmup_steps=plan.warmup_steps, seed=seed, log_every=plan.steps, progress=False)
@@ -358,9 +355,9 @@ def coverage(ctx: Context, run: Run, quick: bool) -> Coverage:
     x = np.arange(1, q + 1) / q
     curves.append(np.interp(GRID, x, analysis.direction_energy(dw, w), left=0.0))
     if path not in ctx.kernel_curves:  # W is the same for every method: its curves once
-      s2 = np.square(np.linalg.svd(w, compute_uv=False))
       j = np.arange(1, q + 1)
-      ctx.kernel_curves[path] = (np.interp(GRID, x, np.cumsum(s2) / s2.sum(), left=0.0),
+      # W's own energy in its top-j directions: the share of ||W||^2 in its top j singular values.
+      ctx.kernel_curves[path] = (np.interp(GRID, x, analysis.direction_energy(w, w), left=0.0),
                                  np.interp(GRID, x, (j / w.shape[0]) * (j / w.shape[1]), left=0.0))
     kernel_curves.append(ctx.kernel_curves[path][0])
     uniform.append(ctx.kernel_curves[path][1])
@@ -545,9 +542,10 @@ def render(results: list[TaskResult], plot: str | None) -> str:
     title = (f"**{plan.task}** ({res.sizes['train']:,} train / {res.sizes['validation']:,} "
              f"validation / {res.sizes['test']:,} test examples; {plan.steps} steps of "
              f"{plan.batch_size} x {plan.seq_len} tokens, warmup {plan.warmup_steps}; targets "
-             f"{', '.join(plan.targets)}; p = {plan.p}: SMoA r={2 * plan.p} K=2, LoRA and HiRA "
-             f"r={plan.p}" + (f"; every method also trains the {head:,}-parameter head"
-                              if head else "") + f"; wall time {res.seconds / 60:.0f} min).")
+             f"{', '.join(plan.targets)}; p = {plan.p}: SMoA r={plan.budget.smoa_rank} "
+             f"K={plan.budget.num_blocks}, LoRA and HiRA r={plan.budget.lora_rank}"
+             + (f"; every method also trains the {head:,}-parameter head" if head else "")
+             + f"; wall time {res.seconds / 60:.0f} min).")
     reference = "; ".join(f"{k}: {_fmt(plan, v)}" for k, v in res.reference.items())
     parts += [title,
               _common.markdown_table(["method", "trainable", "lr", f"{unit} (mean +- std)",
@@ -577,11 +575,10 @@ def render(results: list[TaskResult], plot: str | None) -> str:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog=f"python -m {MODULE}",
-      description="Quality of SMoA vs LoRA, HiRA, full fine-tuning (and a linear probe) at equal "
-                  "trainable parameters on real data: MiniLM sentiment, SmolLM2 Shakespeare; "
-                  "spectral coverage of the learned updates.",
+  parser = _common.benchmark_parser(
+      MODULE, "Quality of SMoA vs LoRA, HiRA, full fine-tuning (and a linear probe) at equal "
+              "trainable parameters on real data: MiniLM sentiment, SmolLM2 Shakespeare; "
+              "spectral coverage of the learned updates.",
       epilog="The defaults are the full run (about 90 minutes on 2 CPU cores).")
   parser.add_argument("--task", choices=("sentiment", "shakespeare", "all"), default="all")
   parser.add_argument("--sentiment-steps", type=int, default=SENTIMENT.steps)
@@ -592,10 +589,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--test-limit", type=int, default=SHAKESPEARE.test_limit,
                       help="Shakespeare test passages (evenly spaced subset)")
   parser.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny random models, 3 steps, one seed: a smoke test (never writes)")
-  parser.add_argument("--no-write", action="store_true",
-                      help="leave benchmarks/RESULTS.md and benchmarks/plots/ alone")
+  _common.add_run_flags(parser,
+                        quick="tiny random models, 3 steps, one seed: a smoke test (never writes)",
+                        no_write="leave benchmarks/RESULTS.md and benchmarks/plots/ alone")
   args = parser.parse_args(argv)
   if args.quick:
     args.no_write = True
@@ -614,7 +610,7 @@ def plans_from_args(args: argparse.Namespace) -> list[Plan]:
 
 def main(argv: Sequence[str] | None = None) -> str:
   """Run the benchmark, print the results, update RESULTS.md unless told not to; return the body."""
-  argv = list(sys.argv[1:] if argv is None else argv)
+  argv = _common.cli_argv(argv)
   args = parse_args(argv)
   load_at_start = _common.load_average()
   started = time.perf_counter()
@@ -623,7 +619,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {text}", flush=True)
 
   with (tempfile.TemporaryDirectory(prefix="smoa-quality-real-") as workdir,
-        fast_compile(args.quick)):
+        _models.fast_compile(args.quick)):
     results = [run_task(plan, args.quick, Path(workdir), log) for plan in plans_from_args(args)]
   plot = None
   if not args.no_write:
@@ -634,8 +630,7 @@ def main(argv: Sequence[str] | None = None) -> str:
   body = render(results, plot)
   body += f"\n\nTotal wall time {(time.perf_counter() - started) / 60:.0f} min."
   _common.publish(SECTION, "quality_real: fine-tuning quality on real data, equal budgets", body,
-                  module=MODULE, argv=argv, write=not args.no_write,
-                  machine=_common.machine_description(load_at_start=load_at_start))
+                  module=MODULE, argv=argv, write=not args.no_write, load_at_start=load_at_start)
   return body
 
 

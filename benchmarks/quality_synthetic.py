@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from typing import Callable, Sequence
 
 import jax
@@ -43,13 +42,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks import _common
+from benchmarks import _budgets, _common
+from smoa_jax.app.analysis import effective_rank
 from smoa_jax.core import ops
 from smoa_jax.core.lora import LoRAOp
 from smoa_jax.core.smoa import SMoAOp
 from smoa_jax.core import spectral
 from smoa_jax.core.config import split_sizes
 
+MODULE = "benchmarks.quality_synthetic"
 METHODS = ("smoa", "smoa-noperm", "blocks-spectral", "melora", "hira", "lora")
 TARGETS = ("dense", "modulated", "spectral-top")
 
@@ -95,12 +96,16 @@ def make_target(kind: str, w: np.ndarray, seed: int) -> np.ndarray:
 def method_delta(method: str, w: np.ndarray, r: int,
                  k: int) -> tuple[Callable, Callable[[jax.Array], tuple[jax.Array, jax.Array]]]:
   """``(delta_fn(params) -> dW (in, out), init(key) -> params)`` for one method at the common
-  budget. ``delta_fn`` is the same object for every seed, so its fitter compiles once."""
+  budget (:meth:`benchmarks._budgets.EqualBudget.of_smoa`: SMoA rank ``r`` in ``k`` blocks, LoRA
+  and HiRA rank ``r / k``). Every method shares SMoA's ``alpha``, so LoRA's and HiRA's scaling
+  ``alpha / (r / k)`` is ``k`` times SMoA's. ``delta_fn`` is the same object for every seed, so
+  its fitter compiles once."""
   n_in, n_out = w.shape
   kernel = jnp.asarray(w)
-  alpha = 2.0 * r
+  budget = _budgets.EqualBudget.of_smoa(r, k)
+  alpha = _budgets.SCALE * budget.smoa_rank
   if method in ("lora", "hira"):
-    rank = r // k  # r (in + out) / K parameters
+    rank = budget.lora_rank  # r (in + out) / K parameters
     config = (LoRAOp(n_in, n_out, rank, alpha / rank) if method == "lora" else
               SMoAOp(ops.BlockLayout((n_in,), (n_out,), (rank,)), alpha / rank))
     return (lambda p: config.delta(kernel, p[0], p[1], None)), config.init_factors
@@ -150,26 +155,22 @@ def run_fit(fit: Callable, params, target: np.ndarray, lr: float) -> tuple[float
   return (err if np.isfinite(err) else float("inf")), dw
 
 
-def effective_rank(dw: jax.Array) -> float:
-  """``exp(entropy)`` of the normalized singular values (Roy & Vetterli, 2007)."""
-  s = np.linalg.svd(np.asarray(dw, np.float64), compute_uv=False)
-  p = s / max(s.sum(), 1e-30)
-  p = p[p > 0]
-  return float(np.exp(-(p * np.log(p)).sum()))
-
-
 def main(argv: Sequence[str] | None = None) -> str:
   """Run the benchmark, print the table, update RESULTS.md unless told not to; return the body."""
-  argv = list(sys.argv[1:] if argv is None else argv)
+  argv = _common.cli_argv(argv)
   load_at_start = _common.load_average()
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--quick", action="store_true", help="tiny sizes and steps (smoke test)")
-  parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+  parser = _common.benchmark_parser(MODULE, __doc__.split("\n\n")[0],
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--r", type=int, default=8, help="total SMoA rank (LoRA/HiRA get r/K)")
   parser.add_argument("--num-blocks", type=int, default=2, help="K")
   parser.add_argument("--steps", type=int, default=400, help="Adam steps per fit")
+  _common.add_run_flags(parser, quick="tiny sizes and steps (smoke test)",
+                        no_write="print only; leave RESULTS.md alone")
   args = parser.parse_args(argv)
+  try:
+    budget = _budgets.EqualBudget.of_smoa(args.r, args.num_blocks)
+  except ValueError as e:
+    parser.error(str(e))
   steps = 30 if args.quick else args.steps
   lrs = (3e-3, 3e-2) if args.quick else (1e-3, 3e-3, 1e-2, 3e-2)
   test_seeds, val_seeds = ((0,), (100,)) if args.quick else ((0, 1, 2), (100, 101))
@@ -204,17 +205,17 @@ def main(argv: Sequence[str] | None = None) -> str:
       for method, (mean, std, lr, erank) in results.items():
         rows.append([kernel_name, target_kind, method, f"{mean:.4f}", f"{std:.4f}", f"{lr:g}",
                      f"{erank:.1f}", "**best**" if method == winner else ""])
-  n_params = r * sum(next(iter(kernels.values())).shape) // k
+  n_params = budget.lora_rank * sum(next(iter(kernels.values())).shape)
   body = (f"Relative error ``||dW - dW*||_F / ||dW*||_F`` after {steps} Adam steps (mean and sample "
           f"std over {len(test_seeds)} test seeds; lr chosen on {len(val_seeds)} validation seeds from "
-          f"{list(lrs)}). Budget: SMoA r={r}, K={k}; LoRA/HiRA rank {r // k}; all methods train "
-          f"r (in+out)/K parameters (e.g. {n_params:,} for the first kernel). 'eff. rank' is the "
+          f"{list(lrs)}). Budget: SMoA r={r}, K={k}; LoRA/HiRA rank {budget.lora_rank}; all "
+          f"methods train r (in+out)/K parameters (e.g. {n_params:,} for the first kernel). "
+          "'eff. rank' is the "
           "effective rank of the fitted dW (first test seed).\n\n"
           + _common.markdown_table(["kernel", "target", "method", "rel. error", "std", "lr",
                                     "eff. rank", ""], rows))
   _common.publish("quality_synthetic", "Quality: fitting a high-rank update (synthetic)", body,
-                  module="benchmarks.quality_synthetic", argv=argv, write=not args.no_write,
-                  machine=_common.machine_description(load_at_start=load_at_start))
+                  module=MODULE, argv=argv, write=not args.no_write, load_at_start=load_at_start)
   return body
 
 

@@ -32,16 +32,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
+import functools
 import time
-from pathlib import Path
 from typing import Sequence
 
 import jax
 import numpy as np
 
 import smoa_jax
-from benchmarks import _common
+from benchmarks import _budgets, _common, _models
 
 SECTION = "spectral_prep"
 MODULE = "benchmarks.spectral_prep"
@@ -68,9 +67,8 @@ class ShapeResult:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog=f"python -m {MODULE}",
-      description="Time SVD vs Gram-eigh spectral preprocessing and compare their permutations.")
+  parser = _common.benchmark_parser(
+      MODULE, "Time SVD vs Gram-eigh spectral preprocessing and compare their permutations.")
   parser.add_argument("--shapes", type=_common.parse_shape, nargs="+",
                       default=[(576, 576), (576, 1536), (2048, 5504), (4096, 4096), TARGET_SHAPE],
                       help="kernels, in x out")
@@ -80,9 +78,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--no-model", action="store_true",
                       help="skip the whole-model (SmolLM2 targets) measurement")
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny sizes and 2 rounds, to check that the script runs (never writes)")
-  parser.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+  _common.add_run_flags(
+      parser, quick="tiny sizes and 2 rounds, to check that the script runs (never writes)")
   args = parser.parse_args(argv)
   if args.quick:
     args.shapes, args.rounds = [(40, 40), (48, 96)], 2
@@ -109,8 +106,8 @@ def bench_shape(n_in: int, n_out: int, args: argparse.Namespace) -> ShapeResult:
   compiled, compile_s, temp_bytes = {}, {}, {}
   for method in METHODS:
     t0 = time.perf_counter()
-    compiled[method] = jax.jit(smoa_jax.spectral_orders, static_argnames="method").lower(
-        kernel, method=method).compile()
+    compiled[method] = _common.aot_compile(
+        functools.partial(smoa_jax.spectral_orders, method=method), kernel)
     compile_s[method] = time.perf_counter() - t0
     temp_bytes[method] = compiled[method].memory_analysis().temp_size_in_bytes
   outputs = {}
@@ -140,8 +137,8 @@ def render(results: Sequence[ShapeResult]) -> str:
     t = res.timings
     rows.append([res.label, _s(t.median("svd")), _s(t.median("gram")),
                  f"{t.ratio('svd', 'gram'):.2f}", _s(res.compile_s["svd"]),
-                 _s(res.compile_s["gram"]), f"{res.temp_bytes['svd'] / 2**20:.1f}",
-                 f"{res.temp_bytes['gram'] / 2**20:.1f}", t.rounds,
+                 _s(res.compile_s["gram"]), _common.format_mib(res.temp_bytes["svd"]),
+                 _common.format_mib(res.temp_bytes["gram"]), t.rounds,
                  f"{res.same_position[0]:.3f}", f"{res.same_position[1]:.3f}",
                  f"{res.same_block[2]:.4f}", f"{res.same_block[4]:.4f}"])
   target = [r for r in results if (r.n_in, r.n_out) == TARGET_SHAPE]
@@ -168,47 +165,20 @@ def render(results: Sequence[ShapeResult]) -> str:
   return "\n\n".join(parts)
 
 
-MODEL_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-
-
 def bench_model() -> tuple[str, float, float, int]:
   """``(model name, cold s, compiled s, number of kernels)`` of SmolLM2's target preprocessing."""
   from flax import nnx
 
-  from smoa_jax.app import assets
-  if assets.is_cached("smollm2"):
-    directory, name = assets.fetch_smollm2(), "SmolLM2-135M (real weights)"
-  else:
-    import json
-    import tempfile
-    directory = Path(tempfile.mkdtemp())
-    (directory / "config.json").write_text(json.dumps(SMOLLM2_CONFIG))
-    name = "SmolLM2-135M config (random weights)"
-  config = smoa_jax.SMoAConfig(r=8, num_blocks=2, alpha=16.0, target_modules=MODEL_TARGETS)
+  config = _budgets.smoa_config(8, 2, _models.LLAMA_TARGETS)
   times = []
   for _ in range(2):
-    model = smoa_jax.from_hf(directory) if assets.is_cached("smollm2") else _random_model(directory)
+    model, real = _models.smollm2_model()
     start = time.perf_counter()
     report = smoa_jax.apply_adapter(model, config, rngs=nnx.Rngs(0), verbose=False,
                                     show_progress=False)
     times.append(time.perf_counter() - start)
+  name = "SmolLM2-135M (real weights)" if real else "SmolLM2-135M config (random weights)"
   return name, times[0], times[1], len(report.modules)
-
-
-SMOLLM2_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152,
-                  "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                  "num_attention_heads": 9, "num_key_value_heads": 3, "rms_norm_eps": 1e-5,
-                  "rope_theta": 100000.0, "tie_word_embeddings": True,
-                  "max_position_embeddings": 8192}
-
-
-def _random_model(directory: Path):
-  import json
-
-  from flax import nnx
-
-  from smoa_jax.models import build_model
-  return build_model(json.loads((directory / "config.json").read_text()), rngs=nnx.Rngs(0))
 
 
 def render_model(model: tuple[str, float, float, int], results: Sequence[ShapeResult]) -> str:
@@ -230,7 +200,7 @@ def render_model(model: tuple[str, float, float, int], results: Sequence[ShapeRe
 
 def main(argv: Sequence[str] | None = None) -> str:
   """Run the benchmark, print the results, update RESULTS.md unless told not to; return the body."""
-  argv = list(sys.argv[1:] if argv is None else argv)
+  argv = _common.cli_argv(argv)
   args = parse_args(argv)
   load_at_start = _common.load_average()
   results = []
@@ -241,9 +211,8 @@ def main(argv: Sequence[str] | None = None) -> str:
   if not args.no_model:
     print("whole model: preprocessing every SmolLM2 target ...", flush=True)
     body += "\n\n" + render_model(bench_model(), results)
-  machine = _common.machine_description(load_at_start=load_at_start)
   _common.publish(SECTION, "spectral_prep: SVD vs Gram-eigh preprocessing", body,
-                  module=MODULE, argv=argv, machine=machine, write=not args.no_write)
+                  module=MODULE, argv=argv, write=not args.no_write, load_at_start=load_at_start)
   return body
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,10 @@ from jax.sharding import AbstractMesh
 import smoa_jax
 from smoa_jax.parallel import sharding
 from smoa_jax.models import build_model
-from smoa_jax.training.loop import make_optimizer
+from smoa_jax.training.config import make_optimizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared benchmark helpers
+from benchmarks import _budgets, _common, _models  # noqa: E402
 
 # Llama-2-7B (meta-llama/Llama-2-7b-hf config.json, the fields the model reads).
 LLAMA_2_7B = {
@@ -43,8 +47,7 @@ LLAMA_2_7B = {
     "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
     "hidden_act": "silu",
 }
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-GIB = 2**30
+TARGETS = _models.LLAMA_PROJECTIONS
 
 
 def _abstract_model(hf_config: dict[str, Any], adapter: smoa_jax.AdapterConfig,
@@ -73,7 +76,7 @@ def _bytes(tree: Any, specs: dict[str, tuple], mesh: AbstractMesh) -> tuple[int,
   """``(total bytes, bytes on one device)`` of the arrays of ``tree``; ``specs`` by ``/``-path."""
   total = per_device = 0
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    nbytes = int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+    nbytes = _common.array_nbytes(leaf)
     total += nbytes
     spec = specs.get("/".join(_keys(path)))
     ways = 1 if spec is None else int(np.prod([sharding.axis_size(mesh, e) for e in spec]))
@@ -106,7 +109,7 @@ def estimate(hf_config: dict[str, Any], adapter: smoa_jax.AdapterConfig, *,
       ("AdamW state (float32 mu, nu; count)", *_bytes(_moments_by_path(opt_state), moments, mesh)),
   ]
   rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
-  counts = {"base": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(base)),
+  counts = {"base": _common.tree_size(base),
             "trainable": sum(layer.num_trainable_params for _, layer in smoa_jax.adapter_layers(model))}
   return rows, counts
 
@@ -132,8 +135,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--dtype", default="bfloat16", help="storage dtype of the base weights")
   args = parser.parse_args(argv)
   hf_config = json.loads(args.config.read_text()) if args.config else LLAMA_2_7B
-  adapter = smoa_jax.SMoAConfig(r=args.r, num_blocks=args.num_blocks, alpha=2.0 * args.r,
-                                target_modules=tuple(args.targets.split(",")))
+  adapter = _budgets.smoa_config(args.r, args.num_blocks, args.targets.split(","))
   sizes = smoa_jax.parse_mesh(args.mesh)
   rows, counts = estimate(hf_config, adapter, param_dtype=jnp.dtype(args.dtype), mesh_sizes=sizes)
   devices = int(np.prod(list(sizes.values())))
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         f"({100 * counts['trainable'] / counts['base']:.3f}%)")
   print(f"{'':40s} {'total GiB':>10s} {'per device GiB':>15s}")
   for what, total, per_device in rows:
-    print(f"{what:40s} {total / GIB:10.3f} {per_device / GIB:15.3f}")
+    print(f"{what:40s} {total / _common.GIB:10.3f} {per_device / _common.GIB:15.3f}")
 
 
 if __name__ == "__main__":

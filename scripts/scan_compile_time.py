@@ -14,55 +14,34 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 import smoa_jax
-from smoa_jax.app import assets
-from smoa_jax.models import build_model
-from smoa_jax.training.loop import make_optimizer
+from smoa_jax.training.config import make_optimizer
 
-# SmolLM2-135M(-Instruct) config.json, the fields the model reads.
-SMOLLM2_135M = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152,
-    "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-    "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
-    "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
-    "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}, "hidden_act": "silu",
-}
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared benchmark helpers
+from benchmarks import _budgets, _models  # noqa: E402
 
-
-def load(scan_layers: bool) -> tuple[nnx.Module, str]:
-  if assets.is_cached("smollm2"):
-    return smoa_jax.from_hf(assets.cache_dir() / "smollm2", scan_layers=scan_layers), "cached weights"
-  return build_model(SMOLLM2_135M, rngs=nnx.Rngs(0), scan_layers=scan_layers), "random weights"
+TARGETS = _models.LLAMA_PROJECTIONS
 
 
 def measure(scan_layers: bool, batch: int, seq_len: int, steps: int) -> dict[str, float]:
-  model, source = load(scan_layers)
-  smoa_jax.apply_adapter(model, smoa_jax.SMoAConfig(r=16, num_blocks=4, alpha=32.0,
-                                                    target_modules=TARGETS),
-                         rngs=nnx.Rngs(1), verbose=False, show_progress=False)
-  graphdef, params, rest = nnx.split(model, smoa_jax.TrainableParam, ...)
+  model, real = _models.smollm2_model(scan_layers=scan_layers)
+  smoa_jax.apply_adapter(model, _budgets.smoa_config(16, 4, TARGETS), rngs=nnx.Rngs(1),
+                         verbose=False, show_progress=False)
   tx, _ = make_optimizer(smoa_jax.TrainConfig(steps=steps, batch_size=batch), steps)
+  step, params, rest = _models.train_step(model, smoa_jax.CausalLMTask(), tx)
   opt_state = tx.init(params)
-  task = smoa_jax.CausalLMTask()
 
-  def step(params, opt_state, rest, batch):
-    def loss_fn(params):
-      loss, weight, _ = task.loss(nnx.merge(graphdef, params, rest, copy=True), batch)
-      return loss / weight
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  ids = np.random.default_rng(0).integers(0, SMOLLM2_135M["vocab_size"], (batch, seq_len))
+  vocab_size = _models.SMOLLM2_CONFIG["vocab_size"]
+  ids = np.random.default_rng(0).integers(0, vocab_size, (batch, seq_len))
   data = {"input_ids": jnp.asarray(ids, jnp.int32),
           "attention_mask": jnp.ones((batch, seq_len), jnp.int32)}
   start = time.perf_counter()
@@ -76,7 +55,8 @@ def measure(scan_layers: bool, batch: int, seq_len: int, steps: int) -> dict[str
   for _ in range(steps):
     params, opt_state, loss = compiled(params, opt_state, rest, data)
   jax.block_until_ready(loss)
-  return {"source": source, "trace_lower_s": traced - start, "compile_s": done - traced,
+  return {"source": "cached weights" if real else "random weights",
+          "trace_lower_s": traced - start, "compile_s": done - traced,
           "step_s": (time.perf_counter() - run_start) / steps, "loss": float(loss)}
 
 

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks` is a folder of scripts at the repo root, not installed
   sys.path.insert(0, str(ROOT))
 
-from benchmarks import _common, layer_step, quality_synthetic, spectral_prep  # noqa: E402
+from benchmarks import _budgets, _common, _models  # noqa: E402
+from benchmarks import layer_step, quality_synthetic, spectral_prep  # noqa: E402
 from benchmarks.authors_torch import compare_with_smoa_jax  # noqa: E402
 
 
@@ -80,7 +81,7 @@ def test_authors_torch_matches_smoa_jax(n_in, n_out, config):
   linear.bias[...] = jax.random.normal(jax.random.key(3), (n_out,))
   layer = smoa_jax.SMoADense.from_linear(linear, config, rngs=nnx.Rngs(1))
   # Non-zero b, so the adapter path really contributes (padding entries meet zero anchors).
-  layer.lora_b[...] = jax.random.normal(jax.random.key(2), layer.lora_b.shape)
+  _models.randomize_lora_b(layer, seed=2, scale=1.0)
   rng = np.random.default_rng(0)
   x = rng.standard_normal((16, n_in), dtype=np.float32)
   dy = rng.standard_normal((16, n_out), dtype=np.float32)
@@ -113,3 +114,42 @@ def test_time_interleaved_rotates_within_groups():
   # Groups run in order; the start rotates within each group from round to round.
   assert calls == ["a", "b", "c"] + ["a", "b", "c", "b", "a", "c", "a", "b", "c"]  # warmup first
   assert timings.ratio("a", "a") == 1.0
+
+
+@pytest.mark.parametrize("n_in, n_out", [(24, 40), (37, 53)])
+@pytest.mark.parametrize("num_blocks", [2, 3])
+def test_equal_budget_configs_train_the_same_parameters(n_in, n_out, num_blocks):
+  # The budget the quality and speed comparisons rest on: p (in + out) trainable parameters for
+  # SMoA (K blocks of rank p), LoRA and HiRA (rank p), uneven blocks included.
+  budget = _budgets.EqualBudget(p=3, num_blocks=num_blocks)
+  linear = nnx.Linear(n_in, n_out, rngs=nnx.Rngs(0))
+  layers = [smoa_jax.SMoADense.from_linear(linear, budget.smoa(), rngs=nnx.Rngs(1)),
+            smoa_jax.LoRADense.from_linear(linear, budget.lora(), rngs=nnx.Rngs(1)),
+            smoa_jax.HiRADense.from_linear(linear, budget.hira(), rngs=nnx.Rngs(1))]
+  assert [layer.num_trainable_params for layer in layers] == [3 * (n_in + n_out)] * 3
+  assert all(layer.config.alpha / layer.config.r == _budgets.SCALE for layer in layers)
+  assert _budgets.EqualBudget.of_smoa(3 * num_blocks, num_blocks) == budget
+  with pytest.raises(ValueError, match="multiple of K"):
+    _budgets.EqualBudget.of_smoa(3 * num_blocks + 1, num_blocks)
+
+
+def test_tree_nbytes_and_size_count_every_kind_of_array():
+  import torch
+
+  tree = {"jax": jax.numpy.zeros((3, 4)), "numpy": np.zeros(2, np.int64), "count": 7,
+          "abstract": jax.ShapeDtypeStruct((5,), jax.numpy.bfloat16),
+          "torch": [torch.zeros(3, dtype=torch.float64)]}
+  assert _common.tree_nbytes(tree) == 3 * 4 * 4 + 5 * 2 + 2 * 8 + 3 * 8
+  assert _common.tree_size(tree) == 12 + 5 + 2 + 3
+  assert _common.format_mib(3 * 2**19) == "1.5" and _common.format_mib(2**30, 2) == "1,024.00"
+
+
+def test_randomize_lora_b_makes_the_update_nonzero_and_repeatable():
+  linear = nnx.Linear(24, 40, rngs=nnx.Rngs(0))
+  layer = smoa_jax.SMoADense.from_linear(linear, _budgets.smoa_config(4, 2), rngs=nnx.Rngs(1))
+  assert not np.any(layer.delta_weight())  # a fresh adapter's b is zero
+  _models.randomize_lora_b(layer, seed=5)
+  first = np.array(layer.lora_b[...])
+  assert np.any(layer.delta_weight()) and 0 < np.abs(first).max() < 0.1
+  _models.randomize_lora_b(layer, seed=5)
+  np.testing.assert_array_equal(layer.lora_b[...], first)

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import smoa_jax
-from smoa_jax.training.loop import make_optimizer
+from smoa_jax.training.config import make_optimizer
 from tests.toy import ToyClassifier, ToyLM, lm_run, token_data
 
 ROOT = Path(__file__).resolve().parent.parent
