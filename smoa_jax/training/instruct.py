@@ -38,7 +38,8 @@ Example = tuple[list[int], list[bool]]
 
 def encode(records: Any, tokenizer: Any) -> list[Example]:
   """Token ids and answer flags of every example of instruction ``records``
-  (:class:`smoa_jax.data.Records` of kind ``"prompt-completion"`` or ``"messages"``)."""
+  (:class:`smoa_jax.data.Records` of kind ``"prompt-completion"`` or ``"messages"``); the texts
+  are tokenized in one batch."""
   if records.kind == "prompt-completion":
     eos = _eos(tokenizer, records.source)
     prompts = tokenizer([p for p, _ in records.pairs], add_special_tokens=True)["input_ids"]
@@ -49,8 +50,12 @@ def encode(records: Any, tokenizer: Any) -> list[Example]:
                     "and this tokenizer has none (no chat_template in tokenizer_config.json); "
                     "write the data as {\"prompt\": ..., \"completion\": ...} records instead, the "
                     "prompt formatted as the model expects.")
-  return [encode_conversation(tokenizer, messages, records.where(i))
-          for i, messages in enumerate(records.conversations)]
+  renders = [_render(tokenizer, messages, records.where(i))
+             for i, messages in enumerate(records.conversations)]
+  ids = iter(tokenizer([text for texts in renders for text in texts],
+                       add_special_tokens=False)["input_ids"])
+  return [_assemble([list(next(ids)) for _ in texts], messages, records.where(i))
+          for i, (texts, messages) in enumerate(zip(renders, records.conversations))]
 
 
 def _eos(tokenizer: Any, source: str) -> int:
@@ -75,16 +80,36 @@ def encode_conversation(tokenizer: Any, messages: list[dict[str, str]], where: s
     DataError: the template refuses the conversation, or is not prefix-stable (see the module
       docstring), or renders an assistant turn as no tokens; the message starts with ``where``.
   """
+  texts = _render(tokenizer, messages, where)
+  ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+  return _assemble([list(i) for i in ids], messages, where)
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], where: str) -> list[str]:
+  """The renderings :func:`_assemble` reads: per assistant turn k, the turns before it with the
+  generation prompt, then through turn k; then the whole conversation if it ends otherwise."""
   import jinja2
 
-  def render(count: int, generation: bool) -> list[int]:
+  def render(count: int, generation: bool) -> str:
     try:
-      text = tokenizer.apply_chat_template(messages[:count], tokenize=False,
+      return tokenizer.apply_chat_template(messages[:count], tokenize=False,
                                            add_generation_prompt=generation)
     except jinja2.TemplateError as err:
       raise DataError(f"{where}: the tokenizer's chat template refused the conversation "
                       f"({err}).") from err
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+  texts = []
+  for k, message in enumerate(messages):
+    if message["role"] == "assistant":
+      texts += [render(k, True), render(k + 1, False)]
+  if messages[-1]["role"] != "assistant":  # turns after the last answer: context, no loss
+    texts.append(render(len(messages), False))
+  return texts
+
+
+def _assemble(renders: list[list[int]], messages: list[dict[str, str]], where: str) -> Example:
+  """Token ids and answer flags from the tokenized renderings of :func:`_render`, checking that
+  each extends the one before."""
 
   def extend(ids: list[int], longer: list[int], turn: int) -> None:
     if longer[:len(ids)] != ids:
@@ -96,10 +121,11 @@ def encode_conversation(tokenizer: Any, messages: list[dict[str, str]], where: s
 
   ids: list[int] = []
   answer: list[bool] = []
+  rest = iter(renders)
   for k, message in enumerate(messages):
     if message["role"] != "assistant":
       continue
-    head, turn = render(k, True), render(k + 1, False)
+    head, turn = next(rest), next(rest)
     extend(ids, head, k + 1)
     extend(head, turn, k + 1)
     if len(turn) == len(head):
@@ -107,8 +133,7 @@ def encode_conversation(tokenizer: Any, messages: list[dict[str, str]], where: s
                       "tokens.")
     answer += [False] * (len(head) - len(ids)) + [True] * (len(turn) - len(head))
     ids = turn
-  if messages[-1]["role"] != "assistant":  # turns after the last answer: context, no loss
-    full = render(len(messages), False)
+  for full in rest:
     extend(ids, full, len(messages))
     answer += [False] * (len(full) - len(ids))
     ids = full
