@@ -118,34 +118,34 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 def render(args: argparse.Namespace, layouts: dict[str, data.Tokenized],
            timings: _common.Timings, pack_seconds: float, model_name: str, count: int) -> str:
-  rows, rates = [], {}
+  rows, fill = [], {}
   for name, tokens in layouts.items():
     mask = tokens.arrays["attention_mask"]
-    real_per_row = float(mask.sum(axis=1).mean())
+    fill[name] = float(mask.mean())
     seconds = timings.median(name)
-    rates[name] = real_per_row * args.batch / seconds
-    epoch_steps = len(tokens) / args.batch
-    rows.append([name, f"{len(tokens):,}", f"{mask.mean():.1%}", f"{seconds:.3f}",
-                 f"{rates[name]:,.0f}", f"{epoch_steps * seconds / 60:.1f}"])
+    rate = fill[name] * args.batch * args.seq / seconds
+    epoch_minutes = len(tokens) / args.batch * seconds / 60
+    rows.append([name, f"{len(tokens):,}", f"{fill[name]:.1%}", f"{seconds:.3f}", f"{rate:,.0f}",
+                 f"{epoch_minutes:,.1f}"])
   lengths = layouts["padded"].arrays["attention_mask"].sum(axis=1)
-  gain = rates["packed"] / rates["padded"]
   paired = timings.ratio("padded", "packed")  # same-round step-time ratio (about 1)
+  gain = fill["packed"] / fill["padded"] * paired
   table = _common.markdown_table(
-      ["layout", "rows", "real tokens (fill)", "step s (median)", "real tokens/s",
-       "epoch min"], rows)
-  skipped = layouts["padded"].num_skipped
-  return f"""{model_name}; {count:,} chat examples (sentiment train split, SmolLM2 chat template:
-{lengths.min()}-{lengths.max()} tokens, median {int(np.median(lengths))}; {skipped} skipped as
-too long); batch {args.batch} x
-{args.seq} tokens; SMoA K=2 r=8 on {", ".join(TARGETS)}; {timings.rounds} interleaved rounds.
+      ["layout", "rows", "real tokens (fill)", "step s (median)", "real tokens/s", "epoch min"],
+      rows)
+  return f"""{model_name}: {count:,} chat examples (the sentiment train split as "{datasets.SENTIMENT_QUESTION}"
+-> "positive" / "negative", SmolLM2's chat template: {lengths.min()} to {lengths.max()} tokens,
+median {int(np.median(lengths))}; {layouts["padded"].num_skipped} skipped as too long). Batch
+{args.batch} x {args.seq} tokens, SMoA K=2 r=8 on {", ".join(TARGETS)}, {timings.rounds} interleaved
+rounds. Real tokens/s = fill x {args.batch * args.seq} / median step time.
 
 {table}
 
-**Packing gain: {gain:.2f}x real tokens/s.** Both steps do the same dense work (padded / packed
-step time in the same round: {paired:.2f}), so the gain is the fill. First-fit packing of the
-whole split took
-{pack_seconds:.2f} s on the host, once. The packed loss equals the padded loss (segment ids keep
-attention and targets inside each example: `tests/training/test_tasks.py`).
+**Packing gain: {gain:.2f}x real tokens/s** = fill ratio {fill["packed"] / fill["padded"]:.2f} x
+the step-time ratio padded / packed in the same round, {paired:.2f} (the two steps do the same
+dense work, so it is about 1 and the gain is the fill). First-fit packing of the whole split took
+{pack_seconds:.2f} s on the host, once. The packed loss equals the padded loss: segment ids keep
+attention and targets inside each example (`tests/training/test_tasks.py`).
 """
 
 

@@ -26,9 +26,9 @@ __all__ = ["split_sentiment", "sentiment_chat", "shakespeare_passages", "split_s
            "SENTIMENT_ANSWERS"]
 
 TEST_PLAYS = ("hamlet", "macbeth")
+VALIDATION_PLAYS = ("tempest",)
 SENTIMENT_QUESTION = "Is this review positive or negative?"
 SENTIMENT_ANSWERS = ("negative", "positive")  # label 0, label 1
-VALIDATION_PLAYS = ("tempest",)
 
 
 def split_sentiment(examples: Sequence[tuple[str, int]], *, seed: int = 0, val_size: int = 500,
