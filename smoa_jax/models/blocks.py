@@ -35,11 +35,14 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 def make_attention_mask(attention_mask: jax.Array | None, query_len: int, *, causal: bool,
-                        sliding_window: int | None = None) -> jax.Array | None:
+                        sliding_window: int | None = None,
+                        segment_ids: jax.Array | None = None) -> jax.Array | None:
   """Boolean mask ``(B | 1, 1, T, S)``, True where a query may attend a key (``S == T``).
 
   ``attention_mask (B, S)`` holds 1 for real tokens and 0 for padding (HF convention). Causal:
   key ``s <= t``; with ``sliding_window`` w also ``t - s < w`` (HF's sliding-window rule).
+  ``segment_ids (B, T)`` (packed sequences: 1, 2, ... per example, 0 for padding) also requires
+  ``segment_ids[t] == segment_ids[s]``, so attention never crosses from one example into another.
   """
   mask = None
   if causal:
@@ -52,6 +55,10 @@ def make_attention_mask(attention_mask: jax.Array | None, query_len: int, *, cau
   if attention_mask is not None:
     pad = jnp.asarray(attention_mask).astype(bool)[:, None, None, :]
     mask = pad if mask is None else mask & pad
+  if segment_ids is not None:
+    segment_ids = jnp.asarray(segment_ids)
+    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    mask = same if mask is None else mask & same
   return mask
 
 

@@ -104,13 +104,14 @@ class GPT2Model(nnx.Module):
     self.scan_layers = scan_layers
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-               position_ids: jax.Array | None = None) -> jax.Array:
+               position_ids: jax.Array | None = None, *,
+               segment_ids: jax.Array | None = None) -> jax.Array:
     """``input_ids (B, T)`` -> hidden states ``(B, T, hidden)`` after ``ln_f``."""
     length = input_ids.shape[1]
     if position_ids is None:
       position_ids = jnp.arange(length)[None]
     x = constrain_batch(self.wte(input_ids) + self.wpe(position_ids))
-    mask = make_attention_mask(attention_mask, length, causal=True)
+    mask = make_attention_mask(attention_mask, length, causal=True, segment_ids=segment_ids)
     if self.scan_layers:
       x = scan_layers(lambda block, h, _: constrain_batch(block(h, mask)), self.h, x)
     else:
@@ -161,9 +162,11 @@ class GPT2LMHeadModel(HFModel):
                     else f.linear(config["n_embd"], config["vocab_size"], False))
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-               position_ids: jax.Array | None = None) -> jax.Array:
-    """``input_ids (B, T)``, ``attention_mask (B, T)`` 1/0 -> logits ``(B, T, vocab)``."""
-    hidden = self.transformer(input_ids, attention_mask, position_ids)
+               position_ids: jax.Array | None = None, *,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    """``input_ids (B, T)``, ``attention_mask (B, T)`` 1/0 -> logits ``(B, T, vocab)``; packed
+    sequences add ``segment_ids (B, T)`` and per-example ``position_ids`` (as Llama's)."""
+    hidden = self.transformer(input_ids, attention_mask, position_ids, segment_ids=segment_ids)
     if self.lm_head is None:
       return self.transformer.wte.attend(hidden)
     return self.lm_head(hidden)

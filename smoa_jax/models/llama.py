@@ -206,7 +206,8 @@ class LlamaModel(nnx.Module):
     self.scan_layers = scan_layers
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-               position_ids: jax.Array | None = None) -> jax.Array:
+               position_ids: jax.Array | None = None, *,
+               segment_ids: jax.Array | None = None) -> jax.Array:
     """``input_ids (B, T)`` -> final hidden states ``(B, T, hidden)`` (after ``norm``)."""
     length = input_ids.shape[1]
     if position_ids is None:
@@ -214,8 +215,8 @@ class LlamaModel(nnx.Module):
     x = constrain_batch(self.embed_tokens(input_ids))
     cos, sin = _rope_tables(position_ids, self.inv_freq, x.dtype)
     windows = sorted(set(self.sliding_windows), key=lambda w: -1 if w is None else w)
-    masks = [make_attention_mask(attention_mask, length, causal=True, sliding_window=w)
-             for w in windows]
+    masks = [make_attention_mask(attention_mask, length, causal=True, sliding_window=w,
+                                 segment_ids=segment_ids) for w in windows]
     if self.scan_layers:
       # One mask per distinct window, picked per layer by index: (W, B | 1, 1, T, T), (L,).
       table = jnp.stack(masks)
@@ -289,10 +290,16 @@ class LlamaForCausalLM(HFModel):
         **cls.family_flags(hf_config, layers))
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-               position_ids: jax.Array | None = None) -> jax.Array:
+               position_ids: jax.Array | None = None, *,
+               segment_ids: jax.Array | None = None) -> jax.Array:
     """``input_ids (B, T)`` int, ``attention_mask (B, T)`` 1 = token / 0 = padding, optional
-    ``position_ids (B | 1, T)`` (default ``0..T-1``) -> logits ``(B, T, vocab)``."""
-    hidden = self.model(input_ids, attention_mask, position_ids)
+    ``position_ids (B | 1, T)`` (default ``0..T-1``) -> logits ``(B, T, vocab)``.
+
+    Packed sequences (:func:`smoa_jax.data.pack`) pass ``segment_ids (B, T)`` (1, 2, ... per
+    example, 0 for padding: no attention across examples) and ``position_ids`` restarting at 0
+    for each example; each example's logits then equal those of the example alone.
+    """
+    hidden = self.model(input_ids, attention_mask, position_ids, segment_ids=segment_ids)
     if self.lm_head is None:
       return self.model.embed_tokens.attend(hidden)
     return self.lm_head(hidden)

@@ -1,1 +1,2 @@
-"""The training loop, its tasks and its data (JSONL reading, tokenization, batches)."""
+"""The training loop, its tasks and its data (JSONL reading, instruction data and chat templates,
+tokenization, packing, batches)."""

@@ -390,7 +390,9 @@ def train(model: nnx.Module, task: Task, train_data: dict[str, np.ndarray], conf
     model: an NNX model with adapters applied (``apply_adapter``).
     task: :class:`CausalLMTask` or :class:`ClassificationTask` (or your own :class:`Task`).
     train_data / eval_data: dicts of numpy arrays with a common leading dimension, e.g. from
-      :func:`smoa_jax.data.tokenize` (``.arrays``).
+      :func:`smoa_jax.data.tokenize` (``.arrays``); every array goes to the task (instruction
+      data's ``loss_mask``, packed data's ``segment_ids`` and ``position_ids``), and tokens/s
+      counts the real tokens (``attention_mask``).
     config: :class:`TrainConfig`.
     output_dir: where ``metrics.jsonl`` and ``checkpoints/`` go (``None``: nothing written;
       the layout is :mod:`smoa_jax.io.rundir`'s).

@@ -36,19 +36,28 @@ class Task(Protocol):
 
 
 class CausalLMTask:
-  """Next-token cross-entropy over positions whose target is a real (unpadded) token.
+  """Next-token cross-entropy over the loss targets; the loss weight is their number.
 
-  ``model(input_ids (B, T), attention_mask=(B, T)) -> logits (B, T, V)``; the loss weight is the
-  number of predicted tokens.
+  ``model(input_ids (B, T), attention_mask=(B, T)) -> logits (B, T, V)``. Token ``t`` is a target
+  (predicted from position ``t - 1``) where ``loss_mask[:, t]`` is 1 (instruction data: the
+  answer tokens), or without a ``loss_mask`` where ``attention_mask[:, t]`` is 1 (every real
+  token). Packed batches (:func:`smoa_jax.data.pack`) also carry ``segment_ids`` and
+  ``position_ids``, which go to the model (``segment_ids=`` keyword: no attention across
+  examples); a token whose segment differs from its predecessor's starts a new example and is
+  not a target, so the loss equals the unpacked loss.
   """
 
   name = "causal-lm"
   metric_names = ()
 
   def loss(self, model, batch):
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    packed = {k: batch[k] for k in ("position_ids", "segment_ids") if k in batch}
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], **packed)
     targets = batch["input_ids"][:, 1:]
-    valid = batch["attention_mask"][:, 1:].astype(jnp.float32)
+    valid = batch.get("loss_mask", batch["attention_mask"])[:, 1:].astype(jnp.float32)
+    if "segment_ids" in batch:
+      segments = batch["segment_ids"]
+      valid = valid * (segments[:, 1:] == segments[:, :-1])
     if "example_weight" in batch:
       valid = valid * batch["example_weight"][:, None]
     nll = optax.softmax_cross_entropy_with_integer_labels(

@@ -23,6 +23,15 @@ def test_sentiment_split_is_seeded_disjoint_and_complete():
     datasets.split_sentiment(examples, val_size=60, test_size=40)
 
 
+def test_sentiment_chat_records_ask_the_question_and_answer_the_label():
+  rows = datasets.sentiment_chat(["A dull film.", "Lovely."], [0, 1])
+  records = smoa_jax.data.from_rows(rows)  # valid messages records
+  assert records.kind == "messages" and len(records) == 2
+  assert rows[0]["messages"][0] == {"role": "user", "content": "Is this review positive or "
+                                    "negative?\n\nA dull film."}
+  assert [r["messages"][1]["content"] for r in rows] == ["negative", "positive"]
+
+
 def test_shakespeare_holds_out_whole_plays():
   plays = {"hamlet": "\n".join(f"h{i}" for i in range(20)), "tempest": "t1\nt2\n\nt3\nt4",
            "macbeth": "m1\nm2", "lear": "l1\nl2\nl3\nl4\nl5"}

@@ -28,8 +28,14 @@ RUN_DEFAULTS: dict[str, Any] = {
     "exclude": None, "steps": None, "epochs": None, "batch_size": 8, "grad_accum": 1,
     "seq_len": 128, "lr": 1e-3, "warmup_steps": 0, "schedule": "cosine", "weight_decay": 0.0,
     "seed": 0, "save_every": 100, "eval_every": None, "log_every": 10, "mesh": None,
-    "model": None, "dtype": "float32",
+    "model": None, "dtype": "float32", "train_on_prompt": False, "packing": False,
 }
+# What --data takes, for the help texts.
+DATA_KINDS = ("JSONL, one kind of record per file: {\"text\": ...} (causal-lm on every token; "
+              "classification adds \"label\": 0..n-1), {\"prompt\": ..., \"completion\": ...} "
+              "(loss on the completion + EOS), or {\"messages\": [{\"role\": "
+              "\"system\"|\"user\"|\"assistant\", \"content\": ...}, ...]} (rendered with the "
+              "tokenizer's chat template; loss on the assistant turns)")
 
 
 class UsageError(SMoAError):
@@ -142,16 +148,33 @@ def load_tokenizer(model_dir: str):
 
 
 def tokenized(path: str, task: str, tokenizer: Any, seq_len: int, num_labels: int | None,
-              what: str):
-  """Read, validate and tokenize a JSONL file; report truncated texts on stderr."""
+              what: str, *, train_on_prompt: bool = False, packing: bool = False):
+  """Read, validate and tokenize a JSONL file; report on stderr what was truncated, skipped
+  (instruction examples whose answer does not fit) and packed."""
   from smoa_jax.training import data as data_lib
 
   records = data_lib.read_jsonl(path, task, num_labels=num_labels)
-  tokens = data_lib.tokenize(records, tokenizer, seq_len, add_eos=task == "causal-lm")
+  tokens = data_lib.tokenize(records, tokenizer, seq_len, add_eos=task == "causal-lm",
+                             train_on_prompt=train_on_prompt, packing=packing)
   if tokens.num_truncated:
-    log(f"{tokens.num_truncated} of {len(tokens)} {what} texts were truncated to --seq-len "
-        f"{seq_len} tokens")
+    log(f"{tokens.num_truncated} of {len(records)} {what} texts were truncated to --seq-len "
+        f"{seq_len} tokens" if records.kind == "text" else
+        f"{tokens.num_truncated} of {len(records)} {what} examples had their prompt cut from "
+        f"the left to fit --seq-len {seq_len} tokens")
+  if tokens.num_skipped:
+    log(f"{tokens.num_skipped} of {len(records)} {what} examples were skipped: their answer "
+        f"does not fit in --seq-len {seq_len} tokens")
+  if packing:
+    fill = tokens.arrays["attention_mask"].mean()
+    log(f"{tokens.num_examples} {what} examples packed into {len(tokens)} sequences of "
+        f"{seq_len} tokens ({fill:.0%} real tokens)")
   return records, tokens
+
+
+def data_summary(records: Any, tokens: Any) -> dict[str, Any]:
+  """What ``run_config.json`` records of a data file: its kind and what tokenization did."""
+  return {"kind": records.kind, "examples": len(records), "skipped": tokens.num_skipped,
+          "truncated": tokens.num_truncated, "sequences": len(tokens)}
 
 
 def load_model(model_dir: str, task: str, num_labels: int | None, dtype: str | None,

@@ -1,5 +1,6 @@
 """``smoa-jax eval``: loss and perplexity or accuracy of a model (with a run's adapter) on a JSONL
-file, printed as one JSON object."""
+file, printed as one JSON object. Prompt/completion and messages data are scored on the answer
+tokens only (the completion + EOS, the assistant turns), like training."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ def register(add: common.AddCommand) -> None:
   common.add_model_flags(parser, "default: the --run's model")
   parser.add_argument("--run", type=common.absolute_path, metavar="RUN_DIR",
                       help="apply this run's adapter")
-  parser.add_argument("--data", type=common.absolute_path, required=True, help="JSONL data")
+  parser.add_argument("--data", type=common.absolute_path, required=True,
+                      help=f"{common.DATA_KINDS}; the loss and perplexity of instruction data are "
+                      "over the answer tokens only")
   parser.add_argument("--task", choices=TASKS, help="default: the run's, else causal-lm")
   parser.add_argument("--seq-len", type=positive_int, help="default: the run's, else 128")
   parser.add_argument("--num-labels", type=positive_int,
@@ -38,5 +41,6 @@ def run(args: argparse.Namespace) -> int:
   model = common.model_with_adapter(args, run_config, task, records.num_labels, seq_len)
   metrics = smoa_jax.evaluate(model, common.task_of(task), tokens.arrays,
                               batch_size=args.batch_size)
-  print(json.dumps({**metrics, "num_examples": len(tokens)}))
+  skipped = {"num_skipped": tokens.num_skipped} if records.kind != "text" else {}
+  print(json.dumps({**metrics, "num_examples": tokens.num_examples, **skipped}))
   return 0

@@ -38,14 +38,20 @@ def register(add: common.AddCommand) -> None:
 
 
 def _add_data_flags(parser: argparse.ArgumentParser) -> None:
-  run_flag(parser, "--data", "training data, JSONL: {\"text\": ...} for causal-lm, "
-           "{\"text\": ..., \"label\": 0..n-1} for classification", type=common.absolute_path)
-  run_flag(parser, "--eval-data", "evaluation data (JSONL)", type=common.absolute_path)
+  run_flag(parser, "--data", f"training data, {common.DATA_KINDS}", type=common.absolute_path)
+  run_flag(parser, "--eval-data", "evaluation data (JSONL, same kinds; prompt/completion and "
+           "messages data are scored on the answer tokens only)", type=common.absolute_path)
   run_flag(parser, "--task", "what to train", choices=TASKS)
   run_flag(parser, "--num-labels", "classification: number of classes (default: the largest "
            "label + 1)", type=positive_int)
-  run_flag(parser, "--seq-len", "tokens per example; longer texts are truncated",
+  run_flag(parser, "--seq-len", "tokens per sequence; longer texts lose their end, prompts their "
+           "start, and an example whose answer does not fit is skipped (counted)",
            type=positive_int)
+  run_flag(parser, "--train-on-prompt", "prompt/completion and messages data: take the loss on "
+           "every token, not only on the answer", action="store_true")
+  run_flag(parser, "--packing", "causal-lm: pack several examples into each sequence of "
+           "--seq-len tokens (attention and positions stay per example; --batch-size then "
+           "counts sequences)", action="store_true")
 
 
 def _add_optimizer_flags(parser: argparse.ArgumentParser) -> None:
@@ -134,24 +140,28 @@ def _versions() -> dict[str, str]:
 
 
 def _data(flags: dict[str, Any], saved: dict[str, Any] | None):
-  """``(train tokens, eval tokens or None, num_labels, sha256 of the training file)``."""
+  """``(train tokens, eval tokens or None, num_labels, sha256 of the training file, what
+  tokenization did to each file)``."""
   from smoa_jax.training import data as data_lib
 
   tokenizer = common.load_tokenizer(flags["model"])
   task, seq_len = flags["task"], flags["seq_len"]
   records, train = common.tokenized(flags["data"], task, tokenizer, seq_len,
                                     flags["num_labels"] or (saved or {}).get("num_labels"),
-                                    "training")
+                                    "training", train_on_prompt=flags["train_on_prompt"],
+                                    packing=flags["packing"])
   data_lib.batches_per_epoch(len(train), flags["batch_size"])  # enough data for one batch?
   digest = _sha256(flags["data"])
   if saved and saved.get("data_sha256") not in (None, digest):
     raise DataError(f"--resume: {flags['data']} changed since the run started; resuming would "
                     "train on other data. Restore the file or start a new run.")
+  summary = {"train": common.data_summary(records, train)}
   held_out = None
   if flags["eval_data"] is not None:
-    _, held_out = common.tokenized(flags["eval_data"], task, tokenizer, seq_len,
-                                   records.num_labels, "evaluation")
-  return train, held_out, records.num_labels, digest
+    eval_records, held_out = common.tokenized(flags["eval_data"], task, tokenizer, seq_len,
+                                              records.num_labels, "evaluation")
+    summary["eval"] = common.data_summary(eval_records, held_out)
+  return train, held_out, records.num_labels, digest, summary
 
 
 def _model(flags: dict[str, Any], config: Any, num_labels: int | None, adapter_dir: Path,
@@ -175,13 +185,13 @@ def _model(flags: dict[str, Any], config: Any, num_labels: int | None, adapter_d
 
 def _write_run_config(args: argparse.Namespace, output: Path, saved: dict[str, Any] | None,
                       flags: dict[str, Any], config: Any, num_labels: int | None, digest: str,
-                      train_tokens: Any, eval_tokens: Any) -> None:
+                      summary: dict[str, Any]) -> None:
   rundir.write_json(output / rundir.RUN_CONFIG, {
       "command": "finetune", "argv": saved["argv"] if saved else args.argv, "flags": flags,
       "num_labels": num_labels, "adapter_config": config.to_dict(), "data_sha256": digest,
-      "num_examples": {"train": len(train_tokens),
-                       "eval": len(eval_tokens) if eval_tokens is not None else 0},
-      "versions": _versions(), "resumed": saved["resumed"] + [args.argv] if saved else []})
+      "num_examples": {split: s["examples"] - s["skipped"] for split, s in summary.items()},
+      "data": summary, "versions": _versions(),
+      "resumed": saved["resumed"] + [args.argv] if saved else []})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -203,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
   import smoa_jax
   from smoa_jax.app.analysis import plot_training_curves
 
-  train_tokens, eval_tokens, num_labels, digest = _data(flags, saved)
+  train_tokens, eval_tokens, num_labels, digest, summary = _data(flags, saved)
   adapter_dir = output / rundir.ADAPTER_DIR
   # On a mesh every tensor is loaded straight into its shard; no host holds the whole model.
   mesh = sharding.make_mesh(**mesh_shape) if mesh_shape is not None else None
@@ -213,8 +223,7 @@ def run(args: argparse.Namespace) -> int:
     if args.overwrite:
       rundir.clear_run_dir(output)
     output.mkdir(parents=True, exist_ok=True)
-    _write_run_config(args, output, saved, flags, config, num_labels, digest, train_tokens,
-                      eval_tokens)
+    _write_run_config(args, output, saved, flags, config, num_labels, digest, summary)
   if not saved:  # every process gathers its shards; process 0 writes
     smoa_jax.save_adapter(model, adapter_dir, config=config)
 
