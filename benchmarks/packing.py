@@ -30,16 +30,16 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 import smoa_jax
-from benchmarks import _common
-from benchmarks.model_step import QUICK_CONFIG, TARGETS, fast_compile, jax_step, save_random_model
+from benchmarks import _common, _models
+from benchmarks.model_step import TARGETS, jax_step
 from smoa_jax.app import assets, datasets
 from smoa_jax.training import data
 
@@ -90,11 +90,10 @@ def main(argv: Sequence[str] | None = None) -> str:
   packed = data.pack(padded, pad_id=tokenizer.pad_token_id or 0)
   pack_seconds = time.perf_counter() - start
   layouts = {"padded": padded, "packed": packed}
-  with tempfile.TemporaryDirectory(prefix="smoa-packing-") as workdir, fast_compile(args.quick):
+  with tempfile.TemporaryDirectory(prefix="smoa-packing-") as workdir, _models.fast_compile(args.quick):
     if args.quick:
-      config = transformers.LlamaConfig(**{**QUICK_CONFIG, "vocab_size": len(tokenizer),
-                                           "max_position_embeddings": args.seq})
-      model_dir = save_random_model(transformers.LlamaForCausalLM, config, Path(workdir) / "tiny")
+      config = {**_models.tiny_llama_config(len(tokenizer)), "max_position_embeddings": args.seq}
+      model_dir = _models.save_random_llama(config, Path(workdir) / "tiny")
       model_name = "a tiny random Llama with SmolLM2's tokenizer (--quick)"
     else:
       model_dir, model_name = real_dir, "SmolLM2-135M-Instruct (real weights, dequantized Q4_1)"
@@ -110,9 +109,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     timings = _common.time_interleaved({name: s.run for name, s in steps.items()},
                                        rounds=args.rounds, max_seconds=args.max_seconds)
   body = render(args, layouts, timings, pack_seconds, model_name, len(records))
-  machine = _common.machine_description(load_at_start=load_at_start)
   _common.publish(SECTION, "packing: real tokens/s of packed vs padded instruction data", body,
-                  module=MODULE, argv=argv, machine=machine, write=not args.no_write)
+                  module=MODULE, argv=argv, write=not args.no_write,
+                  load_at_start=load_at_start)
   return body
 
 
