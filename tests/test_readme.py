@@ -2,8 +2,9 @@
 
 * The set-up block: its test command is, character for character, the one ``.ci/run`` runs (CI
   runs it); the main job it starts, ``smoa-jax demo``, runs in tests/app/test_demo.py (``--quick``).
-* Python blocks run as written. The Hugging Face quickstart gets a tiny random Llama instead of
-  SmolLM2 (``smoa_jax.assets.fetch_smollm2`` is pointed at it) so that it takes seconds.
+* Python blocks run as written. The Hugging Face quickstart gets the tiny random word Llama of
+  ``tests/conftest.py`` instead of SmolLM2 (``smoa_jax.assets.fetch_smollm2`` is pointed at it) so
+  that it takes seconds.
 * The command-line block runs every command in order through ``smoa_jax.app.cli.main`` with the same
   substitution and smaller sizes (``--steps 2 --batch-size 4 --seq-len 16``); the asset command
   runs for real when the assets are cached and is replaced by small JSONL files otherwise.
@@ -19,17 +20,15 @@ from pathlib import Path
 import pytest
 
 import smoa_jax
-from examples.hf_finetune import tiny_llama
 from smoa_jax.app import assets
 from smoa_jax.app import cli
+from tests.support.corpus import VERSE
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, re.DOTALL)
 PYTHON = [code for lang, code in BLOCKS if lang == "python"]
 BASH = [code for lang, code in BLOCKS if lang == "bash"]
-TEXTS = ["To be or not to be that is the question", "Whether tis nobler in the mind to suffer",
-         "The slings and arrows of outrageous fortune", "Or to take arms against a sea of troubles"]
 
 
 def test_readme_opens_with_the_two_set_up_commands():
@@ -41,15 +40,10 @@ def test_readme_opens_with_the_two_set_up_commands():
   assert tests == ci
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-  return tiny_llama(tmp_path_factory.mktemp("tiny"), TEXTS * 2)
-
-
 @pytest.mark.parametrize("index", range(len(PYTHON)))
-def test_python_block_runs(index, tiny_model, tmp_path, monkeypatch):
+def test_python_block_runs(index, word_llama, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  monkeypatch.setattr(assets, "fetch_smollm2", lambda: tiny_model)
+  monkeypatch.setattr(assets, "fetch_smollm2", lambda: word_llama)
   exec(compile(PYTHON[index], f"README.md python block {index}", "exec"), {"__name__": "readme"})
 
 
@@ -67,7 +61,7 @@ def _small(argv: list[str], tiny_model: Path) -> list[str]:
   return [str(tiny_model) if arg.endswith(".cache/smoa-jax/assets/smollm2") else arg for arg in out]
 
 
-def test_command_line_block_runs(tiny_model, tmp_path, monkeypatch, capsys):
+def test_command_line_block_runs(word_llama, tmp_path, monkeypatch, capsys):
   (block,) = [b for b in BASH[1:] if "smoa-jax finetune" in b]
   monkeypatch.chdir(tmp_path)
   cached = all(assets.is_cached(name) for name in ("sentiment", "shakespeare"))
@@ -78,11 +72,11 @@ def test_command_line_block_runs(tiny_model, tmp_path, monkeypatch, capsys):
       data.mkdir()
       for split in ("train", "validation", "test"):
         (data / f"shakespeare_{split}.jsonl").write_text(
-            "".join(json.dumps({"text": t}) + "\n" for t in TEXTS * 4))
+            "".join(json.dumps({"text": t}) + "\n" for t in VERSE * 4))
       continue
     if argv[1] == "fetch-assets":
       argv = ["smoa-jax", "fetch-assets", "sentiment", "shakespeare", *argv[2:]]
-    code = cli.main(_small(argv[1:], tiny_model))
+    code = cli.main(_small(argv[1:], word_llama))
     out, err = capsys.readouterr()
     assert code == 0, f"{' '.join(argv)}\n{err}"
   assert (tmp_path / "runs" / "smoa-merged" / "config.json").is_file()

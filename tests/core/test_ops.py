@@ -11,7 +11,7 @@ from jax.test_util import check_grads
 import smoa_jax
 from smoa_jax.core import ops
 from smoa_jax.core.config import split_sizes
-from tests import reference
+from tests.support import reference
 
 
 def _random_factors(rng, blocks, ranks):

@@ -8,7 +8,7 @@ from flax import nnx
 
 import smoa_jax
 from smoa_jax.core import spectral
-from tests.toy import ToyLM, token_data
+from tests.support.toy import ToyLM, token_data
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 

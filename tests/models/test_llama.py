@@ -12,7 +12,7 @@ from flax import nnx
 import smoa_jax
 from smoa_jax.models.hf import from_hf
 from smoa_jax.models import LlamaForCausalLM, Qwen3ForCausalLM
-from tests.hf_helpers import randomize
+from tests.support.hf import randomize
 from smoa_jax.models.llama import rope_inv_freq
 
 VOCAB, LENGTH = 97, 11
