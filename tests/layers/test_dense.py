@@ -116,7 +116,7 @@ def test_to_linear_and_disable(name):
       pass
     np.testing.assert_allclose(layer(x), base, rtol=1e-6, atol=1e-6)  # nested exit keeps it off
   np.testing.assert_allclose(layer(x), y, rtol=1e-6, atol=1e-6)
-  with pytest.raises(RuntimeError):
+  with pytest.raises(RuntimeError, match="boom"):
     with layer.disable():
       raise RuntimeError("boom")
   assert not layer.disabled  # exception-safe
@@ -165,9 +165,12 @@ def test_bf16_within_tolerance_of_float32():
 
 def test_trainable_filter_trains_only_adapters_and_padding_stays_zero():
   _, layer = _layer("smoa_uneven", perturb=False)
+  _, teacher = _layer("smoa_uneven")  # the same W and a, other b: a target the adapter can reach
   kernel0 = np.asarray(layer.kernel[...])
-  optimizer = nnx.Optimizer(layer, optax.adam(1e-2), wrt=smoa_jax.SMoAParam)
-  x, target = _x((8, 13)), jax.random.normal(jax.random.key(9), (8, 22))
+  # SMoA's update (a b) * W is scaled by W's entries: it wants ~10x LoRA's learning rate.
+  optimizer = nnx.Optimizer(layer, optax.adam(1e-1), wrt=smoa_jax.SMoAParam)
+  x = _x((8, 13))
+  target = teacher(x)
 
   @nnx.jit
   def step(layer, optimizer):
@@ -177,7 +180,7 @@ def test_trainable_filter_trains_only_adapters_and_padding_stays_zero():
     return loss
 
   losses = [float(step(layer, optimizer)) for _ in range(15)]
-  assert losses[-1] < losses[0]
+  assert losses[-1] < 0.25 * losses[0]  # x0.04-0.06 over seeds 0-9 (W, a, b*, x)
   np.testing.assert_array_equal(layer.kernel[...], kernel0)
   a, b = np.asarray(layer.lora_a[...]), np.asarray(layer.lora_b[...])
   layout = layer.op.layout  # in 13 = 7 + 6, out 22 = 11 + 11, ranks (4, 1)

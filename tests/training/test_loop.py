@@ -23,7 +23,8 @@ def test_training_reduces_loss_and_writes_metrics_and_checkpoints(tmp_path):
   smoa_jax.apply_adapter(model, smoa_jax.SMoAConfig(4, 2, 8.0, target_modules=["q_proj", "v_proj", "up_proj"]),
                          rngs=nnx.Rngs(1), verbose=False)
   before = adapter_arrays(model)
-  config = smoa_jax.TrainConfig(steps=30, batch_size=8, learning_rate=3e-2, log_every=5,
+  # SMoA's update (a b) * W is scaled by W's entries: it wants ~10x LoRA's learning rate.
+  config = smoa_jax.TrainConfig(steps=30, batch_size=8, learning_rate=1e-1, log_every=5,
                                 eval_every=10, save_every=10, keep_checkpoints=2, progress=False)
   result = smoa_jax.train(model, smoa_jax.CausalLMTask(), token_data(40), config,
                           eval_data=token_data(12, seed=1), output_dir=tmp_path)
@@ -34,11 +35,12 @@ def test_training_reduces_loss_and_writes_metrics_and_checkpoints(tmp_path):
   assert [r["step"] for r in evals] == [10, 20, 30]
   assert all({"loss", "learning_rate", "tokens_per_sec"} <= set(r) for r in train)
   assert "perplexity" in evals[-1]
-  assert train[-1]["loss"] < 0.95 * train[0]["loss"]
+  # Steps 26-30 against steps 1-5: a fall of 0.48-0.71 nats over seeds 0-9 (init, data, order).
+  assert train[-1]["loss"] < train[0]["loss"] - 0.3
   assert result.step == 30 and result.eval_metrics["loss"] == evals[-1]["loss"]
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [20, 30]
   after = adapter_arrays(model)
-  assert any(not np.array_equal(before[k], after[k]) for k in before)
+  assert all(not np.array_equal(before[k], after[k]) for k in before)  # every factor trained
   # Every frozen weight (adapted kernels included: same paths) is bit-identical to the base model.
   trained, base = base_arrays(model), base_arrays(ToyLM(seed=0))
   assert trained.keys() == base.keys()
@@ -101,11 +103,12 @@ def test_classification_with_a_trainable_head():
   data = token_data(48)
   data["labels"] = (data["input_ids"][:, 1] % 3).astype(np.int32)
   before = smoa_jax.evaluate(model, smoa_jax.ClassificationTask(), data)
-  config = smoa_jax.TrainConfig(steps=40, batch_size=16, learning_rate=3e-2, progress=False)
+  config = smoa_jax.TrainConfig(steps=80, batch_size=16, learning_rate=3e-2, progress=False)
   smoa_jax.train(model, smoa_jax.ClassificationTask(), data, config)
   after = smoa_jax.evaluate(model, smoa_jax.ClassificationTask(), data)
-  assert after["loss"] < before["loss"] and after["accuracy"] >= before["accuracy"]
-  assert 0.0 <= after["accuracy"] <= 1.0
+  # Over seeds 0-9 (init, data, order): loss x0.12-0.63, accuracy 0.73-0.96 (chance 1/3).
+  assert after["loss"] < 0.75 * before["loss"]
+  assert after["accuracy"] > 0.6
 
 
 @pytest.mark.parametrize("kwargs,match", [
