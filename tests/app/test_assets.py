@@ -37,9 +37,9 @@ def test_fetch_is_cached_and_redone_after_an_interruption(cache):
     calls.append(directory)
     (directory / "data.txt").write_text("ok")
     if len(calls) == 1:
-      raise KeyboardInterrupt  # interrupted half-way
+      raise KeyboardInterrupt("interrupted half-way")
 
-  with pytest.raises(KeyboardInterrupt):
+  with pytest.raises(KeyboardInterrupt, match="interrupted half-way"):
     assets._fetch("thing", build)
   assert not (cache / "thing").exists() and not assets.is_cached("thing")
   (cache / "thing").mkdir()  # debris of a fetch killed before its marker was written

@@ -63,12 +63,22 @@ def test_load_into_already_adapted_model(tmp_path):
 
 
 def test_bf16_copy_of_the_same_base_is_accepted(tmp_path):
-  smoa_jax.save_adapter(trained(), tmp_path / "a")
+  model = trained()
+  smoa_jax.save_adapter(model, tmp_path / "a")
   base = ToyLM(seed=0)
   for _, v in list(nnx.iter_graph(base)):
     if isinstance(v, nnx.Param):
       v.set_value(v[...].astype(jnp.bfloat16))
   smoa_jax.load_adapter(base, tmp_path / "a")
+  saved, loaded = dict(smoa_jax.adapter_layers(model)), dict(smoa_jax.adapter_layers(base))
+  assert loaded.keys() == saved.keys() and len(saved) == 8
+  for path, layer in saved.items():  # the same update, on W rounded to bfloat16 (8-bit mantissa)
+    np.testing.assert_array_equal(loaded[path].in_perm[...], layer.in_perm[...], err_msg=path)
+    np.testing.assert_array_equal(loaded[path].out_perm[...], layer.out_perm[...], err_msg=path)
+    want = np.asarray(layer.delta_weight())
+    assert np.abs(want).max() > 1e-3, path
+    np.testing.assert_allclose(np.asarray(loaded[path].delta_weight(), np.float32), want,
+                               rtol=1e-2, atol=1e-7, err_msg=path)
 
 
 def test_full_fine_tuning_and_trainable_head_round_trip(tmp_path):

@@ -113,7 +113,7 @@ def test_merge_unmerge_and_disable_whole_model():
       np.testing.assert_allclose(model(_ids()), base(_ids()), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(model(_ids()), base(_ids()), rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(model(_ids()), logits, rtol=1e-6, atol=1e-6)
-  with pytest.raises(KeyError):
+  with pytest.raises(KeyError, match="inside"):
     with smoa_jax.disable_adapter(model):
       raise KeyError("inside")
   np.testing.assert_allclose(model(_ids()), logits, rtol=1e-6, atol=1e-6)
@@ -154,7 +154,7 @@ def test_full_fine_tuning_and_mark_trainable():
   assert paths == ["lm_head/kernel"]
   trainable = nnx.state(model, smoa_jax.SMoAParam)
   assert sum(x.size for x in jax.tree.leaves(trainable)) == 2 * 256 + 16 * 31
-  with pytest.raises(smoa_jax.TargetError):
+  with pytest.raises(smoa_jax.TargetError, match="no frozen parameter path matched 'nothing/"):
     smoa_jax.mark_trainable(model, "nothing/.*")
   smoa_jax.merge_and_unload(model)
   assert not jax.tree.leaves(nnx.state(model, smoa_jax.SMoAParam))
