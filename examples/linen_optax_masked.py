@@ -38,7 +38,8 @@ def main(steps: int = 200) -> dict:
   variables = smoa_jax.linen.refresh_spectral(model, {**variables, "params": params}, x)
   params = variables["params"]
 
-  tx = smoa_jax.freeze_base(optax.adam(3e-3), params)
+  # SMoA's update (a b) * W is scaled by W's entries: ~10x the learning rate LoRA would take.
+  tx = smoa_jax.freeze_base(optax.adam(3e-2), params)
   opt_state = tx.init(params)
 
   @jax.jit

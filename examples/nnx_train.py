@@ -35,7 +35,8 @@ def main(steps: int = 200) -> dict:
   x = jax.random.normal(jax.random.key(2), (256, 32))
   y = jnp.tanh(x @ jax.random.normal(jax.random.key(3), (32, 8)) / 4)
 
-  optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=smoa_jax.TrainableParam)
+  # SMoA's update (a b) * W is scaled by W's entries: ~10x the learning rate LoRA would take.
+  optimizer = nnx.Optimizer(model, optax.adam(3e-2), wrt=smoa_jax.TrainableParam)
 
   @nnx.jit
   def step(model, optimizer):

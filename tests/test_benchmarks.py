@@ -21,9 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks` is a folder of scripts at the repo root, not installed
   sys.path.insert(0, str(ROOT))
 
-from benchmarks import _budgets, _common, _models  # noqa: E402
-from benchmarks import layer_step, quality_synthetic, spectral_prep  # noqa: E402
-from benchmarks.authors_torch import compare_with_smoa_jax  # noqa: E402
+from benchmarks import (
+  _budgets,
+  _common,
+  _models,
+  layer_step,
+  quality_synthetic,
+  spectral_prep,
+)
+from benchmarks.authors_torch import compare_with_smoa_jax
 
 
 def _results_text() -> str | None:

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks` is a folder of scripts at the repo root, not installed
   sys.path.insert(0, str(ROOT))
 
-from benchmarks import _common, model_step, packing, quality_real  # noqa: E402
+from benchmarks import _common, model_step, packing, quality_real
 
 QUALITY_ASSETS = all(assets.is_cached(name)
                      for name in ("minilm", "smollm2", "sentiment", "shakespeare"))

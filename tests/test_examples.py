@@ -1,17 +1,22 @@
-"""Every script in examples/ runs, quickly (a few steps, the tiny model), and does what it says."""
+"""Every script in examples/ runs, quickly (few steps, the tiny model), and does what it says."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-# Keyword arguments that make each example's main() fast; every example must be listed.
+# Every example: the keyword arguments that make its main() fast, and the most its last loss may
+# be as a fraction of its first. Measured over seeds 0-4 of every random draw (jax keys, and
+# torch's initialization of the tiny Llama): nnx_train x0.51-0.62, linen_optax_masked
+# x0.13-0.16; hf_finetune x0.915-0.927 on Hamlet (when the asset is cached: a fall of 0.51-0.60
+# nats, where 0.96 asks for 0.28) and x0.58-0.61 on its fallback lines.
 FAST = {
-    "nnx_train.py": {"steps": 20},
-    "linen_optax_masked.py": {"steps": 20},
-    "hf_finetune.py": {"steps": 3, "tiny": True},
+    "nnx_train.py": ({"steps": 20}, 0.75),
+    "linen_optax_masked.py": ({"steps": 20}, 0.5),
+    "hf_finetune.py": ({"steps": 20, "tiny": True}, 0.96),
 }
 
 
@@ -24,9 +29,16 @@ def test_example_runs(name, capsys):
   spec = importlib.util.spec_from_file_location(f"example_{Path(name).stem}", EXAMPLES / name)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  result = module.main(**FAST[name])
-  assert np.isfinite(result["last_loss"]) and result["last_loss"] < result["first_loss"]
-  assert capsys.readouterr().out.strip()  # each example reports what it did
+  kwargs, most = FAST[name]
+  result = module.main(**kwargs)
+  first, last = result["first_loss"], result["last_loss"]
+  assert np.isfinite(last) and last < most * first, (first, last)
+  out = capsys.readouterr().out
+  reported = re.search(r"loss[^\n]*: (\d+\.\d+) -> (\d+\.\d+)", out)  # what it tells the user
+  assert reported, out
+  assert [float(x) for x in reported.groups()] == pytest.approx([first, last], abs=1e-3)
+  if name == "nnx_train.py":  # merging keeps what was learned
+    assert result["merged_loss"] < most * first
   if name == "hf_finetune.py":
     assert result["max_logit_difference"] < 1e-4  # transformers reads the merged export as ours
     assert result["generated_tokens"] > 0

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.subprocess  # each script runs as `python scripts/...`
 
 
 def _run(*argv: str) -> str:
@@ -20,12 +21,13 @@ def _run(*argv: str) -> str:
 def test_plot_spectral_blocks(tmp_path):
   out = tmp_path / "blocks.png"
   _run("scripts/plot_spectral_blocks.py", "--output", str(out), "--num-blocks", "2")
-  assert out.stat().st_size > 1000
+  assert out.read_bytes()[:4] == b"\x89PNG" and out.stat().st_size > 1000
 
 
 def test_memory_estimate_of_llama_7b():
   text = _run("scripts/memory_estimate.py", "--mesh", "fsdp=8")
-  assert "GiB" in text
+  assert "(8 device(s))" in text and "per device GiB" in text
+  assert "parameters: base 6,738,415,616," in text  # Llama-2-7B's published parameter count
 
 
 @pytest.mark.slow

@@ -1,16 +1,16 @@
 """End-to-end tests of the ``smoa-jax`` command (smoa_jax/app/cli.py) on tiny random HF models.
 
-The models are built here with transformers (a two-layer Llama and a two-layer BERT, each with a
-word-level tokenizer trained on the generated text, ``examples/hf_finetune.py``) and the data are
-generated JSONL files. Most tests call ``cli.main(argv)`` in-process; the console script and
-``python -m smoa_jax`` run as real subprocesses, and so does the run killed for the resume test.
+The models and data are session fixtures (``tests/conftest.py``): a two-layer Llama and a
+two-layer BERT with word tokenizers, labelled sentences as JSONL files, and a finished causal-LM
+run (``cli_lm_run``, read-only). Most tests call ``cli.main(argv)`` in-process; the console script
+and ``python -m smoa_jax`` run as real subprocesses, and so does the run killed for the resume
+test.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import warnings
@@ -20,88 +20,14 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors.numpy import load_file
 
 import smoa_jax
-from examples.hf_finetune import tiny_llama, word_tokenizer
 from smoa_jax.app import assets
-from smoa_jax.app import cli
 from smoa_jax.app.commands import common
+from tests.support.cli import LM_RUN_EXTRA, adapter_tensors, finetune_argv, run_cli
+from tests.support.files import copy_of, tree_digest, write_jsonl
 
-ROOT = Path(__file__).resolve().parent.parent
-WORDS = "the a cat dog bird sat ran flew on over under mat hill tree and then".split()
-MOODS = ("bad awful dull poor", "good great lovely fine")  # label 0, label 1
-
-
-def sentences(count: int, seed: int) -> list[tuple[str, int]]:
-  """``(text, label)``: random words with one mood word that decides the label."""
-  rng = np.random.default_rng(seed)
-  out = []
-  for _ in range(count):
-    label = int(rng.integers(2))
-    words = list(rng.choice(WORDS, size=int(rng.integers(4, 9))))
-    words.insert(int(rng.integers(len(words) + 1)), rng.choice(MOODS[label].split()))
-    out.append((" ".join(words), label))
-  return out
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-  path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-  return path
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
-  """Tiny Llama and BERT directories and train/eval JSONL files for both tasks."""
-  root = tmp_path_factory.mktemp("cli")
-  train, held_out = sentences(48, seed=0), sentences(16, seed=1)
-  texts = [t for t, _ in train + held_out]
-  tiny_llama(root / "llama", texts)
-  tokenizer = word_tokenizer(texts, root / "bert")
-  config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
-                                   num_attention_heads=4, intermediate_size=37,
-                                   max_position_embeddings=64, pad_token_id=0)
-  torch.manual_seed(0)
-  transformers.BertModel(config).save_pretrained(root / "bert")
-  return {
-      "llama": root / "llama", "bert": root / "bert",
-      "lm_train": write_jsonl(root / "lm_train.jsonl", [{"text": t} for t, _ in train]),
-      "lm_eval": write_jsonl(root / "lm_eval.jsonl", [{"text": t} for t, _ in held_out]),
-      "cls_train": write_jsonl(root / "cls_train.jsonl",
-                               [{"text": t, "label": y} for t, y in train]),
-      "cls_eval": write_jsonl(root / "cls_eval.jsonl",
-                              [{"text": t, "label": y} for t, y in held_out]),
-  }
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-  code = cli.main([str(a) for a in argv])
-  out, err = capsys.readouterr()
-  return code, out, err
-
-
-def finetune_argv(files, run: Path, task: str = "causal-lm", *extra) -> list:
-  data = ("lm_train", "lm_eval") if task == "causal-lm" else ("cls_train", "cls_eval")
-  model = files["llama"] if task == "causal-lm" else files["bert"]
-  return ["finetune", "--model", model, "--data", files[data[0]], "--eval-data", files[data[1]],
-          "--task", task, "--output", run, "--r", 4, "--steps", 4, "--batch-size", 8,
-          "--seq-len", 16, "--save-every", 2, "--log-every", 1, "--lr", 1e-2, "--no-progress",
-          *extra]
-
-
-LM_RUN_EXTRA = ("--targets", "q_proj,v_proj,up_proj")
-
-
-@pytest.fixture(scope="module")
-def lm_run(files, tmp_path_factory) -> Path:
-  """A finished SMoA causal-LM run (4 steps, checkpoints at 2 and 4, evaluated); read-only."""
-  run = tmp_path_factory.mktemp("lm") / "run"
-  assert cli.main([str(a) for a in finetune_argv(files, run, "causal-lm", *LM_RUN_EXTRA)]) == 0
-  return run
-
-
-def adapter_tensors(run: Path) -> dict[str, np.ndarray]:
-  return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def ours_with_adapter(model_dir: Path, run: Path, num_labels: int | None = None):
@@ -113,9 +39,9 @@ def ours_with_adapter(model_dir: Path, run: Path, num_labels: int | None = None)
 
 
 # -- the main path ---------------------------------------------------------------------------------
-def test_causal_lm_finetune_eval_export_and_reload_in_transformers(lm_run, files, tmp_path,
-                                                                 capsys):
-  run = lm_run
+def test_causal_lm_finetune_eval_export_and_reload_in_transformers(cli_lm_run, cli_files, tmp_path,
+                                                                   capsys):
+  run = cli_lm_run
   assert {p.name for p in run.iterdir()} >= {"adapter", "checkpoints", "metrics.jsonl",
                                              "run_config.json", "loss.png"}
   assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
@@ -124,12 +50,12 @@ def test_causal_lm_finetune_eval_export_and_reload_in_transformers(lm_run, files
   assert [r["step"] for r in records if r["split"] == "eval"] == [2, 4]
   assert all(np.isfinite(r["loss"]) for r in records)
   config = json.loads((run / "run_config.json").read_text())
-  assert config["flags"]["r"] == 4 and config["flags"]["model"] == str(files["llama"])
-  assert config["flags"]["data"] == str(files["lm_train"]) and config["versions"]["jax"]
+  assert config["flags"]["r"] == 4 and config["flags"]["model"] == str(cli_files["llama"])
+  assert config["flags"]["data"] == str(cli_files["lm_train"]) and config["versions"]["jax"]
   assert config["adapter_config"]["target_modules"] == ["q_proj", "v_proj", "up_proj"]
   assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
 
-  code, out, err = run_cli(capsys, "eval", "--run", run, "--data", files["lm_eval"])
+  code, out, err = run_cli(capsys, "eval", "--run", run, "--data", cli_files["lm_eval"])
   assert code == 0, err
   metrics = json.loads(out)  # exactly one JSON object on stdout
   assert metrics["perplexity"] == pytest.approx(np.exp(metrics["loss"]), rel=1e-6)
@@ -141,7 +67,7 @@ def test_causal_lm_finetune_eval_export_and_reload_in_transformers(lm_run, files
   ids = np.array([[2, 5, 9, 11, 4, 7, 3]])
   with torch.no_grad():
     theirs = hf(torch.tensor(ids)).logits.numpy()
-  ours = np.asarray(ours_with_adapter(files["llama"], run)(ids))
+  ours = np.asarray(ours_with_adapter(cli_files["llama"], run)(ids))
   np.testing.assert_allclose(ours, theirs, atol=1e-4)
   assert transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")("the cat")["input_ids"]
 
@@ -152,9 +78,10 @@ def test_causal_lm_finetune_eval_export_and_reload_in_transformers(lm_run, files
     assert (tmp_path / "portable" / name).read_bytes() == (run / "adapter" / name).read_bytes()
 
 
-def test_classification_finetune_eval_export_and_reload_in_transformers(files, tmp_path, capsys):
+def test_classification_finetune_eval_export_and_reload_in_transformers(cli_files, tmp_path,
+                                                                       capsys):
   run = tmp_path / "run"
-  code, out, err = run_cli(capsys, *finetune_argv(files, run, "classification"))
+  code, out, err = run_cli(capsys, *finetune_argv(cli_files, run, "classification"))
   assert code == 0, err
   summary = json.loads(out.strip().splitlines()[-1])  # after the adapter table
   assert summary["step"] == 4 and set(summary["eval"]) == {"loss", "accuracy"}
@@ -165,7 +92,7 @@ def test_classification_finetune_eval_export_and_reload_in_transformers(files, t
   assert config["adapter_config"]["target_modules"] == common.DEFAULT_TARGETS.split(",")
   assert "base_model.model.classifier.kernel" in adapter_tensors(run)  # the trained head
 
-  code, out, err = run_cli(capsys, "eval", "--run", run, "--data", files["cls_eval"])
+  code, out, err = run_cli(capsys, "eval", "--run", run, "--data", cli_files["cls_eval"])
   assert code == 0, err
   assert "freshly initialized" not in err  # the run's adapter holds the trained head
   metrics = json.loads(out)
@@ -178,15 +105,16 @@ def test_classification_finetune_eval_export_and_reload_in_transformers(files, t
   mask = (ids > 0).astype(np.int32)
   with torch.no_grad():
     theirs = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-  ours = np.asarray(ours_with_adapter(files["bert"], run, num_labels=2)(ids, attention_mask=mask))
+  ours = ours_with_adapter(cli_files["bert"], run, num_labels=2)(ids, attention_mask=mask)
+  ours = np.asarray(ours)
   np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["lora", "full", pytest.param("hira", marks=pytest.mark.slow)])
-def test_other_methods_train_and_export(method, files, tmp_path, capsys):
+def test_other_methods_train_and_export(method, cli_files, tmp_path, capsys):
   run = tmp_path / "run"
   mesh = ("--mesh", "data=1,fsdp=1,tp=1") if method == "lora" else ()  # a trivial mesh works
-  code, _, err = run_cli(capsys, *finetune_argv(files, run, "causal-lm", "--method", method,
+  code, _, err = run_cli(capsys, *finetune_argv(cli_files, run, "causal-lm", "--method", method,
                                                 "--steps", 2, "--targets", "v_proj", *mesh))
   assert code == 0, err
   assert json.loads((run / "adapter" / "adapter_config.json").read_text())["method"] == method
@@ -195,7 +123,7 @@ def test_other_methods_train_and_export(method, files, tmp_path, capsys):
   reloaded = smoa_jax.from_hf(tmp_path / "merged")
   ids = np.array([[2, 5, 9, 11]])
   np.testing.assert_allclose(np.asarray(reloaded(ids)),
-                             np.asarray(ours_with_adapter(files["llama"], run)(ids)), atol=1e-5)
+                             np.asarray(ours_with_adapter(cli_files["llama"], run)(ids)), atol=1e-5)
 
 
 # -- resume ----------------------------------------------------------------------------------------
@@ -214,10 +142,10 @@ def interrupt_after_save(step_to_stop: int, exception: type[BaseException]):
   return train
 
 
-def test_an_interrupted_run_resumes_to_the_uninterrupted_result(lm_run, files, tmp_path, capsys,
-                                                                monkeypatch):
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(cli_lm_run, cli_files, tmp_path,
+                                                                capsys, monkeypatch):
   run = tmp_path / "run"
-  argv = finetune_argv(files, run, "causal-lm", *LM_RUN_EXTRA)
+  argv = finetune_argv(cli_files, run, "causal-lm", *LM_RUN_EXTRA)
   with monkeypatch.context() as patch:
     patch.setattr(smoa_jax, "train", interrupt_after_save(2, KeyboardInterrupt))
     code, _, err = run_cli(capsys, *argv)
@@ -226,7 +154,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(lm_run, files, t
   assert code == 1 and "--resume" in err  # a non-empty run directory is never reused silently
   code, _, err = run_cli(capsys, "finetune", "--output", run, "--resume", "--no-progress")
   assert code == 0, err
-  whole, resumed = adapter_tensors(lm_run), adapter_tensors(run)
+  whole, resumed = adapter_tensors(cli_lm_run), adapter_tensors(run)
   assert whole.keys() == resumed.keys()
   for key in whole:
     np.testing.assert_array_equal(resumed[key], whole[key], err_msg=key)
@@ -256,12 +184,13 @@ sys.exit(cli.main(argv))
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_to_the_uninterrupted_result(files, tmp_path, capsys):
+@pytest.mark.subprocess
+def test_a_killed_run_resumes_to_the_uninterrupted_result(cli_files, tmp_path, capsys):
   extra = ("--steps", 6, "--dropout", 0.1)  # dropout: the rng state must be restored too
-  code, _, err = run_cli(capsys, *finetune_argv(files, tmp_path / "whole", "causal-lm", *extra))
+  code, _, err = run_cli(capsys, *finetune_argv(cli_files, tmp_path / "whole", "causal-lm", *extra))
   assert code == 0, err
   killed = tmp_path / "killed"
-  argv = [str(a) for a in finetune_argv(files, killed, "causal-lm", *extra)]
+  argv = [str(a) for a in finetune_argv(cli_files, killed, "causal-lm", *extra)]
   proc = subprocess.run([sys.executable, "-c", KILL_AFTER_SAVE, "4", *argv], cwd=ROOT,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == -9, proc.stderr[-2000:]
@@ -276,33 +205,34 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(files, tmp_path, capsy
 
 
 @pytest.mark.slow
-def test_data_parallel_mesh_on_two_simulated_devices(lm_run, files, tmp_path):
+@pytest.mark.subprocess
+def test_data_parallel_mesh_on_two_simulated_devices(cli_lm_run, cli_files, tmp_path):
   run = tmp_path / "run"
-  argv = finetune_argv(files, run, "causal-lm", *LM_RUN_EXTRA, "--mesh", "data=2")
+  argv = finetune_argv(cli_files, run, "causal-lm", *LM_RUN_EXTRA, "--mesh", "data=2")
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   proc = subprocess.run([sys.executable, "-m", "smoa_jax", *map(str, argv)], env=env, cwd=ROOT,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  single, split = adapter_tensors(lm_run), adapter_tensors(run)
+  single, split = adapter_tensors(cli_lm_run), adapter_tensors(run)
   for key in single:
     np.testing.assert_allclose(split[key], single[key], atol=1e-5, err_msg=key)
 
 
-def test_resume_refuses_to_change_what_defines_the_run(lm_run, files, tmp_path, capsys):
-  before = (lm_run / "run_config.json").read_text()
-  code, _, err = run_cli(capsys, "finetune", "--output", lm_run, "--resume", "--r", 8)
+def test_resume_refuses_to_change_what_defines_the_run(cli_lm_run, tmp_path, capsys):
+  run = copy_of(cli_lm_run, tmp_path, "run")
+  before = tree_digest(run)
+  code, _, err = run_cli(capsys, "finetune", "--output", run, "--resume", "--r", 8)
   assert code == 1 and "--resume cannot change --r 8 (the run has 4)" in err
   changed = write_jsonl(tmp_path / "changed.jsonl", [{"text": "the cat"}] * 8)
-  code, _, err = run_cli(capsys, "finetune", "--output", lm_run, "--resume", "--data", changed)
+  code, _, err = run_cli(capsys, "finetune", "--output", run, "--resume", "--data", changed)
   assert code == 1 and "--resume cannot change --data" in err
-  assert (lm_run / "run_config.json").read_text() == before
+  assert tree_digest(run) == before  # nothing written, nothing removed
 
 
-def test_overwrite_replaces_a_run_but_never_foreign_files(lm_run, files, tmp_path, capsys):
-  run = tmp_path / "run"
-  shutil.copytree(lm_run, run)
+def test_overwrite_replaces_a_run_but_never_foreign_files(cli_lm_run, cli_files, tmp_path, capsys):
+  run = copy_of(cli_lm_run, tmp_path, "run")
   (run / "notes.txt").write_text("mine")
-  argv = finetune_argv(files, run, "causal-lm", "--steps", 1, "--overwrite")
+  argv = finetune_argv(cli_files, run, "causal-lm", "--steps", 1, "--overwrite")
   code, _, err = run_cli(capsys, *argv)
   assert code == 1 and "notes.txt" in err and (run / "notes.txt").exists()
   assert (run / "checkpoints" / "4").is_dir()  # the refused overwrite deleted nothing
@@ -313,22 +243,22 @@ def test_overwrite_replaces_a_run_but_never_foreign_files(lm_run, files, tmp_pat
   assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
 
 
-def test_authors_export_of_a_run(lm_run, tmp_path, capsys):
-  code, out, err = run_cli(capsys, "export", "--run", lm_run, "--output", tmp_path / "authors",
+def test_authors_export_of_a_run(cli_lm_run, tmp_path, capsys):
+  code, out, err = run_cli(capsys, "export", "--run", cli_lm_run, "--output", tmp_path / "authors",
                            "--format", "authors")
   assert code == 0, err
   assert json.loads(out)["format"] == "authors"
   document = json.loads((tmp_path / "authors" / "adapter_config.json").read_text())
   assert document["r"] == 4 and document["num_blocks"] == 2
-  code, _, err = run_cli(capsys, "export", "--run", lm_run, "--output", tmp_path / "authors",
+  code, _, err = run_cli(capsys, "export", "--run", cli_lm_run, "--output", tmp_path / "authors",
                          "--format", "authors")
   assert code == 1 and "--overwrite" in err
 
 
 # -- bad input -------------------------------------------------------------------------------------
 # -- inspect ---------------------------------------------------------------------------------------
-def test_inspect_reports_matches_budget_and_blocks(files, capsys):
-  code, out, err = run_cli(capsys, "inspect", "--model", files["llama"], "--r", 4,
+def test_inspect_reports_matches_budget_and_blocks(cli_files, capsys):
+  code, out, err = run_cli(capsys, "inspect", "--model", cli_files["llama"], "--r", 4,
                            "--targets", "q_proj,up_proj", "--json")
   assert code == 0, err
   report = json.loads(out)
@@ -341,12 +271,12 @@ def test_inspect_reports_matches_budget_and_blocks(files, capsys):
   for block in report["blocks"]:
     assert block["total_entry_share"] == pytest.approx(0.5, abs=0.01)
     assert 0 < block["total_energy_share"] < 1
-  code, out, _ = run_cli(capsys, "inspect", "--model", files["llama"], "--r", 4)
+  code, out, _ = run_cli(capsys, "inspect", "--model", cli_files["llama"], "--r", 4)
   assert code == 0 and "spectral blocks" in out and "LoRA at the same r" in out
 
 
-def test_inspect_run_analyses_the_learned_updates(lm_run, tmp_path, capsys):
-  code, out, err = run_cli(capsys, "inspect", "--run", lm_run, "--json", "--plot",
+def test_inspect_run_analyses_the_learned_updates(cli_lm_run, tmp_path, capsys):
+  code, out, err = run_cli(capsys, "inspect", "--run", cli_lm_run, "--json", "--plot",
                            tmp_path / "dw.json.png")
   assert code == 0, err
   report = json.loads(out)
@@ -354,7 +284,7 @@ def test_inspect_run_analyses_the_learned_updates(lm_run, tmp_path, capsys):
   for delta in report["deltas"]:
     assert delta["numerical_rank"] > delta["r"]  # SMoA's update is not limited to rank r
     assert 0 < delta["top_energy"] <= 1
-  code, out, _ = run_cli(capsys, "inspect", "--run", lm_run, "--plot", tmp_path / "dw.png")
+  code, out, _ = run_cli(capsys, "inspect", "--run", cli_lm_run, "--plot", tmp_path / "dw.png")
   assert code == 0 and "effective rank" in out and (tmp_path / "dw.png").is_file()
 
 
@@ -370,7 +300,8 @@ def test_fetch_assets_prints_where_each_asset_is(tmp_path, monkeypatch, capsys):
 
 
 # -- the real command ------------------------------------------------------------------------------
-def test_console_script_and_module_entry_point(files, tmp_path):
+@pytest.mark.subprocess
+def test_console_script_and_module_entry_point(cli_files, tmp_path):
   script = Path(sys.executable).with_name("smoa-jax")
   if not script.is_file():
     pytest.skip("the smoa-jax console script is not installed (pip install -e .)")
@@ -379,7 +310,7 @@ def test_console_script_and_module_entry_point(files, tmp_path):
   for command in ("finetune", "eval", "export", "inspect", "demo", "fetch-assets"):
     assert command in shown.stdout
   bad = [sys.executable, "-m", "smoa_jax", "finetune", "--model", str(tmp_path / "nope"),
-         "--data", str(files["lm_train"]), "--output", str(tmp_path / "run")]
+         "--data", str(cli_files["lm_train"]), "--output", str(tmp_path / "run")]
   failed = subprocess.run(bad, capture_output=True, text=True, timeout=120)
   assert failed.returncode == 1
   assert failed.stderr.strip().splitlines() == [

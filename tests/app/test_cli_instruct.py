@@ -14,8 +14,10 @@ import torch
 import transformers
 
 from smoa_jax.app import cli
-from tests.app.test_cli import run_cli, sentences, write_jsonl
-from tests.training.test_instruct import WORDS, chat, chat_tokenizer
+from tests.support.cli import run_cli
+from tests.support.corpus import sentences
+from tests.support.files import write_jsonl
+from tests.support.instruct import CHAT_WORDS, chat, chat_tokenizer
 
 QUESTION = "is this review positive or negative"
 ANSWERS = ("negative", "positive")  # label 0, label 1
@@ -29,7 +31,7 @@ def chat_rows(count: int, seed: int) -> list[dict]:
 def files(tmp_path_factory) -> dict[str, Path]:
   """A tiny Llama with a chat template, chat train/eval files and a prompt/completion file."""
   root = tmp_path_factory.mktemp("instruct")
-  texts = [t for t, _ in sentences(64, seed=0) + sentences(16, seed=1)] + [" ".join(WORDS)]
+  texts = [t for t, _ in sentences(64, seed=0) + sentences(16, seed=1)] + [" ".join(CHAT_WORDS)]
   tokenizer = chat_tokenizer(root / "llama", texts)
   config = transformers.LlamaConfig(
       vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -5,8 +5,7 @@ import json
 import pytest
 
 import smoa_jax
-from smoa_jax.app import assets
-from smoa_jax.app import datasets
+from smoa_jax.app import assets, datasets
 
 
 def test_sentiment_split_is_seeded_disjoint_and_complete():

@@ -5,8 +5,7 @@ import subprocess
 
 import pytest
 
-from smoa_jax.app import assets
-from smoa_jax.app import cli
+from smoa_jax.app import assets, cli
 
 CACHED = assets.is_cached("minilm") and assets.is_cached("sentiment")
 

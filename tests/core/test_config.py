@@ -49,6 +49,6 @@ def test_from_dict_rejects_unknown_method_and_fields():
 
 def test_configs_are_frozen_and_hashable():
   config = smoa_jax.SMoAConfig()
-  with pytest.raises(AttributeError):
+  with pytest.raises(AttributeError, match="cannot assign to field 'r'"):
     config.r = 3
   assert hash(config) == hash(smoa_jax.SMoAConfig())

@@ -10,9 +10,9 @@ from jax.test_util import check_grads
 
 import smoa_jax
 from smoa_jax.core import ops
-from smoa_jax.core.smoa import SMoAOp
 from smoa_jax.core.config import split_sizes
-from tests import reference
+from smoa_jax.core.smoa import SMoAOp
+from tests.support import reference
 
 
 def _random_factors(rng, blocks, ranks):

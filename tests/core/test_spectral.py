@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import smoa_jax
 from smoa_jax.errors import ConfigError, KernelError
-from tests import reference
+from tests.support import reference
 
 
 def _sorted_by_reference(perm: np.ndarray, ref_scores: np.ndarray, tol: float) -> bool:

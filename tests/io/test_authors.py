@@ -1,6 +1,6 @@
 """Tests for smoa_jax/io/authors.py: adapters in the authors' PyTorch SMoA layout.
 
-The other side is :mod:`tests.authors_reference`, a torch SMoA layer written from docs/design.md section 1
+The other side is :mod:`tests.support.authors_reference`, a torch SMoA layer written from docs/design.md section 1
 in torch layout (not the authors' code), put into tiny random ``transformers`` models: Llama
 (``nn.Linear``, ``torch_weight (out, in)``) and GPT-2 (``Conv1D``, weight ``(in, out)``).
 """
@@ -11,8 +11,9 @@ import copy
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save_file
 import smoa_jax
 from smoa_jax.io import authors
 from smoa_jax.models.hf import from_hf
-from tests import authors_reference as ref
+from tests.support import authors_reference as ref
 
 VOCAB, LENGTH = 61, 7
 # Llama: out < in and in < out; GPT-2: the fused Conv1D c_attn (the authors' default for gpt2).

@@ -2,7 +2,6 @@
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,31 +10,18 @@ from safetensors.numpy import load_file
 
 import smoa_jax
 from smoa_jax.layers import inject
-from tests.toy import ToyLM, token_data
-
-TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
-SMOA = smoa_jax.SMoAConfig(6, 3, 8.0, branch_ranks=(3, 3, 0), dropout=0.05, target_modules=TARGETS)
+from tests.support.toy import SMOA, TARGETS, ToyLM, token_data, trained
 
 
 def _ids():
   return jnp.asarray(token_data(4)["input_ids"])
 
 
-def _trained(config=SMOA, seed=0):
-  model = ToyLM(seed=seed)
-  smoa_jax.apply_adapter(model, config, rngs=nnx.Rngs(1), verbose=False)
-  for i, (_, layer) in enumerate(smoa_jax.adapter_layers(model)):
-    # Padding entries of b carry no information (they meet masked ranks or zero anchors).
-    layer.lora_b[...] = 0.2 * jax.random.normal(jax.random.key(i), layer.lora_b.shape)
-  model.eval()
-  return model
-
-
 @pytest.mark.parametrize("config", [SMOA, smoa_jax.LoRAConfig(r=3, alpha=6.0, target_modules=TARGETS),
                                     smoa_jax.HiRAConfig(r=3, alpha=6.0, target_modules=TARGETS)],
                          ids=["smoa", "lora", "hira"])
 def test_round_trip_into_a_fresh_base_without_spectral_recomputation(tmp_path, monkeypatch, config):
-  model = _trained(config)
+  model = trained(config)
   logits = model(_ids())
   smoa_jax.save_adapter(model, tmp_path / "adapter")
   document = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -51,7 +37,7 @@ def test_round_trip_into_a_fresh_base_without_spectral_recomputation(tmp_path, m
 
 
 def test_peft_style_names_and_authors_block_layout(tmp_path):
-  model = _trained()
+  model = trained()
   smoa_jax.save_adapter(model, tmp_path / "a")
   tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
   name = "base_model.model.layers.0.self_attn.q_proj"
@@ -66,7 +52,7 @@ def test_peft_style_names_and_authors_block_layout(tmp_path):
 
 
 def test_load_into_already_adapted_model(tmp_path):
-  model = _trained()
+  model = trained()
   smoa_jax.save_adapter(model, tmp_path / "a")
   other = ToyLM(seed=0)
   smoa_jax.apply_adapter(other, SMOA, rngs=nnx.Rngs(7), verbose=False)
@@ -76,12 +62,22 @@ def test_load_into_already_adapted_model(tmp_path):
 
 
 def test_bf16_copy_of_the_same_base_is_accepted(tmp_path):
-  smoa_jax.save_adapter(_trained(), tmp_path / "a")
+  model = trained()
+  smoa_jax.save_adapter(model, tmp_path / "a")
   base = ToyLM(seed=0)
   for _, v in list(nnx.iter_graph(base)):
     if isinstance(v, nnx.Param):
       v.set_value(v[...].astype(jnp.bfloat16))
   smoa_jax.load_adapter(base, tmp_path / "a")
+  saved, loaded = dict(smoa_jax.adapter_layers(model)), dict(smoa_jax.adapter_layers(base))
+  assert loaded.keys() == saved.keys() and len(saved) == 8
+  for path, layer in saved.items():  # the same update, on W rounded to bfloat16 (8-bit mantissa)
+    np.testing.assert_array_equal(loaded[path].in_perm[...], layer.in_perm[...], err_msg=path)
+    np.testing.assert_array_equal(loaded[path].out_perm[...], layer.out_perm[...], err_msg=path)
+    want = np.asarray(layer.delta_weight())
+    assert np.abs(want).max() > 1e-3, path
+    np.testing.assert_allclose(np.asarray(loaded[path].delta_weight(), np.float32), want,
+                               rtol=1e-2, atol=1e-7, err_msg=path)
 
 
 def test_full_fine_tuning_and_trainable_head_round_trip(tmp_path):
@@ -97,12 +93,12 @@ def test_full_fine_tuning_and_trainable_head_round_trip(tmp_path):
   smoa_jax.save_adapter(model, tmp_path / "full", config=config)
   fresh = ToyLM(seed=0)
   smoa_jax.load_adapter(fresh, tmp_path / "full")
-  assert isinstance(fresh.lm_head.kernel, smoa_jax.SMoAParam)
+  assert isinstance(fresh.lm_head.kernel, smoa_jax.TrainableParam)
   np.testing.assert_allclose(fresh(_ids()), logits, rtol=1e-6, atol=1e-6)
 
 
 def test_adapter_layers_and_a_trainable_head_together(tmp_path):
-  model = _trained()
+  model = trained()
   smoa_jax.mark_trainable(model, "lm_head/kernel")
   model.lm_head.kernel[...] *= 1.5
   logits = model(_ids())

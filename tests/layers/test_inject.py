@@ -8,7 +8,7 @@ from flax import nnx
 
 import smoa_jax
 from smoa_jax.core import spectral
-from tests.toy import ToyLM, token_data
+from tests.support.toy import ToyLM, token_data
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -34,7 +34,7 @@ def test_report_and_replacement(capsys):
   # sum_k r_k (|C_k| + |R_k|): q_proj 16x16 -> 2*(8+8) * 2 blocks = 64
   q = next(m for m in report.modules if m.path == "layers/0/self_attn/q_proj")
   assert q.trainable_params == 64 and q.ranks == (2, 2) and q.num_blocks == 2
-  stored = sum(x.size for x in jax.tree.leaves(nnx.state(model, smoa_jax.SMoAParam)))
+  stored = sum(x.size for x in jax.tree.leaves(nnx.state(model, smoa_jax.TrainableParam)))
   # 33 = 17 + 16 coordinates: the 16-row block of every 33-wide kernel is padded by one row/col.
   assert report.trainable_params == 648 and stored == 648 + 4 * 2
   out = capsys.readouterr().out
@@ -87,7 +87,7 @@ def test_merge_and_unload_gives_plain_layers_with_same_logits(config):
   logits = model(_ids())
   smoa_jax.merge_and_unload(model)
   assert not smoa_jax.adapter_layers(model)
-  assert not jax.tree.leaves(nnx.state(model, smoa_jax.SMoAParam))
+  assert not jax.tree.leaves(nnx.state(model, smoa_jax.TrainableParam))
   assert type(model.layers[0].self_attn.q_proj) is nnx.Linear
   np.testing.assert_allclose(model(_ids()), logits, rtol=1e-5, atol=1e-5)
   # Merged inference costs what the base model costs: it is the very same program.
@@ -113,9 +113,8 @@ def test_merge_unmerge_and_disable_whole_model():
       np.testing.assert_allclose(model(_ids()), base(_ids()), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(model(_ids()), base(_ids()), rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(model(_ids()), logits, rtol=1e-6, atol=1e-6)
-  with pytest.raises(KeyError):
-    with smoa_jax.disable_adapter(model):
-      raise KeyError("inside")
+  with pytest.raises(KeyError, match="inside"), smoa_jax.disable_adapter(model):
+    raise KeyError("inside")
   np.testing.assert_allclose(model(_ids()), logits, rtol=1e-6, atol=1e-6)
   smoa_jax.merge_adapters(model)
   np.testing.assert_allclose(model(_ids()), logits, rtol=1e-5, atol=1e-5)
@@ -149,13 +148,13 @@ def test_full_fine_tuning_and_mark_trainable():
   report = smoa_jax.apply_adapter(model, smoa_jax.FullFineTuneConfig(target_modules=["q_proj"]),
                                   rngs=nnx.Rngs(0), verbose=False)
   assert report.trainable_params == 2 * 16 * 16
-  assert isinstance(model.layers[0].self_attn.q_proj.kernel, smoa_jax.SMoAParam)
+  assert isinstance(model.layers[0].self_attn.q_proj.kernel, smoa_jax.TrainableParam)
   paths = smoa_jax.mark_trainable(model, "lm_head/.*")
   assert paths == ["lm_head/kernel"]
-  trainable = nnx.state(model, smoa_jax.SMoAParam)
+  trainable = nnx.state(model, smoa_jax.TrainableParam)
   assert sum(x.size for x in jax.tree.leaves(trainable)) == 2 * 256 + 16 * 31
-  with pytest.raises(smoa_jax.TargetError):
+  with pytest.raises(smoa_jax.TargetError, match="no frozen parameter path matched 'nothing/"):
     smoa_jax.mark_trainable(model, "nothing/.*")
   smoa_jax.merge_and_unload(model)
-  assert not jax.tree.leaves(nnx.state(model, smoa_jax.SMoAParam))
+  assert not jax.tree.leaves(nnx.state(model, smoa_jax.TrainableParam))
   assert type(model.lm_head.kernel) is nnx.Param

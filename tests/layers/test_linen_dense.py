@@ -58,7 +58,7 @@ def test_linen_and_nnx_give_same_outputs_and_gradients(name):
   def nnx_loss(layer, x):
     return jnp.sum(jnp.tanh(layer(x)))
 
-  g_layer, g_x = nnx.grad(nnx_loss, argnums=(nnx.DiffState(0, smoa_jax.SMoAParam), 1))(layer, x)
+  g_layer, g_x = nnx.grad(nnx_loss, argnums=(nnx.DiffState(0, smoa_jax.TrainableParam), 1))(layer, x)
   np.testing.assert_allclose(g_linen[0]["lora_a"], g_layer["lora_a"][...], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(g_linen[0]["lora_b"], g_layer["lora_b"][...], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(g_linen[1], g_x, rtol=1e-5, atol=1e-6)

@@ -101,7 +101,8 @@ def test_linen_optax_and_nnx_optimizer_train_identically():
   variables = {**variables, "params": params}
   model = NNXMLP(params, variables["spectral"])
 
-  tx = smoa_jax.freeze_base(optax.adam(1e-2), params)
+  # SMoA's update (a b) * W is scaled by W's entries: it wants ~10x LoRA's learning rate.
+  tx = smoa_jax.freeze_base(optax.adam(1e-1), params)
   opt_state = tx.init(params)
 
   @jax.jit
@@ -111,12 +112,12 @@ def test_linen_optax_and_nnx_optimizer_train_identically():
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=smoa_jax.SMoAParam)
+  optimizer = nnx.Optimizer(model, optax.adam(1e-1), wrt=smoa_jax.TrainableParam)
 
   @nnx.jit
   def nnx_step(model, optimizer):
     loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2),
-                                     argnums=nnx.DiffState(0, smoa_jax.SMoAParam))(model)
+                                     argnums=nnx.DiffState(0, smoa_jax.TrainableParam))(model)
     optimizer.update(model, grads)
     return loss
 
@@ -126,7 +127,7 @@ def test_linen_optax_and_nnx_optimizer_train_identically():
     linen_losses.append(float(loss))
     nnx_losses.append(float(nnx_step(model, optimizer)))
   np.testing.assert_allclose(linen_losses, nnx_losses, rtol=1e-5)
-  assert linen_losses[-1] < 0.95 * linen_losses[0]
+  assert linen_losses[-1] < 0.8 * linen_losses[0]  # x0.50-0.68 over seeds 0-9 (init, data)
   for name in ("up", "down"):
     np.testing.assert_allclose(params[name]["lora_a"], getattr(model, name).lora_a[...], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(params[name]["lora_b"], getattr(model, name).lora_b[...], rtol=1e-4, atol=1e-6)

@@ -9,13 +9,20 @@ import torch
 import transformers
 from flax import nnx
 
-from smoa_jax.models.hf import from_hf, to_hf
 from smoa_jax.models import BertForSequenceClassification, BertModel
-from tests.hf_helpers import randomize
+from smoa_jax.models.hf import from_hf, to_hf
+from tests.support.hf import randomize, save_random
 
 VOCAB, LENGTH = 91, 9
 CONFIG = dict(vocab_size=VOCAB, hidden_size=40, num_hidden_layers=2, num_attention_heads=5,
               intermediate_size=52, max_position_embeddings=32, type_vocab_size=3)
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+  """A saved perturbed ``BertModel`` (no head); read-only."""
+  return save_random(transformers.BertModel, transformers.BertConfig(**CONFIG),
+                     tmp_path_factory.mktemp("encoder"))
 
 
 def inputs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -30,10 +37,9 @@ def run(model, *arrays):
   return np.asarray(nnx.jit(lambda m, *a: m(*a))(model, *(jnp.asarray(a) for a in arrays)))
 
 
-def test_bert_model_hidden_states_and_pooler(tmp_path):
-  hf = randomize(transformers.BertModel(transformers.BertConfig(**CONFIG)))
-  hf.save_pretrained(tmp_path)
-  model = from_hf(tmp_path)
+def test_bert_model_hidden_states_and_pooler(encoder_dir):
+  hf = transformers.BertModel.from_pretrained(encoder_dir).eval()
+  model = from_hf(encoder_dir)
   assert isinstance(model, BertModel)
   ids, mask, token_types = inputs()
   with torch.no_grad():
@@ -74,11 +80,9 @@ def test_sequence_classification_checkpoint(tmp_path):
   np.testing.assert_allclose(run(model, ids, mask, token_types), ref, atol=1e-4, rtol=0)
 
 
-def test_fresh_classifier_on_an_encoder_checkpoint_exports(tmp_path):
-  hf = randomize(transformers.BertModel(transformers.BertConfig(**CONFIG)))
-  hf.save_pretrained(tmp_path / "encoder")
+def test_fresh_classifier_on_an_encoder_checkpoint_exports(encoder_dir, tmp_path):
   with pytest.warns(UserWarning, match=r"freshly initialized.*classifier/bias.*classifier/kernel"):
-    model = from_hf(tmp_path / "encoder", num_labels=4)
+    model = from_hf(encoder_dir, num_labels=4)
   assert model.classifier.kernel.shape == (40, 4)
   assert float(jnp.abs(model.classifier.kernel[...]).max()) > 0
   np.testing.assert_array_equal(np.asarray(model.classifier.bias[...]), 0)

@@ -12,8 +12,8 @@ import transformers
 from flax import nnx
 from safetensors.torch import save_file
 
-from smoa_jax.models.hf import from_hf
 from smoa_jax.models import GPT2LMHeadModel
+from smoa_jax.models.hf import from_hf
 
 VOCAB, LENGTH = 91, 9
 CASES = {

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,23 +14,12 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 import smoa_jax
-from tests.hf_helpers import randomize
 from smoa_jax.models import hf as convert
 from smoa_jax.models.hf import from_hf, to_hf
+from tests.support.hf import LLAMA, randomize
 
-VOCAB, LENGTH = 97, 8
-LLAMA = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
-             num_attention_heads=6, num_key_value_heads=2, head_dim=10, tie_word_embeddings=False,
-             max_position_embeddings=64)
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-  """A saved tiny untied Llama (GQA, head_dim != hidden/heads); treat it as read-only."""
-  path = tmp_path_factory.mktemp("llama")
-  randomize(transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA))).save_pretrained(path)
-  (path / "tokenizer.json").write_text("{}")  # stands in for real tokenizer files
-  return path
+# llama_dir (tests/conftest.py) is a saved LLAMA with a stand-in tokenizer.json; read-only.
+VOCAB, LENGTH = LLAMA["vocab_size"], 8
 
 
 def ids() -> np.ndarray:
@@ -46,12 +34,6 @@ def hf_logits(path) -> np.ndarray:
   model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
   with torch.no_grad():
     return model(torch.tensor(ids())).logits.numpy()
-
-
-def copy_of(src, tmp_path):
-  dst = tmp_path / "ckpt"
-  shutil.copytree(src, dst)
-  return dst
 
 
 # -- round trips -----------------------------------------------------------------------------------
@@ -117,7 +99,7 @@ def test_adapted_model_exports_folded_kernels(method, llama_dir, tmp_path):
 def test_fully_finetuned_kernel_exports_like_any_kernel(llama_dir, tmp_path):
   model = from_hf(llama_dir)
   q_proj = model.model.layers[1].self_attn.q_proj
-  q_proj.kernel = smoa_jax.SMoAParam(q_proj.kernel[...] + 0.01)
+  q_proj.kernel = smoa_jax.TrainableParam(q_proj.kernel[...] + 0.01)
   to_hf(model, tmp_path / "out")
   tensors = load_file(str(tmp_path / "out" / "model.safetensors"))
   np.testing.assert_array_equal(tensors["model.layers.1.self_attn.q_proj.weight"],

@@ -10,10 +10,10 @@ import transformers
 from flax import nnx
 
 import smoa_jax
-from smoa_jax.models.hf import from_hf
 from smoa_jax.models import LlamaForCausalLM, Qwen3ForCausalLM
-from tests.hf_helpers import randomize
+from smoa_jax.models.hf import from_hf
 from smoa_jax.models.llama import rope_inv_freq
+from tests.support.hf import randomize
 
 VOCAB, LENGTH = 97, 11
 COMMON = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=72, num_hidden_layers=2,

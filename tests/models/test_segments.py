@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from smoa_jax.models import GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from smoa_jax.models import (
+  GPT2LMHeadModel,
+  LlamaForCausalLM,
+  MistralForCausalLM,
+  Qwen2ForCausalLM,
+)
 from smoa_jax.models.blocks import make_attention_mask
 
 VOCAB = 61

@@ -7,7 +7,9 @@ import json
 import socket
 
 import numpy as np
-from tests import _sharded_run
+import pytest
+
+from tests.support import sharded_run
 
 
 def _free_port() -> int:
@@ -16,20 +18,22 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_single_process(tmp_path):
-  checkpoint, reference = _sharded_run.tiny_llama()
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
+def test_two_processes_match_single_process(sharded_llama, tmp_path):
+  checkpoint, reference = sharded_llama
   address = f"127.0.0.1:{_free_port()}"
-  procs = [_sharded_run.start(["worker", checkpoint, str(tmp_path)], devices=4,
+  procs = [sharded_run.start(["worker", checkpoint, str(tmp_path)], devices=4,
                               env={"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2",
                                    "JAX_PROCESS_ID": str(i)})
            for i in range(2)]
-  _sharded_run.finish(procs, timeout=900)
+  sharded_run.finish(procs, timeout=900)
   result = dict(np.load(tmp_path / "multiprocess.npz"))
   np.testing.assert_allclose(result["losses"], reference["losses"], atol=1e-5, rtol=0)
   for k in reference:
     np.testing.assert_allclose(result[k], reference[k], atol=1e-5, rtol=0, err_msg=k)
   # Process 0 alone wrote the metrics (one line per step); orbax wrote one checkpoint per save.
   lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in lines] == list(range(1, _sharded_run.TRAIN_STEPS + 1))
+  assert [r["step"] for r in lines] == list(range(1, sharded_run.TRAIN_STEPS + 1))
   steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
-  assert steps == [2, _sharded_run.TRAIN_STEPS]
+  assert steps == [2, sharded_run.TRAIN_STEPS]

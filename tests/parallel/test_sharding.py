@@ -1,5 +1,5 @@
 """Sharding: rules, plans and helpers in-process (1 device); training on 8 simulated CPU devices
-in a subprocess (tests/_sharded_run.py) against the single-device run."""
+in a subprocess (tests/support/sharded_run.py) against the single-device run (``sharded_llama``)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 import smoa_jax
-from smoa_jax.parallel import sharding
-from smoa_jax.parallel import spmd
 from smoa_jax.errors import ConfigError
-from tests import _sharded_run
-from tests.toy import ToyLM
+from smoa_jax.parallel import sharding, spmd
+from tests.support import sharded_run
+from tests.support.toy import ToyLM
 
 LLAMA = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -142,16 +141,6 @@ def test_initialize_distributed_single_process(monkeypatch):
     smoa_jax.initialize_distributed(process_id=5)
 
 
-@pytest.fixture(scope="module")
-def checkpoint() -> str:
-  return _sharded_run.tiny_llama()[0]
-
-
-@pytest.fixture(scope="module")
-def reference() -> dict[str, np.ndarray]:
-  return _sharded_run.tiny_llama()[1]
-
-
 def _assert_matches(result: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> None:
   np.testing.assert_allclose(result["losses"], reference["losses"][-len(result["losses"]):],
                              atol=1e-5, rtol=0)
@@ -162,13 +151,15 @@ def _assert_matches(result: dict[str, np.ndarray], reference: dict[str, np.ndarr
 
 
 def _run_meshes(mode: str, checkpoint: str, out) -> dict[str, dict[str, np.ndarray]]:
-  proc = _sharded_run.start([mode, checkpoint, str(out)], devices=8, cache_dir=out / "jax-cache")
-  _sharded_run.finish([proc], timeout=900)
+  proc = sharded_run.start([mode, checkpoint, str(out)], devices=8, cache_dir=out / "jax-cache")
+  sharded_run.finish([proc], timeout=900)
   return {f.removesuffix(".npz"): dict(np.load(out / f)) for f in os.listdir(out) if f.endswith(".npz")}
 
 
-def test_two_meshes_match_single_device_and_exchange_checkpoints(checkpoint, reference, tmp_path):
+@pytest.mark.subprocess
+def test_two_meshes_match_single_device_and_exchange_checkpoints(sharded_llama, tmp_path):
   """Meshes (2,2,2) and (1,2,4): layouts, losses and params; adapter and orbax state move across."""
+  checkpoint, reference = sharded_llama
   results = _run_meshes("meshes:2x2x2,1x2x4", checkpoint, tmp_path)
   assert sorted(results) == ["1x2x4", "2x2x2", "resumed"]
   for name, result in results.items():
@@ -176,8 +167,10 @@ def test_two_meshes_match_single_device_and_exchange_checkpoints(checkpoint, ref
 
 
 @pytest.mark.slow
-def test_all_meshes_match_single_device(checkpoint, reference, tmp_path):
+@pytest.mark.subprocess
+def test_all_meshes_match_single_device(sharded_llama, tmp_path):
   """(8,1,1), (2,2,2), (1,2,4) as the issue lists them."""
+  checkpoint, reference = sharded_llama
   results = _run_meshes("meshes", checkpoint, tmp_path)
   assert sorted(results) == ["1x2x4", "2x2x2", "8x1x1", "resumed"]
   for result in results.values():

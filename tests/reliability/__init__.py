@@ -8,9 +8,9 @@ outcome the test asserts. ``docs/reliability.md`` is rendered from these records
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
-__all__ = ["Probe", "PROBES", "probe", "probe_cases"]
+__all__ = ["PROBES", "Probe", "probe", "probe_cases"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-import tests.reliability as reliability
+from tests import reliability
 
 HEADER = """# Reliability probes
 

@@ -8,14 +8,13 @@ from safetensors.numpy import load_file, save_file
 import smoa_jax
 from smoa_jax.io import portable as adapter_io
 from tests.reliability import probe, probe_cases
-from tests.io.test_portable import TARGETS, _trained
-from tests.toy import ToyLM
+from tests.support.toy import TARGETS, ToyLM, trained
 
 
 @probe("adapters", "loading an adapter onto a different base model",
        "AdapterMismatchError naming the first module whose kernel fingerprint differs")
 def test_different_base_is_refused_naming_the_module(tmp_path):
-  smoa_jax.save_adapter(_trained(), tmp_path / "a")
+  smoa_jax.save_adapter(trained(), tmp_path / "a")
   with pytest.raises(smoa_jax.AdapterMismatchError, match="layers/0/mlp/down_proj.*different base"):
     smoa_jax.load_adapter(ToyLM(seed=5), tmp_path / "a")
 
@@ -32,7 +31,7 @@ def test_different_base_is_refused_naming_the_module(tmp_path):
     (smoa_jax.SMoAConfig(4, 3, 8.0, target_modules=TARGETS), "different r, num_blocks"),
 ], ids=["lora", "k2", "r4"])
 def test_wrong_method_or_structure_is_refused(tmp_path, other, match):
-  smoa_jax.save_adapter(_trained(), tmp_path / "a")
+  smoa_jax.save_adapter(trained(), tmp_path / "a")
   model = ToyLM(seed=0)
   smoa_jax.apply_adapter(model, other, rngs=nnx.Rngs(0), verbose=False)
   with pytest.raises(smoa_jax.AdapterMismatchError, match=match):
@@ -49,16 +48,16 @@ def _edit_tensors(path, edit):
 @probe("adapters", "adapter file with a missing tensor, an unexpected tensor, or a wrong shape",
        "AdapterMismatchError listing the missing / unexpected keys, or the tensor and both shapes")
 def test_missing_and_unexpected_keys_are_errors(tmp_path):
-  smoa_jax.save_adapter(_trained(), tmp_path / "a")
+  smoa_jax.save_adapter(trained(), tmp_path / "a")
   key = "base_model.model.layers.1.mlp.up_proj.lora_B.1.weight"
   _edit_tensors(tmp_path / "a", lambda t: t.pop(key))
   with pytest.raises(smoa_jax.AdapterMismatchError, match=r"missing keys \['" + key.replace(".", r"\.")):
     smoa_jax.load_adapter(ToyLM(seed=0), tmp_path / "a")
-  smoa_jax.save_adapter(_trained(), tmp_path / "b")
+  smoa_jax.save_adapter(trained(), tmp_path / "b")
   _edit_tensors(tmp_path / "b", lambda t: t.update({"base_model.model.extra.weight": np.zeros(3, np.float32)}))
   with pytest.raises(smoa_jax.AdapterMismatchError, match="unexpected keys.*extra"):
     smoa_jax.load_adapter(ToyLM(seed=0), tmp_path / "b")
-  smoa_jax.save_adapter(_trained(), tmp_path / "c")
+  smoa_jax.save_adapter(trained(), tmp_path / "c")
   bad = "base_model.model.layers.0.self_attn.q_proj.lora_A.0.weight"
   _edit_tensors(tmp_path / "c", lambda t: t.update({bad: np.zeros((2, 2), np.float32)}))
   with pytest.raises(smoa_jax.AdapterMismatchError, match="has shape"):
@@ -73,11 +72,11 @@ def test_bad_directories(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(smoa_jax.CheckpointError, match="adapter_config.json is missing"):
     smoa_jax.load_adapter(ToyLM(), tmp_path / "empty")
-  smoa_jax.save_adapter(_trained(), tmp_path / "a")
+  smoa_jax.save_adapter(trained(), tmp_path / "a")
   (tmp_path / "a" / "adapter_config.json").write_text("{not json")
   with pytest.raises(smoa_jax.CheckpointError, match="not valid JSON"):
     smoa_jax.load_adapter(ToyLM(), tmp_path / "a")
-  smoa_jax.save_adapter(_trained(), tmp_path / "b")
+  smoa_jax.save_adapter(trained(), tmp_path / "b")
   weights = tmp_path / "b" / "adapter_model.safetensors"
   weights.write_bytes(weights.read_bytes()[:100])
   with pytest.raises(smoa_jax.CheckpointError, match="truncated or corrupted"):
@@ -87,7 +86,7 @@ def test_bad_directories(tmp_path):
 @probe("runs", "disk write failure (ENOSPC) while saving an adapter",
        "the OSError propagates; the previous adapter directory is intact, no temp files remain")
 def test_save_is_atomic(tmp_path, monkeypatch):
-  model = _trained()
+  model = trained()
   smoa_jax.save_adapter(model, tmp_path / "a")
   before = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
 
@@ -97,7 +96,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
   monkeypatch.setattr(adapter_io, "save_file", failing_save)
   with pytest.raises(OSError, match="No space left"):
     smoa_jax.save_adapter(model, tmp_path / "a")
-  with pytest.raises(OSError):
+  with pytest.raises(OSError, match="No space left"):
     smoa_jax.save_adapter(model, tmp_path / "new")
   assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == before
   assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temp or partial directories

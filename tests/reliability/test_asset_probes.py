@@ -14,9 +14,19 @@ from pathlib import Path
 import pytest
 
 from smoa_jax.app import assets, cli
-from tests.app.test_assets import (EXPECTED, Index, closed_port_url, contents, isolate, pin,
-                                   sha256, tar_gz, vader_sdist, write_file_index)
 from tests.reliability import probe, probe_cases
+from tests.support.package_index import (
+  EXPECTED,
+  Index,
+  closed_port_url,
+  contents,
+  isolate,
+  pin,
+  sha256,
+  tar_gz,
+  vader_sdist,
+  write_file_index,
+)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import smoa_jax
 from smoa_jax.models import hf as convert
 from smoa_jax.models.hf import from_hf
 from tests.reliability import probe, probe_cases
-from tests.models.test_hf import copy_of, llama_dir  # noqa: F401 (a fixture)
+from tests.support.files import copy_of
 
 
 class _Payload:

@@ -5,7 +5,7 @@ from flax import nnx
 
 import smoa_jax
 from tests.reliability import probe, probe_cases
-from tests.toy import ToyLM
+from tests.support.toy import ToyLM
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 

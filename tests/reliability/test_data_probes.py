@@ -2,11 +2,10 @@
 
 import pytest
 
-from smoa_jax.training import data
 from smoa_jax.errors import DataError
+from smoa_jax.training import data
 from tests.reliability import probe, probe_cases
-from tests.training.test_data import _write
-
+from tests.support.files import write_bytes
 
 SITUATIONS = {
     'empty': 'an empty JSONL file',
@@ -40,13 +39,13 @@ SITUATIONS = {
 ], ids=list(SITUATIONS))
 def test_bad_files_name_file_and_line(tmp_path, content, task, match):
   with pytest.raises(DataError, match=match):
-    data.read_jsonl(_write(tmp_path, content), task)
+    data.read_jsonl(write_bytes(tmp_path, content), task)
 
 
 @probe("data", "labels beyond --num-labels; a data file that does not exist; an unknown task",
        "DataError with file:line and the valid label range / 'does not exist' / the valid tasks")
 def test_labels_beyond_num_labels_and_missing_file(tmp_path):
-  path = _write(tmp_path, b'{"text": "a", "label": 0}\n{"text": "b", "label": 2}\n')
+  path = write_bytes(tmp_path, b'{"text": "a", "label": 0}\n{"text": "b", "label": 2}\n')
   with pytest.raises(DataError, match=r":2: label 2 is out of range; labels must be in 0\.\.1"):
     data.read_jsonl(path, "classification", num_labels=2)
   with pytest.raises(DataError, match="does not exist"):

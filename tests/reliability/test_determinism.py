@@ -10,17 +10,18 @@ mesh or the number of devices changes reduction orders, so results then match on
 import numpy as np
 
 from tests.reliability import probe
-from tests.training.test_loop import _adapter_arrays
-from tests.toy import lm_run
+from tests.support.state import adapter_arrays
+from tests.support.toy import lm_run
 
 
 @probe("determinism", "two training runs with the same seed and data (dropout on), and one with "
        "another seed", "bit-identical adapter parameters; a different seed differs")
-def test_two_runs_with_one_seed_are_bit_identical(tmp_path):
-  a, _ = lm_run(tmp_path / "a")
-  b, _ = lm_run(tmp_path / "b")
-  for (k, x), y in zip(_adapter_arrays(a).items(), _adapter_arrays(b).values()):
-    np.testing.assert_array_equal(x, y, err_msg=k)
+def test_two_runs_with_one_seed_are_bit_identical(toy_run, tmp_path):
+  b, _ = lm_run(tmp_path / "b")  # toy_run is the other run, made with the same seed
+  b = adapter_arrays(b)
+  assert b.keys() == toy_run.keys()
+  for k, x in toy_run.items():
+    np.testing.assert_array_equal(b[k], x, err_msg=k)
   c, _ = lm_run(tmp_path / "c", seed=4)
-  assert any(not np.array_equal(x, y) for x, y in zip(_adapter_arrays(a).values(),
-                                                       _adapter_arrays(c).values()))
+  c = adapter_arrays(c)
+  assert any(not np.array_equal(c[k], x) for k, x in toy_run.items())

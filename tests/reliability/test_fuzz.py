@@ -10,10 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import smoa_jax
-from smoa_jax.training import data
 from smoa_jax.core import ops
-from smoa_jax.core.smoa import SMoAOp
 from smoa_jax.core.config import config_from_dict, split_sizes
+from smoa_jax.core.smoa import SMoAOp
+from smoa_jax.training import data
 from tests.reliability import probe
 
 FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

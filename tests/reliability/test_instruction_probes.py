@@ -5,7 +5,8 @@ import pytest
 from smoa_jax.errors import DataError
 from smoa_jax.training import data
 from tests.reliability import probe, probe_cases
-from tests.training.test_instruct import chat, chat_tokenizer, write_rows
+from tests.support.files import write_jsonl
+from tests.support.instruct import chat, chat_tokenizer
 
 CASES = {
     "no_assistant_turn": ("a training `messages` record with no assistant turn",
@@ -33,14 +34,14 @@ CASES = {
 ], ids=list(CASES))
 def test_bad_instruction_records_name_file_and_line(tmp_path, rows, match):
   with pytest.raises(DataError, match=match):
-    data.read_jsonl(write_rows(tmp_path / "d.jsonl", rows), "causal-lm")
+    data.read_jsonl(write_jsonl(tmp_path / "d.jsonl", rows), "causal-lm")
 
 
 @probe("instruction data", "`messages` records with a tokenizer that has no chat template",
        "DataError naming the file and suggesting `{\"prompt\", \"completion\"}` records")
 def test_tokenizer_without_chat_template(tmp_path):
   tok = chat_tokenizer(tmp_path, template=None)
-  records = data.read_jsonl(write_rows(tmp_path / "d.jsonl", [chat("q", "a")]), "causal-lm")
+  records = data.read_jsonl(write_jsonl(tmp_path / "d.jsonl", [chat("q", "a")]), "causal-lm")
   with pytest.raises(DataError, match=r"d\.jsonl: .*chat template.*has none.*\"prompt\": \.\.\., "
                      r"\"completion\": \.\.\.\} records instead"):
     data.tokenize(records, tok, 32)

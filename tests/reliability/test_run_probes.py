@@ -17,8 +17,9 @@ from flax import nnx
 import smoa_jax
 from smoa_jax.training import data as data_lib
 from tests.reliability import probe, probe_cases
-from tests.app.test_cli import files, finetune_argv, run_cli  # noqa: F401 (files is a fixture)
-from tests.toy import ToyLM, lm_run, token_data
+from tests.support.cli import finetune_argv, run_cli
+from tests.support.state import adapter_arrays
+from tests.support.toy import ToyLM, lm_run, token_data
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -92,10 +93,10 @@ BAD_INPUT = {
                                                      f"...{text}...`, no traceback, no run dir")
                      for case, (_, code, text) in BAD_INPUT.items()})
 @pytest.mark.parametrize("case", list(BAD_INPUT))
-def test_bad_input_gives_one_line_and_a_nonzero_exit(case, files, tmp_path, capsys):
+def test_bad_input_gives_one_line_and_a_nonzero_exit(case, cli_files, tmp_path, capsys):
   build, expected_code, text = BAD_INPUT[case]
   (tmp_path / "leftover.txt").write_text("makes tmp_path a non-empty directory")
-  code, _, err = run_cli(capsys, *build(files, tmp_path))
+  code, _, err = run_cli(capsys, *build(cli_files, tmp_path))
   errors = [line for line in err.splitlines() if line.startswith("smoa-jax: error: ")]
   assert code == expected_code, err
   assert len(errors) == 1 and text in errors[0], err
@@ -138,12 +139,12 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 @probe("data", "texts longer than --seq-len",
        "truncated, and stderr reports how many (`N of M training texts were truncated`)")
-def test_truncation_is_counted(files, tmp_path, capsys):
+def test_truncation_is_counted(cli_files, tmp_path, capsys):
   long_text = " ".join(["the cat sat on the mat"] * 20)
   data = tmp_path / "long.jsonl"
   data.write_text("".join(json.dumps({"text": long_text if i % 4 == 0 else "a cat"}) + "\n"
                           for i in range(16)))
-  code, _, err = run_cli(capsys, *finetune_argv(files, tmp_path / "run") + ["--data", data,
+  code, _, err = run_cli(capsys, *finetune_argv(cli_files, tmp_path / "run") + ["--data", data,
                                                                             "--steps", 1])
   assert code == 0, err
   assert "4 of 16 training texts were truncated" in err
@@ -151,11 +152,12 @@ def test_truncation_is_counted(files, tmp_path, capsys):
 
 @probe("runs", "SIGKILL while a checkpoint is being committed (after its files are written)",
        "the interrupted step never appears; the previous checkpoint stays valid and resume works")
-def test_sigkill_during_checkpoint_save(tmp_path):
+@pytest.mark.subprocess
+def test_sigkill_during_checkpoint_save(toy_run, tmp_path):
   killed = tmp_path / "run"
   script = ("import os, signal\n"
             "from orbax.checkpoint._src.path import atomicity\n"
-            "from tests.toy import lm_run\n"
+            "from tests.support.toy import lm_run\n"
             "original = atomicity.AtomicRenameTemporaryPath.finalize\n"
             "async def finalize(self, *args, **kwargs):\n"
             "  if self.get_final().name == '4':  # step 4: every item written, not yet committed\n"
@@ -170,20 +172,16 @@ def test_sigkill_during_checkpoint_save(tmp_path):
   assert checkpoint.all_steps() == [2]
   checkpoint.close()
   resumed, result = lm_run(killed, resume=True)
-  reference, _ = lm_run(tmp_path / "uninterrupted")
   assert result.step == 6
-  for x, y in zip(jax_leaves(resumed), jax_leaves(reference)):
-    np.testing.assert_array_equal(x, y)
-
-
-def jax_leaves(model) -> list[np.ndarray]:
-  import jax
-  return [np.asarray(v) for v in jax.tree.leaves(nnx.state(model, smoa_jax.SMoAParam))]
+  arrays = adapter_arrays(resumed)
+  assert arrays.keys() == toy_run.keys()
+  for key, reference in toy_run.items():  # the uninterrupted run
+    np.testing.assert_array_equal(arrays[key], reference, err_msg=key)
 
 
 @probe("runs", "disk write failure (ENOSPC) while saving the training checkpoint",
        "the OSError stops training; earlier checkpoints stay valid and a resume continues from them")
-def test_disk_full_during_training_checkpoint(tmp_path, monkeypatch):
+def test_disk_full_during_training_checkpoint(toy_run, tmp_path, monkeypatch):
   original = ocp.CheckpointManager.save
   saves = []
 
@@ -200,5 +198,8 @@ def test_disk_full_during_training_checkpoint(tmp_path, monkeypatch):
   checkpoint = smoa_jax.TrainCheckpointer(tmp_path / "run" / "checkpoints")
   assert checkpoint.all_steps() == [2]
   checkpoint.close()
-  _, result = lm_run(tmp_path / "run", resume=True)
+  resumed, result = lm_run(tmp_path / "run", resume=True)
   assert result.step == 6
+  arrays = adapter_arrays(resumed)
+  for key, reference in toy_run.items():  # the uninterrupted run
+    np.testing.assert_array_equal(arrays[key], reference, err_msg=key)

@@ -3,18 +3,13 @@
 import numpy as np
 import pytest
 
-from smoa_jax.training import data
 from smoa_jax.errors import DataError
-
-
-def _write(tmp_path, content: bytes, name="d.jsonl"):
-  path = tmp_path / name
-  path.write_bytes(content)
-  return path
+from smoa_jax.training import data
+from tests.support.files import write_bytes
 
 
 def test_reads_texts_and_labels(tmp_path):
-  path = _write(tmp_path, b'{"text": "a", "label": 1}\n\n{"text": "b", "label": 0}\n')
+  path = write_bytes(tmp_path, b'{"text": "a", "label": 1}\n\n{"text": "b", "label": 0}\n')
   records = data.read_jsonl(path, "classification")
   assert records.texts == ["a", "b"] and records.labels.tolist() == [1, 0] and records.num_labels == 2
   assert data.read_jsonl(path, "causal-lm").labels is None

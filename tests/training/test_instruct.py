@@ -4,43 +4,13 @@ truncation that keeps the answer, and packing."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from examples.hf_finetune import word_tokenizer
 from smoa_jax.errors import DataError
 from smoa_jax.training import data, instruct
-
-# A ChatML-like template over four added special tokens; the word tokenizer splits on whitespace.
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> "
-                 "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
-CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-WORDS = "is this review positive or negative the film was dull great be brief yes no".split()
-
-
-def chat_tokenizer(directory: Path, texts=(" ".join(WORDS),), template: str | None = CHAT_TEMPLATE):
-  """The word-level tokenizer of ``texts`` (``<pad>`` 0, ``<s>`` 2, ``</s>`` 3) with the chat
-  tokens added and ``template`` as its chat template, saved to ``directory``."""
-  tokenizer = word_tokenizer(list(texts), directory)
-  tokenizer.add_special_tokens({"additional_special_tokens": CHAT_TOKENS})
-  tokenizer.chat_template = template
-  tokenizer.save_pretrained(directory)
-  return tokenizer
-
-
-def write_rows(path: Path, rows) -> Path:
-  path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n"
-                          for row in rows))
-  return path
-
-
-def chat(question: str, answer: str, system: str | None = None) -> dict:
-  turns = ([{"role": "system", "content": system}] if system else [])
-  return {"messages": turns + [{"role": "user", "content": question},
-                               {"role": "assistant", "content": answer}]}
+from tests.support.files import write_jsonl
+from tests.support.instruct import chat, chat_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +24,11 @@ def ids_of(tok, text: str) -> list[int]:
 
 # -- reading -----------------------------------------------------------------------------------
 def test_each_kind_is_detected_per_file(tmp_path):
-  text = data.read_jsonl(write_rows(tmp_path / "t.jsonl", [{"text": "a"}, {"text": "b"}]),
+  text = data.read_jsonl(write_jsonl(tmp_path / "t.jsonl", [{"text": "a"}, {"text": "b"}]),
                          "causal-lm")
-  pairs = data.read_jsonl(write_rows(tmp_path / "p.jsonl", [
+  pairs = data.read_jsonl(write_jsonl(tmp_path / "p.jsonl", [
       {"prompt": "is this positive", "completion": " yes", "id": 7}, ""]), "causal-lm")
-  convs = data.read_jsonl(write_rows(tmp_path / "m.jsonl", ["", chat("q", "a", "be brief")]),
+  convs = data.read_jsonl(write_jsonl(tmp_path / "m.jsonl", ["", chat("q", "a", "be brief")]),
                           "causal-lm")
   assert (text.kind, len(text), text.texts) == ("text", 2, ["a", "b"])
   assert (pairs.kind, len(pairs), pairs.pairs) == ("prompt-completion", 1, [("is this positive",
@@ -90,11 +60,11 @@ def test_each_kind_is_detected_per_file(tmp_path):
 ])
 def test_bad_instruction_records_name_file_and_line(tmp_path, rows, match):
   with pytest.raises(DataError, match=match):
-    data.read_jsonl(write_rows(tmp_path / "m.jsonl", rows), "causal-lm")
+    data.read_jsonl(write_jsonl(tmp_path / "m.jsonl", rows), "causal-lm")
 
 
 def test_classification_takes_text_records_only(tmp_path):
-  path = write_rows(tmp_path / "c.jsonl", [{"prompt": "p", "completion": "c", "label": 1}])
+  path = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "p", "completion": "c", "label": 1}])
   with pytest.raises(DataError, match=r":1: classification data needs .*got a prompt-completion"):
     data.read_jsonl(path, "classification")
 
@@ -149,7 +119,7 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(tmp_path):
 def test_messages_without_a_chat_template_suggest_prompt_completion(tmp_path):
   tok = chat_tokenizer(tmp_path, template=None)
   with pytest.raises(DataError, match=r"d\.jsonl: .*has none.*\"prompt\": \.\.\., \"completion\""):
-    data.tokenize(data.read_jsonl(write_rows(tmp_path / "d.jsonl", [chat("q", "a")]),
+    data.tokenize(data.read_jsonl(write_jsonl(tmp_path / "d.jsonl", [chat("q", "a")]),
                                   "causal-lm"), tok, 32)
 
 

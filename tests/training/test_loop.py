@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,28 +12,19 @@ from flax import nnx
 
 import smoa_jax
 from smoa_jax.training.config import make_optimizer
-from tests.toy import ToyClassifier, ToyLM, lm_run, token_data
+from tests.support.state import adapter_arrays, base_arrays
+from tests.support.toy import ToyClassifier, ToyLM, lm_run, token_data
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _adapter_arrays(model):
-  return {"/".join(map(str, p)): np.asarray(v) for p, v in
-          jax.tree_util.tree_flatten_with_path(nnx.state(model, smoa_jax.SMoAParam))[0]}
-
-
-def _base_arrays(model):
-  return {"/".join(map(str, p)): np.asarray(v) for p, v in
-          jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
-          if "lora_" not in str(p)}
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_training_reduces_loss_and_writes_metrics_and_checkpoints(tmp_path):
   model = ToyLM(seed=0)
   smoa_jax.apply_adapter(model, smoa_jax.SMoAConfig(4, 2, 8.0, target_modules=["q_proj", "v_proj", "up_proj"]),
                          rngs=nnx.Rngs(1), verbose=False)
-  before = _adapter_arrays(model)
-  config = smoa_jax.TrainConfig(steps=30, batch_size=8, learning_rate=3e-2, log_every=5,
+  before = adapter_arrays(model)
+  # SMoA's update (a b) * W is scaled by W's entries: it wants ~10x LoRA's learning rate.
+  config = smoa_jax.TrainConfig(steps=30, batch_size=8, learning_rate=1e-1, log_every=5,
                                 eval_every=10, save_every=10, keep_checkpoints=2, progress=False)
   result = smoa_jax.train(model, smoa_jax.CausalLMTask(), token_data(40), config,
                           eval_data=token_data(12, seed=1), output_dir=tmp_path)
@@ -45,13 +35,14 @@ def test_training_reduces_loss_and_writes_metrics_and_checkpoints(tmp_path):
   assert [r["step"] for r in evals] == [10, 20, 30]
   assert all({"loss", "learning_rate", "tokens_per_sec"} <= set(r) for r in train)
   assert "perplexity" in evals[-1]
-  assert train[-1]["loss"] < 0.95 * train[0]["loss"]
+  # Steps 26-30 against steps 1-5: a fall of 0.48-0.71 nats over seeds 0-9 (init, data, order).
+  assert train[-1]["loss"] < train[0]["loss"] - 0.3
   assert result.step == 30 and result.eval_metrics["loss"] == evals[-1]["loss"]
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [20, 30]
-  after = _adapter_arrays(model)
-  assert any(not np.array_equal(before[k], after[k]) for k in before)
+  after = adapter_arrays(model)
+  assert all(not np.array_equal(before[k], after[k]) for k in before)  # every factor trained
   # Every frozen weight (adapted kernels included: same paths) is bit-identical to the base model.
-  trained, base = _base_arrays(model), _base_arrays(ToyLM(seed=0))
+  trained, base = base_arrays(model), base_arrays(ToyLM(seed=0))
   assert trained.keys() == base.keys()
   for k in base:
     np.testing.assert_array_equal(trained[k], base[k], err_msg=k)
@@ -67,7 +58,7 @@ def test_gradient_accumulation_equals_the_big_batch_step():
     config = smoa_jax.TrainConfig(steps=1, batch_size=8, grad_accum_steps=accum, learning_rate=1e-2,
                                   progress=False, max_grad_norm=None)
     smoa_jax.train(model, smoa_jax.CausalLMTask(), token_data(8), config)
-    return _adapter_arrays(model)
+    return adapter_arrays(model)
 
   big, small = one_step(1), one_step(4)
   for k in big:
@@ -84,11 +75,11 @@ def test_schedule_warmup_then_cosine_and_linear():
   assert float(schedule(55)) == pytest.approx(0.5, abs=0.02)
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
-  reference, _ = lm_run(tmp_path / "uninterrupted")
+@pytest.mark.subprocess
+def test_resume_after_sigkill_matches_an_uninterrupted_run(toy_run, tmp_path):
   killed = tmp_path / "killed"
-  proc = subprocess.run([sys.executable, "-m", "tests._kill_run", str(killed), "4"], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run([sys.executable, "-m", "tests.support.kill_run", str(killed), "4"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == -9, proc.stderr[-2000:]
   steps = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [2, 4]
@@ -96,8 +87,10 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
   assert max(logged) == 4
   resumed, result = lm_run(killed, resume=True)
   assert result.step == 6
-  for (k, x), y in zip(_adapter_arrays(reference).items(), _adapter_arrays(resumed).values()):
-    np.testing.assert_array_equal(x, y, err_msg=k)
+  resumed = adapter_arrays(resumed)
+  assert resumed.keys() == toy_run.keys()
+  for k, x in toy_run.items():  # the uninterrupted run
+    np.testing.assert_array_equal(resumed[k], x, err_msg=k)
   logged = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
   assert logged == [1, 2, 3, 4, 5, 6]
 
@@ -110,11 +103,12 @@ def test_classification_with_a_trainable_head():
   data = token_data(48)
   data["labels"] = (data["input_ids"][:, 1] % 3).astype(np.int32)
   before = smoa_jax.evaluate(model, smoa_jax.ClassificationTask(), data)
-  config = smoa_jax.TrainConfig(steps=40, batch_size=16, learning_rate=3e-2, progress=False)
+  config = smoa_jax.TrainConfig(steps=80, batch_size=16, learning_rate=3e-2, progress=False)
   smoa_jax.train(model, smoa_jax.ClassificationTask(), data, config)
   after = smoa_jax.evaluate(model, smoa_jax.ClassificationTask(), data)
-  assert after["loss"] < before["loss"] and after["accuracy"] >= before["accuracy"]
-  assert 0.0 <= after["accuracy"] <= 1.0
+  # Over seeds 0-9 (init, data, order): loss x0.12-0.63, accuracy 0.73-0.96 (chance 1/3).
+  assert after["loss"] < 0.75 * before["loss"]
+  assert after["accuracy"] > 0.6
 
 
 @pytest.mark.parametrize("kwargs,match", [

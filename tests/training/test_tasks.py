@@ -15,7 +15,7 @@ from flax import nnx
 import smoa_jax
 from smoa_jax.models import GPT2LMHeadModel, LlamaForCausalLM
 from smoa_jax.training import data
-from tests.training.test_instruct import chat, chat_tokenizer
+from tests.support.instruct import chat, chat_tokenizer
 
 QUESTIONS = ["is this review positive or negative", "the film was dull", "be brief",
              "the film was great is this review positive", "yes or no", "is the film great"]

@@ -1,13 +1,13 @@
-"""Subprocess for tests/training/test_loop.py: train ToyLM and SIGKILL this process right after a save.
+"""Subprocess of tests/training/test_loop.py: train ToyLM, SIGKILL this process right after a save.
 
-Usage: python -m tests._kill_run OUTPUT_DIR KILL_AT_STEP
+Usage: python -m tests.support.kill_run OUTPUT_DIR KILL_AT_STEP
 """
 
 import os
 import signal
 import sys
 
-from tests.toy import lm_run
+from tests.support.toy import lm_run
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """SPMD checks that need several devices; run in a subprocess by tests/parallel/test_sharding.py and
-tests/test_multiprocess.py (``python -m tests._sharded_run MODE CHECKPOINT OUT``).
+tests/parallel/test_multiprocess.py (``python -m tests.support.sharded_run MODE CHECKPOINT OUT``).
 
 The caller sets ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` in the environment, so JAX
 starts with N simulated CPU devices; the pytest process itself keeps one device.
@@ -17,23 +17,22 @@ Modes:
 
 from __future__ import annotations
 
-import atexit
-import functools
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import smoa_jax
+from tests.support.state import adapter_arrays, to_host
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MESHES = ((8, 1, 1), (2, 2, 2), (1, 2, 4))
 TRAIN_STEPS = 3
 ADAPTER = dict(r=4, num_blocks=2, alpha=8.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
@@ -43,18 +42,6 @@ COLUMN, ROW = ("fsdp", "tp"), ("tp", "fsdp")
 EXPECTED = {"embed_tokens": ROW, "q_proj": COLUMN, "k_proj": COLUMN, "v_proj": COLUMN,
             "o_proj": ROW, "gate_proj": COLUMN, "up_proj": COLUMN, "down_proj": ROW,
             "lm_head": COLUMN}
-
-
-@functools.cache
-def tiny_llama() -> tuple[str, dict[str, np.ndarray]]:
-  """``(checkpoint directory, single-device reference run)``, made once per test session.
-
-  The directory is a temporary one, removed when the process exits.
-  """
-  path = tempfile.mkdtemp(prefix="smoa-tiny-llama-")
-  atexit.register(shutil.rmtree, path, True)
-  make_checkpoint(Path(path))
-  return path, reference(path)
 
 
 def make_checkpoint(path: Path) -> str:
@@ -72,7 +59,7 @@ def make_checkpoint(path: Path) -> str:
 
 def start(args: list[str], devices: int, env: dict[str, str] | None = None,
           cache_dir: Path | None = None) -> subprocess.Popen:
-  """Start ``python -m tests._sharded_run ARGS`` with ``devices`` simulated CPU devices.
+  """Start ``python -m tests.support.sharded_run ARGS`` with ``devices`` simulated CPU devices.
 
   ``cache_dir``: a JAX compilation cache, so programs compiled twice in the run compile once.
   """
@@ -81,7 +68,7 @@ def start(args: list[str], devices: int, env: dict[str, str] | None = None,
   if cache_dir is not None:
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  return subprocess.Popen([sys.executable, "-m", "tests._sharded_run", *args], cwd=ROOT, env=env,
+  return subprocess.Popen([sys.executable, "-m", "tests.support.sharded_run", *args], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -114,19 +101,6 @@ def load(checkpoint: str, mesh=None) -> nnx.Module:
   model = smoa_jax.from_hf(checkpoint, mesh=mesh)
   smoa_jax.apply_adapter(model, smoa_jax.SMoAConfig(**ADAPTER), rngs=nnx.Rngs(1), verbose=False)
   return model
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-  """A global array on every process's host (gathered across processes when needed)."""
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def adapter_arrays(model: nnx.Module) -> dict[str, np.ndarray]:
-  return {"/".join(map(str, p)): to_host(v[...])
-          for p, v in nnx.to_flat_state(nnx.state(model, smoa_jax.SMoAParam))}
 
 
 def train(model: nnx.Module, mesh=None, *, output_dir=None, resume: bool = False) -> list[float]:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+import smoa_jax
 
 
 class Attention(nnx.Module):
@@ -71,7 +74,6 @@ class ToyClassifier(nnx.Module):
 
 def token_data(n: int = 32, seq_len: int = 12, vocab: int = 31, seed: int = 0) -> dict:
   """Learnable synthetic sequences (an arithmetic progression mod vocab) with ragged padding."""
-  import numpy as np
   rng = np.random.default_rng(seed)
   start = rng.integers(0, vocab, n)
   step = rng.integers(1, 4, n)
@@ -83,8 +85,8 @@ def token_data(n: int = 32, seq_len: int = 12, vocab: int = 31, seed: int = 0) -
 
 def lm_run(output_dir, *, steps: int = 6, dropout: float = 0.1, resume: bool = False,
            on_save=None, **train_kwargs):
-  """A small, fully seeded SMoA training run of ToyLM (used in-process and by tests/_kill_run.py)."""
-  import smoa_jax
+  """A small, fully seeded SMoA training run of ToyLM (used in-process and by
+  tests/support/kill_run.py)."""
   model = ToyLM(seed=0)
   smoa_jax.apply_adapter(model, smoa_jax.SMoAConfig(4, 2, 8.0, dropout=dropout,
                                                     target_modules=["q_proj", "v_proj", "up_proj"]),
@@ -95,3 +97,20 @@ def lm_run(output_dir, *, steps: int = 6, dropout: float = 0.1, resume: bool = F
   result = smoa_jax.train(model, smoa_jax.CausalLMTask(), token_data(40), config,
                           output_dir=output_dir, resume=resume, on_save=on_save)
   return model, result
+
+
+TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+# K = 3 with uneven branch ranks and a rank-0 (frozen) block: every layout rule of the adapters.
+SMOA = smoa_jax.SMoAConfig(6, 3, 8.0, branch_ranks=(3, 3, 0), dropout=0.05, target_modules=TARGETS)
+
+
+def trained(config=None, seed: int = 0) -> ToyLM:
+  """ToyLM(seed) with ``config``'s adapters (default :data:`SMOA`) whose ``b`` factors hold random
+  values, as after training; in eval mode."""
+  model = ToyLM(seed=seed)
+  smoa_jax.apply_adapter(model, config or SMOA, rngs=nnx.Rngs(1), verbose=False)
+  for i, (_, layer) in enumerate(smoa_jax.adapter_layers(model)):
+    # Padding entries of b carry no information (they meet masked ranks or zero anchors).
+    layer.lora_b[...] = 0.2 * jax.random.normal(jax.random.key(i), layer.lora_b.shape)
+  model.eval()
+  return model

@@ -1,0 +1,79 @@
+"""Tiny random Hugging Face checkpoints for tests, built with transformers (torch on the CPU).
+
+Every builder seeds torch before it initializes a model, so a checkpoint does not depend on what
+ran before it in the process. ``tests/conftest.py`` builds the shared ones once per session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")  # ids 0, 1, 2, 3
+# An untied Llama with grouped-query attention and head_dim != hidden_size / heads.
+LLAMA = dict(vocab_size=97, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
+             num_attention_heads=6, num_key_value_heads=2, head_dim=10, tie_word_embeddings=False,
+             max_position_embeddings=64)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+  """Perturb every parameter (so zero biases and unit norms are exercised too); eval mode."""
+  torch.manual_seed(seed)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  return model.eval()
+
+
+def save_random(model_cls: type, config: transformers.PretrainedConfig, directory: Path,
+                seed: int = 0) -> Path:
+  """``model_cls(config)`` initialized from ``seed``, perturbed (:func:`randomize`), saved."""
+  torch.manual_seed(seed)
+  randomize(model_cls(config), seed).save_pretrained(directory)
+  return directory
+
+
+def word_tokenizer(vocabulary: Iterable[str],
+                   directory: Path) -> transformers.PreTrainedTokenizerFast:
+  """A whitespace word tokenizer over a fixed vocabulary, saved to ``directory``.
+
+  Ids: the :data:`SPECIAL_TOKENS`, then the sorted words; other words are ``<unk>``. Every encoding
+  starts with ``<s>``.
+  """
+  words = sorted(set(vocabulary) - set(SPECIAL_TOKENS))
+  vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *words])}
+  tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+  tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                           special_tokens=[("<s>", vocab["<s>"])])
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>",
+                                              unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+  fast.save_pretrained(directory)
+  return fast
+
+
+def word_llama(directory: Path, vocabulary: Iterable[str]) -> Path:
+  """A two-layer Llama (GQA, hidden 64, MLP 96) with a word tokenizer for ``vocabulary``."""
+  tokenizer = word_tokenizer(vocabulary, directory)
+  config = transformers.LlamaConfig(
+      vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+      pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
+  torch.manual_seed(0)
+  transformers.LlamaForCausalLM(config).save_pretrained(directory)
+  return directory
+
+
+def word_bert(directory: Path, vocabulary: Iterable[str]) -> Path:
+  """A two-layer BERT encoder (hidden 32, MLP 37) with a word tokenizer for ``vocabulary``."""
+  tokenizer = word_tokenizer(vocabulary, directory)
+  config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, intermediate_size=37,
+                                   max_position_embeddings=64, pad_token_id=0)
+  torch.manual_seed(0)
+  transformers.BertModel(config).save_pretrained(directory)
+  return directory
