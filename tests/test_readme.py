@@ -2,8 +2,9 @@
 
 * The set-up block: its test command is, character for character, the one ``.ci/run`` runs (CI
   runs it); the main job it starts, ``smoa-jax demo``, runs in tests/app/test_demo.py (``--quick``).
-* Python blocks run as written. The Hugging Face quickstart gets a tiny random Llama instead of
-  SmolLM2 (``smoa_jax.assets.fetch_smollm2`` is pointed at it) so that it takes seconds.
+* Python blocks run as written. The Hugging Face quickstart and the generation block get a tiny
+  random Llama whose tokenizer has a chat template instead of SmolLM2
+  (``smoa_jax.assets.fetch_smollm2`` is pointed at it) so that they take seconds.
 * The command-line block runs every command in order through ``smoa_jax.app.cli.main`` with the same
   substitution and smaller sizes (``--steps 2 --batch-size 4 --seq-len 16``); the asset command
   runs for real when the assets are cached and is replaced by small JSONL files otherwise.
@@ -22,6 +23,7 @@ import smoa_jax
 from examples.hf_finetune import tiny_llama
 from smoa_jax.app import assets
 from smoa_jax.app import cli
+from tests.hf_helpers import add_chat_template
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -43,7 +45,7 @@ def test_readme_opens_with_the_two_set_up_commands():
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-  return tiny_llama(tmp_path_factory.mktemp("tiny"), TEXTS * 2)
+  return add_chat_template(tiny_llama(tmp_path_factory.mktemp("tiny"), TEXTS * 2))
 
 
 @pytest.mark.parametrize("index", range(len(PYTHON)))
