@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import tempfile
@@ -291,12 +292,8 @@ def main(argv: Sequence[str] | None = None) -> str:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = parse_args(argv)
   load_at_start = _common.load_average()
-
-  def log(text: str) -> None:
-    print(text, flush=True)
-
   with fast_compile(args.quick):
-    measured = measure(args, log)
+    measured = measure(args, functools.partial(print, flush=True))
   body = render(measured, args)
   machine = _common.machine_description(load_at_start=load_at_start,
                                         torch_threads=_common.num_cores())

@@ -53,8 +53,8 @@ def greedy(model, prompts=PROMPTS, **kwargs) -> list[list[int]]:
   return smoa_jax.generate_ids(model, prompts, max_new_tokens=NEW, **kwargs)
 
 
-def with_adapter(path, config, scan: bool = False):
-  model = smoa_jax.from_hf(path, scan_layers=scan)
+def with_adapter(path, config):
+  model = smoa_jax.from_hf(path)
   smoa_jax.apply_adapter(model, config, rngs=nnx.Rngs(0), verbose=False, show_progress=False)
   for i, (_, layer) in enumerate(smoa_jax.adapter_layers(model)):  # as if trained: b != 0
     b = layer.lora_b[...]
@@ -92,11 +92,14 @@ def transformers_greedy_all(hf) -> list[list[int]]:
   return [transformers_greedy(hf, p) for p in PROMPTS]
 
 
-def test_scanned_layers_generate_like_unrolled_ones(qwen2):
+def test_scanned_layers_generate_like_unrolled_ones(qwen2, tmp_path):
   hf, path = qwen2
   assert greedy(smoa_jax.from_hf(path, scan_layers=True)) == transformers_greedy_all(hf)
-  adapted = greedy(with_adapter(path, ADAPTERS["smoa"], scan=True))
-  assert adapted == greedy(with_adapter(path, ADAPTERS["smoa"]))
+  unrolled = with_adapter(path, ADAPTERS["smoa"])
+  smoa_jax.save_adapter(unrolled, tmp_path / "adapter")
+  scanned = smoa_jax.from_hf(path, scan_layers=True)
+  smoa_jax.load_adapter(scanned, tmp_path / "adapter")  # the same adapter, stacked
+  assert greedy(scanned) == greedy(unrolled)
 
 
 def test_bfloat16_weights_generate(qwen2):
@@ -118,6 +121,7 @@ def test_sampling_is_reproducible_per_row_and_its_limits_reduce_to_greedy(qwen2)
   assert sample(PROMPTS, seed=4) != first
   # A row's draws depend on the seed and its row, not on the other prompts of the batch.
   assert sample([PROMPTS[0], [40, 41], PROMPTS[2]], seed=3)[0] == first[0]
+  assert sample(PROMPTS, seed=3, batch_size=2) == first
   assert first != greedy(model)
   assert sample(PROMPTS, seed=3, top_k=1) == greedy(model)
   assert sample(PROMPTS, seed=3, top_p=1e-6) == greedy(model)
@@ -141,13 +145,13 @@ def test_eos_stops_each_row_on_its_own(qwen2):
   _, path = qwen2
   model = smoa_jax.from_hf(path)
   free = greedy(model)
-  # An id that row 0 generates at step k (first occurrence) and row 2 later or never.
-  k, eos = next((k, t) for k, t in enumerate(free[0]) if k >= 2 and t not in free[0][:k])
+  # An id that some row first generates at a step k >= 1: that row must stop there, mid-way.
+  row, k, eos = next((r, k, t) for r, ids in enumerate(free) for k, t in enumerate(ids)
+                     if k >= 1 and t not in ids[:k])
   out = greedy(model, eos_token_ids=[eos])
-  assert out[0] == free[0][:k + 1]  # stops after its EOS, which it keeps
-  for row, ids in zip(out[1:], free[1:]):
-    cut = ids.index(eos) + 1 if eos in ids else len(ids)
-    assert row == ids[:cut]
+  assert out[row] == free[row][:k + 1]  # stops after its EOS, which it keeps
+  for ids, new in zip(free, out):  # every row on its own
+    assert new == (ids[:ids.index(eos) + 1] if eos in ids else ids)
   # All rows stopping ends the loop: one prompt that emits EOS first thing.
   assert greedy(model, [PROMPTS[0]], eos_token_ids=[free[0][0]]) == [[free[0][0]]]
 
