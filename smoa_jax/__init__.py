@@ -11,7 +11,8 @@ The subpackages show the architecture (``docs/design.md``); data flows one way t
 ``core`` (configs, spectral blocks, pure ops) -> ``layers`` (NNX / Linen shells, injection) ->
 ``models`` (Hugging Face families and conversion) -> ``io`` (adapter formats, checkpoints) ->
 ``training`` (loop, tasks, data) -> ``app`` (command line, demo, assets, analysis);
-``parallel`` holds the mesh helpers used throughout.
+``inference`` (generation with a KV cache) sits beside ``training`` between ``models`` and
+``app``; ``parallel`` holds the mesh helpers used throughout.
 """
 
 from smoa_jax import linen
@@ -22,6 +23,7 @@ from smoa_jax.core.spectral import (SpectralBlocks, centroid_scores, identity_bl
                                     spectral_blocks, spectral_blocks_batched, spectral_orders)
 from smoa_jax.errors import (AdapterMismatchError, CheckpointError, ConfigError, DataError,
                              KernelError, NonFiniteLossError, SMoAError, TargetError)
+from smoa_jax.inference import generate, generate_ids
 from smoa_jax.io.authors import load_authors_adapter, save_authors_adapter
 from smoa_jax.io.checkpoint import TrainCheckpointer
 from smoa_jax.io.portable import load_adapter, save_adapter
@@ -50,6 +52,7 @@ __all__ = [
     "TargetError", "TrainCheckpointer", "TrainConfig", "TrainResult", "TrainableParam",
     "adapt_modules", "adapter_class", "adapter_layers", "apply_adapter", "assets", "centroid_scores", "config_from_dict", "data",
     "datasets", "delta_weight", "disable_adapter", "evaluate", "freeze_base", "from_hf",
+    "generate", "generate_ids",
     "identity_blocks", "initialize_distributed", "is_main_process", "linen", "load_adapter",
     "load_authors_adapter", "make_mesh", "mark_trainable", "masked_recipe", "merge_adapters",
     "merge_and_unload", "parse_mesh", "save_adapter", "save_authors_adapter", "shard_model",

@@ -55,6 +55,13 @@ def word_llama(tmp_path_factory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
+def chat_llama(tmp_path_factory) -> Iterator[Path]:
+  """The word Llama with a chat template (``tests.support.hf.WORD_CHAT_TEMPLATE``)."""
+  yield from _read_only(hf.chat_word_llama(tmp_path_factory.mktemp("chat-llama"),
+                                           corpus.VOCABULARY))
+
+
+@pytest.fixture(scope="session")
 def word_bert(tmp_path_factory) -> Iterator[Path]:
   """A two-layer BERT encoder with a word tokenizer over the same vocabulary."""
   yield from _read_only(hf.word_bert(tmp_path_factory.mktemp("word-bert"), corpus.VOCABULARY))

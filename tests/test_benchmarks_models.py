@@ -1,9 +1,10 @@
 """Smoke tests of the model-level benchmarks, so that they cannot rot.
 
-``benchmarks/model_step.py`` and ``benchmarks/quality_real.py`` run in-process with
-``--quick --no-write``: tiny random models (with the real tokenizers and data for the quality
-benchmark), a few steps, one seed. The numbers mean nothing; the tests check that every code path
-runs, that the reports hold what they promise, and that nothing is written into the repository.
+``benchmarks/model_step.py``, ``benchmarks/generate.py`` and ``benchmarks/quality_real.py`` run
+in-process with ``--quick --no-write``: tiny random models (with the real tokenizers and data for
+the quality benchmark), a few steps, one seed. The numbers mean nothing; the tests check that
+every code path runs, that the reports hold what they promise, and that nothing is written into
+the repository.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks` is a folder of scripts at the repo root, not installed
   sys.path.insert(0, str(ROOT))
 
-from benchmarks import _common, model_step, packing, quality_real
+from benchmarks import _common, generate, model_step, packing, quality_real
 
 QUALITY_ASSETS = all(assets.is_cached(name)
                      for name in ("minilm", "smollm2", "sentiment", "shakespeare"))
@@ -39,6 +40,16 @@ def test_model_step_quick_runs_and_does_not_write():
   for text in ("SMoA K=2 r=4", "LoRA r=4", "HiRA r=4", "LoRA r=2", "full FT", "frozen",
                "authors K=2 r=4 (torch)", "torch frozen (torch)", "Merged inference",
                "pred.", "peak", "Equal trainable parameters", "Frameworks"):
+    assert text in body, text
+  assert _snapshot() == before
+
+
+def test_generate_quick_runs_and_does_not_write():
+  before = _snapshot()
+  body = generate.main(["--quick", "--no-write"])
+  for text in ("smoa-jax (KV cache, one jitted loop)", "SMoA adapter unmerged",
+               "transformers generate", "identical to transformers': yes", "ms / step",
+               "XLA bytes accessed", "Decode step at context 40 / 8", "none during the timed"):
     assert text in body, text
   assert _snapshot() == before
 

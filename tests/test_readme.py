@@ -4,8 +4,9 @@
   runs it); the main job it starts, ``smoa-jax demo``, runs in tests/app/test_demo.py (``--quick``).
 * Python blocks run as written, then the test checks what each one claims (the layer learns; the
   adapter and the merged export reload to the same model). The Hugging Face quickstart gets the
-  tiny random word Llama of ``tests/conftest.py`` instead of SmolLM2
-  (``smoa_jax.assets.fetch_smollm2`` is pointed at it) so that it takes seconds.
+  tiny random word Llama with a chat template of ``tests/conftest.py`` instead of SmolLM2
+  (``smoa_jax.assets.fetch_smollm2`` is pointed at it) so that it takes seconds; the generation
+  block's greedy ids are checked against a plain loop without a KV cache.
 * The command-line block runs every command in order through ``smoa_jax.app.cli.main`` with the same
   substitution and smaller sizes (``--steps 2 --batch-size 4 --seq-len 16``); the asset command
   runs for real when the assets are cached and is replaced by small JSONL files otherwise.
@@ -74,14 +75,27 @@ def check_hf_quickstart(namespace: dict) -> None:
                              np.asarray(model(jnp.asarray(ids))), atol=1e-5)
 
 
+def check_generation(namespace: dict) -> None:
+  """The generation block: its cached, batched greedy decoding equals a plain loop that runs the
+  whole sequence through the model for every new token, without a cache."""
+  model, ids = namespace["model"], namespace["ids"]
+  cached = smoa_jax.generate_ids(model, ids, max_new_tokens=6, eos_token_ids=[])
+  for prompt, new in zip(ids, cached):
+    sequence = list(prompt)
+    for _ in range(6):
+      sequence.append(int(jnp.argmax(model(jnp.asarray([sequence]))[0, -1])))
+    assert new == sequence[len(prompt):]
+
+
 CHECKS = {"SMoADense.from_linear": check_one_layer,
-          "smoa_jax.from_hf(model_dir)": check_hf_quickstart}
+          "smoa_jax.apply_adapter(model, config": check_hf_quickstart,
+          "smoa_jax.generate(": check_generation}
 
 
 @pytest.mark.parametrize("index", range(len(PYTHON)))
-def test_python_block_runs(index, word_llama, tmp_path, monkeypatch):
+def test_python_block_runs(index, chat_llama, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  monkeypatch.setattr(assets, "fetch_smollm2", lambda: word_llama)
+  monkeypatch.setattr(assets, "fetch_smollm2", lambda: chat_llama)
   namespace = {"__name__": "readme"}
   exec(compile(PYTHON[index], f"README.md python block {index}", "exec"), namespace)
   (check,) = [check for marker, check in CHECKS.items() if marker in PYTHON[index]]

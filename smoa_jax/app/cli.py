@@ -5,6 +5,8 @@ Sub-commands (``smoa-jax COMMAND --help`` lists every flag), one module each in
 
   finetune      train an adapter (SMoA, LoRA, HiRA, or full fine-tuning) on a JSONL file
   eval          loss and perplexity (causal LM) or accuracy (classification) on a JSONL file
+  generate      continue prompts or chat conversations (with a run's adapter), JSONL out
+  chat          talk to a model (with a run's adapter) on stdin, answers streamed
   export        a run as a merged Hugging Face directory, or its adapter alone
   inspect       what an adapter would adapt, its size vs LoRA, its spectral blocks; with --run,
                 the rank and the directions of every learned dW
@@ -12,8 +14,8 @@ Sub-commands (``smoa-jax COMMAND --help`` lists every flag), one module each in
   fetch-assets  download the real models and data into the cache
 
 ``finetune --output RUN_DIR`` fills a run directory (:mod:`smoa_jax.io.rundir`); ``eval``,
-``export`` and ``inspect --run`` read the run's ``run_config.json`` for whatever they are not
-told (model directory, task, sequence length, number of labels).
+``export``, ``generate``, ``chat`` and ``inspect --run`` read the run's ``run_config.json`` for
+whatever they are not told (model directory, task, sequence length, number of labels).
 
 Bad input (an :class:`~smoa_jax.SMoAError`, a missing or unreadable file, a bad flag) prints ONE
 line, ``smoa-jax: error: ...``, to stderr and exits with status 1 (2 for a bad flag); ``--debug``
@@ -29,14 +31,14 @@ import warnings
 from typing import Sequence
 
 from smoa_jax import __version__
-from smoa_jax.app.commands import demo, evaluate, export, finetune, inspection
+from smoa_jax.app.commands import chat, demo, evaluate, export, finetune, generate, inspection
 from smoa_jax.app.commands.common import PROG, Command, Parser, UsageError, log, one_line
 from smoa_jax.errors import SMoAError
 
 __all__ = ["main", "build_parser", "UsageError"]
 
 # In the order ``smoa-jax --help`` lists them.
-COMMAND_MODULES = (finetune, evaluate, export, inspection, demo)
+COMMAND_MODULES = (finetune, evaluate, generate, chat, export, inspection, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

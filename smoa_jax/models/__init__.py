@@ -6,7 +6,8 @@ Every projection is a plain ``nnx.Linear`` (``kernel (in, out)``) at the path of
 in PEFT. Each model keeps its HF config (``model.hf_config``) and its key map
 (``model.key_map()``), which :mod:`smoa_jax.models.hf` uses to load and export checkpoints, and
 its partitioning table (``sharding_rules``, used by :mod:`smoa_jax.parallel.spmd`). Built with
-``scan_layers=True``, the layers are one stacked module run under ``nnx.scan``.
+``scan_layers=True``, the layers are one stacked module run under ``nnx.scan``. The causal LMs
+generate with a KV cache (:mod:`smoa_jax.models.cache`, used by :mod:`smoa_jax.inference`).
 
 Supported architectures (``config.json`` ``architectures[0]``): see :data:`ARCHITECTURES`;
 ``BertForMaskedLM`` / ``BertForPreTraining`` checkpoints load as the encoder (their ``cls``

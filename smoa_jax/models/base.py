@@ -13,7 +13,7 @@ from flax.typing import Dtype
 from smoa_jax.errors import ConfigError
 from smoa_jax.models.keymap import KeyMap
 
-__all__ = ["ShardingRule", "hf_get", "HFModel", "LayerFactory"]
+__all__ = ["ShardingRule", "hf_get", "compute_dtype", "HFModel", "LayerFactory"]
 
 # (regex over a Variable path, mesh axis or None per array axis); see smoa_jax.parallel.spmd.
 ShardingRule = tuple[str, tuple[str | None, ...]]
@@ -32,6 +32,13 @@ def hf_get(config: Mapping[str, Any], *names: str, default: Any = _REQUIRED) -> 
   return default
 
 
+def compute_dtype(layer: nnx.Module) -> Dtype:
+  """The dtype a Flax layer computes in: its ``dtype``, else that of its parameters."""
+  if getattr(layer, "dtype", None) is not None:
+    return layer.dtype
+  return layer.param_dtype
+
+
 class HFModel(nnx.Module):
   """Base of every model family: keeps the HF config and knows its key map.
 
@@ -42,6 +49,11 @@ class HFModel(nnx.Module):
   hashable under ``nnx.jit``); ``fresh_params`` the parameter paths the checkpoint lacked (freshly
   initialized, e.g. a new head); ``source_dir`` is the directory the weights came from (set by
   :func:`smoa_jax.from_hf`) so an export can copy its tokenizer files.
+
+  A causal LM that generates (:mod:`smoa_jax.inference`) also has ``init_cache(batch,
+  max_length, *, dtype=None)`` and accepts ``cache=`` and ``logits_to_keep=`` keywords in
+  ``__call__`` (returning ``(logits, cache)`` with a cache); :mod:`smoa_jax.models.cache` holds
+  the cache and its masks, shared by every family.
   """
 
   architecture: ClassVar[str] = ""
@@ -63,6 +75,12 @@ class HFModel(nnx.Module):
   def hf_config(self) -> dict[str, Any]:
     """A fresh copy of the Hugging Face config dict (editing it does not change the model)."""
     return json.loads(self._hf_config_json)
+
+  @property
+  def context_length(self) -> int | None:
+    """Positions the model knows (``max_position_embeddings`` / ``n_positions``), None if unset."""
+    config = json.loads(self._hf_config_json)
+    return config.get("max_position_embeddings") or config.get("n_positions")
 
   def key_map(self) -> KeyMap:
     raise NotImplementedError

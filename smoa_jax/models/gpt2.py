@@ -12,6 +12,10 @@ kernels load without a transpose. The fused ``c_attn`` projects to ``[q | k | v]
     transformer/h/0/mlp/c_proj              kernel (inner, hidden)
     transformer/ln_f, lm_head               lm_head absent when tied (the GPT-2 default)
 
+Generation uses a KV cache (:mod:`smoa_jax.models.cache`): ``model.init_cache(batch,
+max_length)`` and ``model(ids, mask, positions, cache=cache) -> (logits, cache)``; every row's
+learned positions come from its ``position_ids``, so left-padded prompts are embedded right.
+
 ``scan_layers=True`` stacks the blocks (``transformer/h/attn/c_attn`` kernel ``(L, hidden,
 3*hidden)``) under ``nnx.scan``; ``sharding_rules`` give the Megatron layout.
 """
@@ -27,8 +31,10 @@ from flax import nnx
 from flax.typing import Dtype
 
 from smoa_jax.errors import ConfigError
-from smoa_jax.models.base import HFModel, LayerFactory, ShardingRule, hf_get
+from smoa_jax.models.base import HFModel, LayerFactory, ShardingRule, compute_dtype, hf_get
 from smoa_jax.models.blocks import activation, attention, make_attention_mask, scan_layers, stack_layers
+from smoa_jax.models.cache import (KVCache, cache_attention_mask, lm_outputs, read_layer,
+                                   write_layer)
 from smoa_jax.models.keymap import KeyMap, KeyRule, linear_rules, norm_rules
 from smoa_jax.parallel.sharding import constrain_batch
 
@@ -43,13 +49,19 @@ class GPT2Attention(nnx.Module):
     self.c_proj = f.linear(hidden, hidden, True)
     self.num_heads, self.head_dim, self.scale = heads, hidden // heads, scale
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """``x (B, T, hidden)``, ``mask (B | 1, 1, T, T)`` -> ``(B, T, hidden)``."""
+  def __call__(self, x: jax.Array, mask: jax.Array | None, cache: KVCache | None = None,
+               layer: jax.Array | int = 0) -> jax.Array | tuple[jax.Array, KVCache]:
+    """``x (B, T, hidden)``, ``mask (B | 1, 1, T, T)`` -> ``(B, T, hidden)``; with ``cache``
+    (advanced past the T new slots, mask ``(B, 1, T, S)``) ``(out, cache)``."""
     batch, length, hidden = x.shape
     q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
     shape = (batch, length, self.num_heads, self.head_dim)
-    out = attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), mask, self.scale)
-    return self.c_proj(out.reshape(batch, length, hidden))
+    q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
+    if cache is not None:
+      cache = write_layer(cache, layer, k, v)
+      k, v = read_layer(cache, layer, q.dtype)
+    out = self.c_proj(attention(q, k, v, mask, self.scale).reshape(batch, length, hidden))
+    return out if cache is None else (out, cache)
 
 
 class GPT2MLP(nnx.Module):
@@ -79,9 +91,15 @@ class GPT2Block(nnx.Module):
     self.mlp = GPT2MLP(hidden, config.get("n_inner") or 4 * hidden,
                        config.get("activation_function", "gelu_new"), f)
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    x = x + self.attn(self.ln_1(x), mask)
-    return x + self.mlp(self.ln_2(x))
+  def __call__(self, x: jax.Array, mask: jax.Array | None, cache: KVCache | None = None,
+               layer: jax.Array | int = 0) -> jax.Array | tuple[jax.Array, KVCache]:
+    """``x`` or, with a ``cache``, ``(x, cache)`` (see :class:`GPT2Attention`)."""
+    if cache is None:
+      x = x + self.attn(self.ln_1(x), mask)
+      return x + self.mlp(self.ln_2(x))
+    attended, cache = self.attn(self.ln_1(x), mask, cache, layer)
+    x = x + attended
+    return x + self.mlp(self.ln_2(x)), cache
 
 
 class GPT2Model(nnx.Module):
@@ -102,26 +120,48 @@ class GPT2Model(nnx.Module):
       self.h = nnx.List([GPT2Block(config, i, f) for i in range(config["n_layer"])])
     self.ln_f = f.layer_norm(hidden, float(config.get("layer_norm_epsilon", 1e-5)))
     self.scan_layers = scan_layers
+    self.num_layers = config["n_layer"]
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                position_ids: jax.Array | None = None, *,
-               segment_ids: jax.Array | None = None) -> jax.Array:
-    """``input_ids (B, T)`` -> hidden states ``(B, T, hidden)`` after ``ln_f``."""
+               segment_ids: jax.Array | None = None,
+               cache: KVCache | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
+    """``input_ids (B, T)`` -> hidden states ``(B, T, hidden)`` after ``ln_f``; packed examples
+    with ``segment_ids (B, T)`` (training only); with ``cache`` ``(hidden, cache)`` and
+    ``position_ids`` defaulting to ``cache.index + 0..T-1``."""
+    if cache is not None and segment_ids is not None:
+      raise ValueError("segment_ids (packed training rows) cannot be combined with a KV cache; "
+                       "generate from unpacked prompts.")
     length = input_ids.shape[1]
     if position_ids is None:
-      position_ids = jnp.arange(length)[None]
+      position_ids = jnp.arange(length)[None] + (0 if cache is None else cache.index)
     x = constrain_batch(self.wte(input_ids) + self.wpe(position_ids))
-    mask = make_attention_mask(attention_mask, length, causal=True, segment_ids=segment_ids)
-    if self.scan_layers:
-      x = scan_layers(lambda block, h, _: constrain_batch(block(h, mask)), self.h, x)
+    if cache is None:
+      mask = make_attention_mask(attention_mask, length, causal=True, segment_ids=segment_ids)
     else:
-      for block in self.h:
-        x = constrain_batch(block(x, mask))
-    return self.ln_f(x)
+      cache = cache.advance(attention_mask, length)
+      mask = cache_attention_mask(cache, length, None)
+
+    def block(layer, h, c, index):
+      if c is None:
+        return constrain_batch(layer(h, mask)), None
+      h, c = layer(h, mask, c, index)
+      return constrain_batch(h), c
+
+    if self.scan_layers:  # a cache rides in the carry, each block writes its slice in place
+      x, cache = scan_layers(lambda layer, carry, index: block(layer, *carry, index), self.h,
+                             (x, cache), jnp.arange(self.num_layers))
+    else:
+      for index, layer in enumerate(self.h):
+        x, cache = block(layer, x, cache, index)
+    return self.ln_f(x) if cache is None else (self.ln_f(x), cache)
 
 
 class GPT2LMHeadModel(HFModel):
   """GPT-2 causal LM: ``model(input_ids, attention_mask=None) -> logits (B, T, vocab)``.
+
+  Generation: ``cache = model.init_cache(B, S)``, then ``model(ids, mask, positions,
+  cache=cache) -> (logits, cache)`` (:mod:`smoa_jax.models.cache`).
 
   Args:
     hf_config: the Hugging Face config (dict or ``transformers.GPT2Config``).
@@ -163,13 +203,27 @@ class GPT2LMHeadModel(HFModel):
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                position_ids: jax.Array | None = None, *,
-               segment_ids: jax.Array | None = None) -> jax.Array:
+               segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+               logits_to_keep: int | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
     """``input_ids (B, T)``, ``attention_mask (B, T)`` 1/0 -> logits ``(B, T, vocab)``; packed
-    sequences add ``segment_ids (B, T)`` and per-example ``position_ids`` (as Llama's)."""
-    hidden = self.transformer(input_ids, attention_mask, position_ids, segment_ids=segment_ids)
-    if self.lm_head is None:
-      return self.transformer.wte.attend(hidden)
-    return self.lm_head(hidden)
+    sequences add ``segment_ids (B, T)`` and per-example ``position_ids`` (as Llama's).
+
+    ``cache`` (from :meth:`init_cache`): the tokens are appended to it and ``(logits, cache)`` is
+    returned. ``logits_to_keep=n``: logits of the last n positions only ``(B, n, vocab)``.
+    """
+    head = self.transformer.wte.attend if self.lm_head is None else self.lm_head
+    return lm_outputs(self.transformer(input_ids, attention_mask, position_ids,
+                                       segment_ids=segment_ids, cache=cache),
+                      head, logits_to_keep)
+
+  def init_cache(self, batch: int, max_length: int, *, dtype: Dtype | None = None) -> KVCache:
+    """An empty :class:`~smoa_jax.models.cache.KVCache` of ``max_length`` slots for ``batch``
+    rows: keys/values ``(n_layer, B, S, n_head, n_embd / n_head)`` in ``dtype`` (default: the
+    compute dtype of the embeddings)."""
+    config = self.hf_config
+    heads = config["n_head"]
+    return KVCache.create(config["n_layer"], batch, max_length, heads, config["n_embd"] // heads,
+                          dtype or compute_dtype(self.transformer.wte))
 
   def key_map(self) -> KeyMap:
     block, path = "transformer.h.{i}", "transformer/h/{i}"

@@ -5,7 +5,8 @@ the HF config: which projections carry biases (Qwen2: q/k/v only), per-head q/k 
 sliding-window layers (Mistral, Qwen2/3 ``layer_types``). Supported: grouped-query attention,
 ``head_dim != hidden/heads``, RoPE of type ``default``, ``linear`` and ``llama3`` (read from
 transformers 5.x ``rope_parameters`` or 4.x ``rope_theta`` + ``rope_scaling``), tied or untied
-embeddings, causal + padding masks. No KV cache: ``model(input_ids)`` recomputes the sequence.
+embeddings, causal + padding masks, and a KV cache for generation (:mod:`smoa_jax.models.cache`):
+``model.init_cache(batch, max_length)`` and ``model(ids, ..., cache=cache) -> (logits, cache)``.
 
 Module paths mirror the HF state dict, so ``target_modules`` means what it means in PEFT::
 
@@ -34,8 +35,10 @@ from flax import nnx
 from flax.typing import Dtype
 
 from smoa_jax.errors import ConfigError
-from smoa_jax.models.base import HFModel, LayerFactory, ShardingRule, hf_get
+from smoa_jax.models.base import HFModel, LayerFactory, ShardingRule, compute_dtype, hf_get
 from smoa_jax.models.blocks import activation, attention, make_attention_mask, scan_layers, stack_layers
+from smoa_jax.models.cache import (KVCache, cache_attention_mask, lm_outputs, read_layer,
+                                   write_layer)
 from smoa_jax.models.keymap import KeyMap, KeyRule, linear_rules, norm_rules
 from smoa_jax.parallel.sharding import constrain_batch
 
@@ -143,9 +146,14 @@ class LlamaAttention(nnx.Module):
     self.k_norm = f.rms_norm(head_dim, spec.rms_norm_eps) if spec.qk_norm else None
     self.num_heads, self.num_kv_heads, self.head_dim = heads, kv_heads, head_dim
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
-               mask: jax.Array | None) -> jax.Array:
-    """``x (B, T, hidden)``, rope tables ``(B | 1, T, head_dim)``, mask ``(B | 1, 1, T, T)``."""
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None,
+               cache: KVCache | None = None,
+               layer: jax.Array | int = 0) -> jax.Array | tuple[jax.Array, KVCache]:
+    """``x (B, T, hidden)``, rope tables ``(B | 1, T, head_dim)``, mask ``(B | 1, 1, T, T)``.
+
+    With ``cache`` (advanced past the T new slots) the keys/values go to layer ``layer`` of it,
+    the mask is ``(B, 1, T, S)`` over its slots, and ``(out, cache)`` is returned.
+    """
     batch, length, _ = x.shape
     q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
@@ -153,8 +161,12 @@ class LlamaAttention(nnx.Module):
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache is not None:
+      cache = write_layer(cache, layer, k, v)
+      k, v = read_layer(cache, layer, q.dtype)
     out = attention(q, k, v, mask, self.head_dim ** -0.5)
-    return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
+    out = self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
+    return out if cache is None else (out, cache)
 
 
 class LlamaMLP(nnx.Module):
@@ -180,10 +192,16 @@ class LlamaDecoderLayer(nnx.Module):
     self.input_layernorm = f.rms_norm(spec.hidden_size, spec.rms_norm_eps)
     self.post_attention_layernorm = f.rms_norm(spec.hidden_size, spec.rms_norm_eps)
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
-               mask: jax.Array | None) -> jax.Array:
-    x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-    return x + self.mlp(self.post_attention_layernorm(x))
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None,
+               cache: KVCache | None = None,
+               layer: jax.Array | int = 0) -> jax.Array | tuple[jax.Array, KVCache]:
+    """As :class:`LlamaAttention`: ``x`` or, with a ``cache``, ``(x, cache)``."""
+    if cache is None:
+      x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+      return x + self.mlp(self.post_attention_layernorm(x))
+    attended, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+    x = x + attended
+    return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
 class LlamaModel(nnx.Module):
@@ -207,30 +225,55 @@ class LlamaModel(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                position_ids: jax.Array | None = None, *,
-               segment_ids: jax.Array | None = None) -> jax.Array:
-    """``input_ids (B, T)`` -> final hidden states ``(B, T, hidden)`` (after ``norm``)."""
+               segment_ids: jax.Array | None = None,
+               cache: KVCache | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
+    """``input_ids (B, T)`` -> final hidden states ``(B, T, hidden)`` (after ``norm``).
+
+    ``segment_ids (B, T)``: packed examples (no attention across them; training only).
+    With ``cache``: ``(hidden, cache)``, the T tokens written at slots ``cache.index ..``;
+    ``position_ids`` then default to ``cache.index + 0..T-1`` (right for unpadded rows only).
+    """
+    if cache is not None and segment_ids is not None:
+      raise ValueError("segment_ids (packed training rows) cannot be combined with a KV cache; "
+                       "generate from unpacked prompts.")
     length = input_ids.shape[1]
     if position_ids is None:
-      position_ids = jnp.arange(length)[None]
+      position_ids = jnp.arange(length)[None] + (0 if cache is None else cache.index)
     x = constrain_batch(self.embed_tokens(input_ids))
     cos, sin = _rope_tables(position_ids, self.inv_freq, x.dtype)
     windows = sorted(set(self.sliding_windows), key=lambda w: -1 if w is None else w)
-    masks = [make_attention_mask(attention_mask, length, causal=True, sliding_window=w,
-                                 segment_ids=segment_ids) for w in windows]
-    if self.scan_layers:
-      # One mask per distinct window, picked per layer by index: (W, B | 1, 1, T, T), (L,).
-      table = jnp.stack(masks)
-      which = jnp.asarray([windows.index(w) for w in self.sliding_windows], jnp.int32)
-      x = scan_layers(lambda layer, h, i: constrain_batch(layer(h, cos, sin, table[i])),
-                      self.layers, x, which)
+    if cache is None:
+      masks = [make_attention_mask(attention_mask, length, causal=True, sliding_window=w,
+                                   segment_ids=segment_ids) for w in windows]
     else:
-      for layer, window in zip(self.layers, self.sliding_windows):
-        x = constrain_batch(layer(x, cos, sin, masks[windows.index(window)]))
-    return self.norm(x)
+      cache = cache.advance(attention_mask, length)
+      masks = [cache_attention_mask(cache, length, w) for w in windows]
+    which = [windows.index(w) for w in self.sliding_windows]
+
+    def block(layer, h, c, mask, index):
+      if c is None:
+        return constrain_batch(layer(h, cos, sin, mask)), None
+      h, c = layer(h, cos, sin, mask, c, index)
+      return constrain_batch(h), c
+
+    if self.scan_layers:
+      # One mask per distinct window, picked per layer by index: (W, B | 1, 1, T, S), (L,); a
+      # cache rides in the carry and each layer writes its own slice of it in place.
+      table = jnp.stack(masks)
+      x, cache = scan_layers(
+          lambda layer, carry, item: block(layer, *carry, table[item[0]], item[1]), self.layers,
+          (x, cache), (jnp.asarray(which, jnp.int32), jnp.arange(len(which))))
+    else:
+      for index, (layer, i) in enumerate(zip(self.layers, which)):
+        x, cache = block(layer, x, cache, masks[i], index)
+    return self.norm(x) if cache is None else (self.norm(x), cache)
 
 
 class LlamaForCausalLM(HFModel):
   """Llama causal LM: ``model(input_ids, attention_mask=None) -> logits (B, T, vocab)``.
+
+  Generation: ``cache = model.init_cache(B, S)``, then ``model(ids, mask, positions,
+  cache=cache) -> (logits, cache)`` (:mod:`smoa_jax.models.cache`).
 
   Args:
     hf_config: the Hugging Face config (``config.json`` as a dict, or a ``transformers`` config).
@@ -291,18 +334,28 @@ class LlamaForCausalLM(HFModel):
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                position_ids: jax.Array | None = None, *,
-               segment_ids: jax.Array | None = None) -> jax.Array:
+               segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+               logits_to_keep: int | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
     """``input_ids (B, T)`` int, ``attention_mask (B, T)`` 1 = token / 0 = padding, optional
     ``position_ids (B | 1, T)`` (default ``0..T-1``) -> logits ``(B, T, vocab)``.
 
     Packed sequences (:func:`smoa_jax.data.pack`) pass ``segment_ids (B, T)`` (1, 2, ... per
     example, 0 for padding: no attention across examples) and ``position_ids`` restarting at 0
     for each example; each example's logits then equal those of the example alone.
+    ``cache`` (from :meth:`init_cache`): the tokens are appended to it and ``(logits, cache)`` is
+    returned. ``logits_to_keep=n``: logits of the last n positions only ``(B, n, vocab)``.
     """
-    hidden = self.model(input_ids, attention_mask, position_ids, segment_ids=segment_ids)
-    if self.lm_head is None:
-      return self.model.embed_tokens.attend(hidden)
-    return self.lm_head(hidden)
+    head = self.model.embed_tokens.attend if self.lm_head is None else self.lm_head
+    return lm_outputs(self.model(input_ids, attention_mask, position_ids,
+                                 segment_ids=segment_ids, cache=cache), head, logits_to_keep)
+
+  def init_cache(self, batch: int, max_length: int, *, dtype: Dtype | None = None) -> KVCache:
+    """An empty :class:`~smoa_jax.models.cache.KVCache` of ``max_length`` slots for ``batch``
+    rows: keys/values ``(L, B, S, num_kv_heads, head_dim)`` in ``dtype`` (default: the compute
+    dtype of the embeddings)."""
+    spec = self.spec
+    return KVCache.create(spec.num_layers, batch, max_length, spec.num_kv_heads, spec.head_dim,
+                          dtype or compute_dtype(self.model.embed_tokens))
 
   def key_map(self) -> KeyMap:
     layer = "model.layers.{i}"

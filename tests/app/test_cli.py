@@ -24,18 +24,10 @@ import transformers
 import smoa_jax
 from smoa_jax.app import assets
 from smoa_jax.app.commands import common
-from tests.support.cli import LM_RUN_EXTRA, adapter_tensors, finetune_argv, run_cli
+from tests.support.cli import LM_RUN_EXTRA, adapter_tensors, finetune_argv, ours_with_adapter, run_cli
 from tests.support.files import copy_of, tree_digest, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def ours_with_adapter(model_dir: Path, run: Path, num_labels: int | None = None):
-  with warnings.catch_warnings():  # a fresh classification head, overwritten by the adapter
-    warnings.simplefilter("ignore")
-    model = smoa_jax.from_hf(model_dir, num_labels=num_labels)
-  smoa_jax.load_adapter(model, run / "adapter")
-  return model
 
 
 # -- the main path ---------------------------------------------------------------------------------

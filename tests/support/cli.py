@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
 
+import smoa_jax
 from smoa_jax.app import cli
 
 # The targets of the shared finished run (``cli_lm_run``); runs that must equal it use them too.
@@ -33,3 +35,12 @@ def finetune_argv(files: dict[str, Path], run: Path, task: str = "causal-lm", *e
 
 def adapter_tensors(run: Path) -> dict[str, np.ndarray]:
   return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def ours_with_adapter(model_dir: Path, run: Path, num_labels: int | None = None):
+  """``model_dir`` as our model with ``run``'s adapter loaded."""
+  with warnings.catch_warnings():  # a fresh classification head, overwritten by the adapter
+    warnings.simplefilter("ignore")
+    model = smoa_jax.from_hf(model_dir, num_labels=num_labels)
+  smoa_jax.load_adapter(model, run / "adapter")
+  return model

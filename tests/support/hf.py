@@ -77,3 +77,59 @@ def word_bert(directory: Path, vocabulary: Iterable[str]) -> Path:
   torch.manual_seed(0)
   transformers.BertModel(config).save_pretrained(directory)
   return directory
+
+
+# Tiny random causal LMs of every family that generates (odd sizes, GQA, biases, tied and untied
+# embeddings, sliding windows), without BOS/EOS so that generation never stops early.
+CAUSAL_VOCAB = 97
+_LLAMA_LIKE = dict(vocab_size=CAUSAL_VOCAB, hidden_size=48, intermediate_size=72,
+                   num_hidden_layers=2, max_position_embeddings=64, bos_token_id=None,
+                   eos_token_id=None, pad_token_id=0)
+
+
+def causal_families() -> dict[str, tuple[type, type, dict]]:
+  """``family -> (transformers config class, model class, config fields)`` of the tiny causal
+  models."""
+  t = transformers
+  return {
+      "llama": (t.LlamaConfig, t.LlamaForCausalLM, dict(
+          _LLAMA_LIKE, num_attention_heads=6, num_key_value_heads=2, head_dim=10,
+          attention_bias=True, tie_word_embeddings=False)),
+      "mistral": (t.MistralConfig, t.MistralForCausalLM, dict(
+          _LLAMA_LIKE, num_attention_heads=6, num_key_value_heads=3, sliding_window=4)),
+      "qwen2": (t.Qwen2Config, t.Qwen2ForCausalLM, dict(
+          _LLAMA_LIKE, num_attention_heads=6, num_key_value_heads=2, use_sliding_window=True,
+          sliding_window=4, max_window_layers=1, tie_word_embeddings=True)),
+      "qwen3": (t.Qwen3Config, t.Qwen3ForCausalLM, dict(
+          _LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=2, head_dim=14,
+          tie_word_embeddings=False)),
+      "gpt2": (t.GPT2Config, t.GPT2LMHeadModel, dict(
+          vocab_size=CAUSAL_VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64,
+          bos_token_id=None, eos_token_id=None)),
+  }
+
+
+def tiny_causal_lm(name: str, directory: Path, seed: int = 0) -> torch.nn.Module:
+  """A randomized tiny model of family ``name`` saved to ``directory``; returns the torch model."""
+  config_cls, model_cls, fields = causal_families()[name]
+  torch.manual_seed(seed)
+  hf = randomize(model_cls(config_cls(**fields)), seed)
+  hf.save_pretrained(directory)
+  return hf
+
+
+# A ChatML-like template over the word tokenizer's own tokens: every rendered word is in (or maps to
+# ``<unk>`` of) the vocabulary, so the model can read any rendered conversation.
+WORD_CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> "
+                      "{% endfor %}{% if add_generation_prompt %}<s> assistant {% endif %}")
+ROLE_WORDS = ("system", "user", "assistant")
+
+
+def chat_word_llama(directory: Path, vocabulary: Iterable[str]) -> Path:
+  """:func:`word_llama` (128 positions, ``</s>`` id 3 = EOS) whose tokenizer has
+  :data:`WORD_CHAT_TEMPLATE`; saved to ``directory``, which is returned."""
+  word_llama(directory, [*vocabulary, *ROLE_WORDS])
+  tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+  tokenizer.chat_template = WORD_CHAT_TEMPLATE
+  tokenizer.save_pretrained(directory)
+  return directory
