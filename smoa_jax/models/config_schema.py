@@ -23,12 +23,12 @@ import os
 from typing import Any, Callable, Mapping
 
 from smoa_jax.errors import CheckpointError, ConfigError
-from smoa_jax.models.blocks import _ACTIVATIONS
+from smoa_jax.models.blocks import _ACTIVATIONS  # the activations the families implement
 
-__all__ = ["Field", "Derived", "Rule", "Schema", "SCHEMAS", "SELECTION", "ROPE_TYPES", "check",
-           "check_selection", "label_count"]
+__all__ = ["REQUIRED", "Field", "Derived", "Rule", "Schema", "SCHEMAS", "SELECTION", "ROPE_TYPES",
+           "check", "check_selection", "label_count"]
 
-REQUIRED = object()
+REQUIRED = object()  # a Field default: the field must be present
 _INT32_MAX = 2**31 - 1  # windows are compared with int32 positions inside jit
 
 
@@ -38,7 +38,7 @@ class Derived:
 
   inputs: tuple[str, ...]
   fn: Callable[..., Any]
-  text: str  # what makes it derivable, for the error: "hidden_size divisible by ..."
+  text: str  # what makes it derivable, for the error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +61,7 @@ class Field:
   note: str = ""
 
   def expected(self) -> str:
-    """What a valid value is, in words: ``an integer >= 1``, ``one of 'gelu', 'relu'``."""
+    """What a valid value is, in words: ``an integer >= 1``, ``one of "gelu", "relu"``."""
     kind = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false",
             list: "a list of strings", dict: "an object"}[self.kind]
     bounds = [f">= {self.minimum}" if self.minimum is not None else "",
@@ -76,7 +76,8 @@ class Field:
 
   def valid(self, value: Any) -> bool:
     if self.kind in (int, float):
-      if isinstance(value, bool) or not isinstance(value, int if self.kind is int else (int, float)):
+      numeric = int if self.kind is int else (int, float)
+      if isinstance(value, bool) or not isinstance(value, numeric):
         return False
       if self.kind is float:
         try:

@@ -119,9 +119,10 @@ HOSTILE = {
 
 
 def _situation(base: dict, edits: dict) -> str:
-  shown = ", ".join(f"{k}: {json.dumps(v)}" if v is not None else f"no {k}"
-                    for k, v in edits.items())
-  return f"{base['architectures'][0]} config.json with `{shown}`"
+  changed = ", ".join(f"{k}: {json.dumps(v)}" for k, v in edits.items() if v is not None)
+  removed = ", ".join(k for k, v in edits.items() if v is None)
+  return (f"{base['architectures'][0]} config.json" + (f" with `{changed}`" if changed else "")
+          + (f" without `{removed}`" if removed else ""))
 
 
 @probe_cases("model configs", {
