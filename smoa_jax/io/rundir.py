@@ -184,8 +184,8 @@ def lock(directory: str | os.PathLike, command: str) -> Iterator[str | None]:
   """Hold the lock of ``directory`` (a run or export directory) while the block runs.
 
   Yields who held a stale lock that was taken over (``"smoa-jax finetune (pid 4242 on host h,
-  started ...)"``: that process is gone), else None. Creates
-  missing parent directories, and removes them again (when empty) with the lock file.
+  started ...)"``: that process is gone), else None. Creates missing parent directories, and
+  removes them again (when empty) with the lock file.
 
   Raises:
     CheckpointError: another process holds the lock (its pid, host and start time named), or a
