@@ -13,21 +13,54 @@ Layout::
 
 A non-empty run directory is refused unless the run is resumed or overwritten; ``--overwrite``
 deletes the entries above and nothing else, and refuses a directory holding anything else.
+
+A directory being written is locked (:func:`lock`): ``finetune --output RUN_DIR`` (fresh,
+``--resume`` or ``--overwrite``) and ``export --output DIR`` hold the lock of their output for the
+whole command, so a second writer is refused instead of clobbering the first one's files. The
+lock is the file ``.NAME.smoa-jax.lock`` NEXT to the directory (``PARENT/.RUN_DIR.smoa-jax.lock``):
+it never collides with a run's entries or with an export that replaces its directory by a
+rename, and a refused command leaves nothing behind. Its design:
+
+* Exclusion is ``fcntl.flock(LOCK_EX | LOCK_NB)`` on that file, held by an open descriptor. The
+  kernel releases it when the process dies, SIGKILL included, so a killed run never leaves a lock
+  held. On NFS, Linux implements ``flock`` with NFS (byte-range) locks that hold across
+  clients; a client that crashes keeps its lock until the server's lease expires (~90 s).
+* The file records the holder: pid, host, start time, command (JSON). A second writer is refused
+  with one line naming them. When the lock can be taken but the file still holds a record, the
+  holder died without cleaning up: from this host the record is taken over (no process holds
+  the lock, whatever its pid is now); from ANOTHER host it is refused, because file systems
+  whose locks are local to a host (gcsfuse and other FUSE mounts, NFS mounted ``nolock`` /
+  ``local_lock``) cannot tell whether that process still runs: the message says to delete the
+  file once it has stopped.
+* Release unlinks the file, then closes the descriptor; a process that opened the old file
+  meanwhile sees that the path no longer names the inode it locked and tries again.
+* Where the file system has no locks at all, a warning says so and the command runs unlocked.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import errno
 import json
 import os
 import shutil
+import socket
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from smoa_jax.errors import CheckpointError
+
+try:
+  import fcntl
+except ImportError:  # Windows: no flock
+  fcntl = None
 
 __all__ = [
     "ADAPTER_DIR", "CHECKPOINT_DIR", "METRICS_NAME", "RUN_CONFIG", "LOSS_PLOT", "DELTA_PLOT",
     "RUN_ENTRIES", "read_run", "run_entries", "check_run_dir", "clear_run_dir", "write_json",
+    "lock_path", "lock",
 ]
 
 ADAPTER_DIR = "adapter"
@@ -93,3 +126,102 @@ def write_json(path: Path, document: dict[str, Any]) -> None:
   tmp = path.with_name(f".{path.name}.tmp")
   tmp.write_text(json.dumps(document, indent=2) + "\n")
   os.replace(tmp, path)
+
+
+# -- the lock of a directory being written ---------------------------------------------------------
+def lock_path(directory: str | os.PathLike) -> Path:
+  """``PARENT/.NAME.smoa-jax.lock``: the lock file of ``directory`` (symlinks resolved)."""
+  directory = Path(directory).resolve()
+  return directory.parent / f".{directory.name}.smoa-jax.lock"
+
+
+def _holder(record: dict[str, Any] | None) -> str:
+  if not record:
+    return "another smoa-jax command (it is starting)"
+  return (f"smoa-jax {record.get('command', '?')} (pid {record.get('pid', '?')} on host "
+          f"{record.get('host', '?')}, started {record.get('started', '?')})")
+
+
+def _read_record(fd: int) -> dict[str, Any] | None:
+  """The holder record in the lock file (None when empty or unreadable: a holder starting up)."""
+  try:
+    record = json.loads(os.pread(fd, 4096, 0) or b"null")
+  except ValueError:
+    return None
+  return record if isinstance(record, dict) else None
+
+
+def _acquire(path: Path, directory: str | os.PathLike) -> int | None:
+  """An open descriptor holding ``flock`` on ``path`` (the file ``path`` names now); None when
+  the file system has no locks; CheckpointError naming the holder when another process has it."""
+  while True:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      record = _read_record(fd)
+      os.close(fd)
+      raise CheckpointError(f"{directory} is in use by {_holder(record)}; wait for it to finish "
+                            f"or stop it, or choose another directory (lock file: {path})."
+                            ) from None
+    except OSError as err:
+      os.close(fd)
+      if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return None
+      raise
+    try:
+      current = os.stat(path)
+    except FileNotFoundError:
+      current = None
+    mine = os.fstat(fd)
+    if current is not None and (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
+      return fd
+    os.close(fd)  # its holder removed the file while we opened it: lock the new one
+
+
+@contextlib.contextmanager
+def lock(directory: str | os.PathLike, command: str) -> Iterator[str | None]:
+  """Hold the lock of ``directory`` (a run or export directory) while the block runs.
+
+  Yields who held a stale lock that was taken over (``"smoa-jax finetune (pid 4242 on host h,
+  started ...)"``: that process is gone), else None. Creates missing parent directories, and
+  removes them again (when empty) with the lock file.
+
+  Raises:
+    CheckpointError: another process holds the lock (its pid, host and start time named), or a
+      holder on another host left a record whose process this host cannot check.
+  """
+  path = lock_path(directory)
+  created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd = None
+  try:
+    fd = _acquire(path, directory) if fcntl is not None else None
+    if fd is None:
+      warnings.warn(f"{path.parent} does not support file locks; {directory} is written without "
+                    "a lock, so make sure no other command writes it at the same time.",
+                    stacklevel=3)
+      yield None
+      return
+    stale = _read_record(fd)
+    if stale and stale.get("host") != socket.gethostname():
+      os.close(fd)
+      fd = None
+      raise CheckpointError(
+          f"{directory} may be in use: its lock file {path} names {_holder(stale)}, and this "
+          "host cannot check whether that process still runs. If it has stopped, delete the lock "
+          "file and retry.")
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+              "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(record).encode(), 0)
+    os.fsync(fd)
+    yield _holder(stale) if stale else None
+  finally:
+    if fd is not None:
+      with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+      os.close(fd)
+    for parent in created:  # innermost first; only the empty ones go
+      with contextlib.suppress(OSError):
+        parent.rmdir()

@@ -23,6 +23,7 @@ from flax import nnx
 from flax.typing import Dtype
 
 from smoa_jax.errors import ConfigError
+from smoa_jax.models import config_schema
 from smoa_jax.models.base import HFModel
 from smoa_jax.models.keymap import KeyMap, KeyRule
 from smoa_jax.models.bert import BertForSequenceClassification, BertModel
@@ -55,6 +56,7 @@ def model_class(hf_config: Mapping[str, Any], num_labels: int | None = None) -> 
   With ``num_labels`` a BERT checkpoint becomes :class:`BertForSequenceClassification`.
   Raises ConfigError naming the supported architectures.
   """
+  config_schema.check_selection(hf_config)
   names = hf_config.get("architectures") or []
   if names:
     cls = ARCHITECTURES.get(names[0]) or _BODY_OF.get(names[0])

@@ -1,5 +1,6 @@
-"""The base of every model family: :class:`HFModel` (config, key map, sharding rules), config
-reading (:func:`hf_get`) and the :class:`LayerFactory` that builds HF-initialized layers."""
+"""The base of every model family: :class:`HFModel` (config, key map, sharding rules) and the
+:class:`LayerFactory` that builds HF-initialized layers. What a family reads from its config, and
+the checks of it, are in :mod:`smoa_jax.models.config_schema`."""
 
 from __future__ import annotations
 
@@ -10,27 +11,12 @@ from typing import Any, ClassVar, Mapping
 from flax import nnx
 from flax.typing import Dtype
 
-from smoa_jax.errors import ConfigError
 from smoa_jax.models.keymap import KeyMap
 
-__all__ = ["ShardingRule", "hf_get", "compute_dtype", "HFModel", "LayerFactory"]
+__all__ = ["ShardingRule", "compute_dtype", "HFModel", "LayerFactory"]
 
 # (regex over a Variable path, mesh axis or None per array axis); see smoa_jax.parallel.spmd.
 ShardingRule = tuple[str, tuple[str | None, ...]]
-
-_REQUIRED = object()
-
-
-def hf_get(config: Mapping[str, Any], *names: str, default: Any = _REQUIRED) -> Any:
-  """The first of ``names`` present (and not None) in an HF config; raise if none and no default."""
-  for name in names:
-    if config.get(name) is not None:
-      return config[name]
-  if default is _REQUIRED:
-    raise ConfigError(f"the Hugging Face config has no {' / '.join(names)!s}; expected an integer "
-                      "field of that name in config.json.")
-  return default
-
 
 def compute_dtype(layer: nnx.Module) -> Dtype:
   """The dtype a Flax layer computes in: its ``dtype``, else that of its parameters."""

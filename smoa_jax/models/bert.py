@@ -32,8 +32,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype
 
-from smoa_jax.errors import ConfigError
-from smoa_jax.models.base import HFModel, LayerFactory, ShardingRule, hf_get
+from smoa_jax.models import config_schema
+from smoa_jax.models.base import HFModel, LayerFactory, ShardingRule
 from smoa_jax.models.blocks import activation, attention, make_attention_mask, scan_layers, stack_layers
 from smoa_jax.models.keymap import KeyMap, KeyRule, linear_rules, norm_rules, prefixed
 from smoa_jax.parallel.sharding import constrain_batch
@@ -187,22 +187,6 @@ class BertPooler(nnx.Module):
     return jnp.tanh(self.dense(hidden_states[:, 0]))
 
 
-def _check_config(config: Mapping[str, Any]) -> None:
-  for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-               "intermediate_size"):
-    hf_get(config, name)
-  if config["hidden_size"] % config["num_attention_heads"]:
-    raise ConfigError(f"hidden_size={config['hidden_size']} is not a multiple of "
-                      f"num_attention_heads={config['num_attention_heads']}.")
-  if config.get("position_embedding_type", "absolute") != "absolute":
-    raise ConfigError(f"position_embedding_type={config['position_embedding_type']!r} is not "
-                      "supported; expected 'absolute'.")
-  if config.get("is_decoder") or config.get("add_cross_attention"):
-    raise ConfigError("BERT as a decoder (is_decoder / add_cross_attention) is not supported; "
-                      "expected an encoder config.")
-  activation(config.get("hidden_act", "gelu"))
-
-
 class BertModel(HFModel):
   """BERT encoder: ``model(input_ids, attention_mask=None, token_type_ids=None) -> (B, T, hidden)``.
 
@@ -219,9 +203,9 @@ class BertModel(HFModel):
 
   def __init__(self, hf_config: Mapping[str, Any], *, dtype: Dtype | None = None,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs, scan_layers: bool = False):
-    config = self._set_hf_config(hf_config)
-    _check_config(config)
-    f = LayerFactory(dtype, param_dtype, float(config.get("initializer_range", 0.02)), rngs)
+    # Every field the layers read, checked (smoa_jax.models.config_schema), defaults filled in.
+    config = config_schema.check(self._set_hf_config(hf_config), self.architecture)
+    f = LayerFactory(dtype, param_dtype, config["initializer_range"], rngs)
     self.embeddings = BertEmbeddings(config, f)
     self.encoder = BertEncoder(config, f, scan_layers)
     self.scan_layers = scan_layers
@@ -261,10 +245,8 @@ class BertForSequenceClassification(HFModel):
                dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs,
                scan_layers: bool = False):
     config = dict(hf_config.to_dict() if hasattr(hf_config, "to_dict") else hf_config)
-    if num_labels is None:
-      num_labels = config.get("num_labels") or len(config.get("id2label") or {}) or 2
-    if not isinstance(num_labels, int) or num_labels < 1:
-      raise ConfigError(f"num_labels={num_labels!r} is invalid: expected a positive integer.")
+    values = config_schema.check(config, self.architecture)
+    num_labels = config_schema.label_count(values, num_labels)
     if len(config.get("id2label") or {}) != num_labels:
       config["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
       config["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
@@ -273,8 +255,8 @@ class BertForSequenceClassification(HFModel):
     self.bert = BertModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                           scan_layers=scan_layers)
     self.scan_layers = scan_layers
-    f = LayerFactory(dtype, param_dtype, float(config.get("initializer_range", 0.02)), rngs)
-    self.classifier = f.linear(config["hidden_size"], num_labels, True)
+    f = LayerFactory(dtype, param_dtype, values["initializer_range"], rngs)
+    self.classifier = f.linear(values["hidden_size"], num_labels, True)
     self.num_labels = num_labels
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,

@@ -31,7 +31,8 @@ from flax import nnx
 from flax.typing import Dtype
 
 from smoa_jax.errors import ConfigError
-from smoa_jax.models.base import HFModel, LayerFactory, ShardingRule, compute_dtype, hf_get
+from smoa_jax.models import config_schema
+from smoa_jax.models.base import HFModel, LayerFactory, ShardingRule, compute_dtype
 from smoa_jax.models.blocks import activation, attention, make_attention_mask, scan_layers, stack_layers
 from smoa_jax.models.cache import (KVCache, cache_attention_mask, lm_outputs, read_layer,
                                    write_layer)
@@ -183,22 +184,15 @@ class GPT2LMHeadModel(HFModel):
 
   def __init__(self, hf_config: Mapping[str, Any], *, dtype: Dtype | None = None,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs, scan_layers: bool = False):
-    config = self._set_hf_config(hf_config)
-    for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-      hf_get(config, name)
-    if config["n_embd"] % config["n_head"]:
-      raise ConfigError(f"n_embd={config['n_embd']} is not a multiple of n_head={config['n_head']}.")
-    if config.get("add_cross_attention"):
-      raise ConfigError("GPT-2 with add_cross_attention=True is not supported; expected a "
-                        "decoder-only GPT2LMHeadModel config.")
-    if scan_layers and config.get("scale_attn_by_inverse_layer_idx", False):
+    # Every field the blocks read, checked (smoa_jax.models.config_schema), defaults filled in.
+    config = config_schema.check(self._set_hf_config(hf_config), self.architecture)
+    if scan_layers and config["scale_attn_by_inverse_layer_idx"]:
       raise ConfigError("scan_layers=True needs identical layers, but scale_attn_by_inverse_layer_idx "
                         "gives every layer its own attention scale; load with scan_layers=False.")
-    activation(config.get("activation_function", "gelu_new"))
-    f = LayerFactory(dtype, param_dtype, float(config.get("initializer_range", 0.02)), rngs)
+    f = LayerFactory(dtype, param_dtype, config["initializer_range"], rngs)
     self.transformer = GPT2Model(config, f, scan_layers)
     self.scan_layers = scan_layers
-    self.lm_head = (None if config.get("tie_word_embeddings", True)
+    self.lm_head = (None if config["tie_word_embeddings"]
                     else f.linear(config["n_embd"], config["vocab_size"], False))
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,

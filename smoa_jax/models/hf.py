@@ -1,9 +1,12 @@
 """Hugging Face checkpoints <-> smoa-jax NNX models: :func:`from_hf` and :func:`to_hf`.
 
-Loading never holds two copies of the weights. The model is built abstractly first
-(``nnx.eval_shape``: shapes only), its parameter bytes are checked against the memory available,
-and the checkpoint's names, shapes and dtypes are all checked against the model from the file
-headers alone; every mismatch goes into ONE :class:`~smoa_jax.errors.CheckpointError`. Only then
+Loading never holds two copies of the weights. Before any module exists, every field of
+``config.json`` the family reads is checked (:mod:`smoa_jax.models.config_schema`) and the
+parameter bytes are computed from the config alone (:mod:`smoa_jax.models.sizes`, Python
+integers: a config of absurd size is refused at once) and checked against the memory available.
+Then the model is built abstractly (``nnx.eval_shape``: shapes only) and the checkpoint's names,
+shapes and dtypes are all checked against it from the file headers alone; every mismatch goes
+into ONE :class:`~smoa_jax.errors.CheckpointError`. Only then
 are tensors read, one at a time (``safetensors.safe_open``), converted (a transpose for torch
 ``nn.Linear`` ``torch_weight (out, in)`` -> ``kernel (in, out)``) and placed into their Variables.
 
@@ -55,7 +58,8 @@ from smoa_jax.parallel import sharding
 from smoa_jax.parallel import spmd
 from smoa_jax.errors import CheckpointError, ConfigError
 from smoa_jax.io.files import atomic_directory, read_json_object, safe_torch_load, torch_to_numpy
-from smoa_jax.models import build_model
+from smoa_jax.models import (BertForSequenceClassification, build_model, config_schema,
+                             model_class, sizes)
 from smoa_jax.models.base import HFModel
 from smoa_jax.models.keymap import KeyMap
 from smoa_jax.layers.paths import layer_path, module_path, split_layer_path
@@ -364,26 +368,38 @@ def from_hf(path: str | os.PathLike[str], dtype: Dtype = jnp.float32, *,
     and ``source_dir`` set. Causal LMs: ``model(input_ids) -> logits (B, T, vocab)``.
 
   Raises:
-    CheckpointError: missing directory/config/weights, invalid JSON, corrupt or truncated files,
-      a shard index naming missing shards, unsupported architectures, an unsafe pickle, or
-      weights that do not fit the config (all mismatches listed at once); also when the model
-      would not fit in memory.
+    CheckpointError: missing directory/config/weights, invalid JSON, invalid config fields (wrong
+      type, out of range, inconsistent: all listed at once), corrupt or truncated files, a shard
+      index naming missing shards, unsupported architectures, an unsafe pickle, or weights that
+      do not fit the config (all mismatches listed at once); also when the model would not fit
+      in memory (decided from config.json alone, before anything is built).
   """
   directory = Path(path).expanduser()
   config = _read_config(directory)
+  file = directory / "config.json"
   param_dtype = dtype if param_dtype is None else param_dtype
+  # From config.json alone, before any module exists: every field checked, the bytes priced.
+  config_schema.check_selection(config, file=file)
+  try:
+    cls = model_class(config, num_labels)
+    values = config_schema.check(config, cls.architecture, file=file)
+    labels = (config_schema.label_count(values, num_labels)
+              if cls is BertForSequenceClassification else None)
+    needed = sizes.config_param_bytes(cls, values, param_dtype, num_labels=labels,
+                                      scan_layers=scan_layers, mesh=mesh)
+  except ConfigError as err:
+    raise CheckpointError(f"{file}: {err}") from err
+  if mesh is not None and jax.devices()[0].platform == "cpu":
+    needed *= len(mesh.local_devices)
+  _check_size(needed, max_bytes, f"{cls.__name__} from {directory}")
   try:
     model = nnx.eval_shape(lambda: build_model(config, num_labels=num_labels, dtype=dtype,
                                                param_dtype=param_dtype, rngs=nnx.Rngs(seed),
                                                scan_layers=scan_layers))
   except ConfigError as err:
-    raise CheckpointError(f"{directory / 'config.json'}: {err}") from err
+    raise CheckpointError(f"{file}: {err}") from err
   if mesh is not None:
     spmd.annotate(model, mesh)
-  needed = param_bytes(model, mesh)
-  if mesh is not None and jax.devices()[0].platform == "cpu":
-    needed *= len(mesh.local_devices)
-  _check_size(needed, max_bytes, f"{type(model).__name__} from {directory}")
   key_map = model.key_map()
   params = {module_path(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   with _open_checkpoint(directory) as ckpt:
@@ -394,7 +410,7 @@ def from_hf(path: str | os.PathLike[str], dtype: Dtype = jnp.float32, *,
         params[p].set_value(_load(ckpt, params[p], pieces, mesh))
         bar.update()
   if fresh:
-    std = float(config.get("initializer_range", 0.02))
+    std = values["initializer_range"]
     keys = jax.random.split(jax.random.key(seed), len(fresh))
     for key, p in zip(keys, fresh):
       value = _fresh_value(p, params[p].shape, params[p].dtype, std, key)

@@ -35,7 +35,8 @@ from flax import nnx
 from flax.typing import Dtype
 
 from smoa_jax.errors import ConfigError
-from smoa_jax.models.base import HFModel, LayerFactory, ShardingRule, compute_dtype, hf_get
+from smoa_jax.models import config_schema
+from smoa_jax.models.base import HFModel, LayerFactory, ShardingRule, compute_dtype
 from smoa_jax.models.blocks import activation, attention, make_attention_mask, scan_layers, stack_layers
 from smoa_jax.models.cache import (KVCache, cache_attention_mask, lm_outputs, read_layer,
                                    write_layer)
@@ -47,7 +48,7 @@ __all__ = [
     "Qwen3ForCausalLM", "rope_inv_freq", "apply_rope",
 ]
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = tuple(config_schema.ROPE_TYPES)
 
 
 def rope_inv_freq(hf_config: Mapping[str, Any], head_dim: int) -> np.ndarray:
@@ -115,12 +116,6 @@ class DecoderSpec:
   sliding_windows: tuple[int | None, ...]  # per layer; None = full causal attention
   inv_freq: tuple[float, ...]
   initializer_range: float
-
-  def __post_init__(self):
-    if self.num_heads % self.num_kv_heads:
-      raise ConfigError(f"num_attention_heads={self.num_heads} is not a multiple of "
-                        f"num_key_value_heads={self.num_kv_heads}; grouped-query attention needs it.")
-    activation(self.hidden_act)
 
 
 def _layer_windows(hf_config: Mapping[str, Any], num_layers: int) -> tuple[int | None, ...]:
@@ -316,21 +311,17 @@ class LlamaForCausalLM(HFModel):
 
   @classmethod
   def decoder_spec(cls, hf_config: Mapping[str, Any]) -> DecoderSpec:
-    """Read a :class:`DecoderSpec` from an HF config dict (raises ConfigError if incomplete)."""
-    hidden = hf_get(hf_config, "hidden_size")
-    heads = hf_get(hf_config, "num_attention_heads")
-    layers = hf_get(hf_config, "num_hidden_layers")
-    head_dim = hf_get(hf_config, "head_dim", default=hidden // heads)
+    """Read a :class:`DecoderSpec` from an HF config dict (:mod:`smoa_jax.models.config_schema`
+    checks every field first; ConfigError lists every invalid one)."""
+    v = config_schema.check(hf_config, cls.architecture)
     return DecoderSpec(
-        vocab_size=hf_get(hf_config, "vocab_size"), hidden_size=hidden,
-        intermediate_size=hf_get(hf_config, "intermediate_size"), num_layers=layers,
-        num_heads=heads, num_kv_heads=hf_get(hf_config, "num_key_value_heads", default=heads),
-        head_dim=head_dim, rms_norm_eps=float(hf_get(hf_config, "rms_norm_eps", default=1e-6)),
-        hidden_act=hf_get(hf_config, "hidden_act", default="silu"),
-        tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
-        inv_freq=tuple(float(v) for v in rope_inv_freq(hf_config, head_dim)),
-        initializer_range=float(hf_config.get("initializer_range", 0.02)),
-        **cls.family_flags(hf_config, layers))
+        vocab_size=v["vocab_size"], hidden_size=v["hidden_size"],
+        intermediate_size=v["intermediate_size"], num_layers=v["num_hidden_layers"],
+        num_heads=v["num_attention_heads"], num_kv_heads=v["num_key_value_heads"],
+        head_dim=v["head_dim"], rms_norm_eps=v["rms_norm_eps"], hidden_act=v["hidden_act"],
+        tie_word_embeddings=v["tie_word_embeddings"],
+        inv_freq=tuple(float(f) for f in rope_inv_freq(v, v["head_dim"])),
+        initializer_range=v["initializer_range"], **cls.family_flags(v, v["num_hidden_layers"]))
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                position_ids: jax.Array | None = None, *,

@@ -120,7 +120,8 @@ def test_unsupported_rope_type_is_refused():
 
 def test_bad_gqa_is_refused():
   config = dict(COMMON, num_attention_heads=6, num_key_value_heads=4)
-  with pytest.raises(smoa_jax.ConfigError, match="not a multiple of num_key_value_heads"):
+  with pytest.raises(smoa_jax.ConfigError, match="num_attention_heads=6, num_key_value_heads=4: "
+                     "expected num_attention_heads to be a multiple of num_key_value_heads"):
     LlamaForCausalLM(config, rngs=nnx.Rngs(0))
 
 

@@ -4,10 +4,11 @@ load a model, its tokenizer, its data and a run's adapter with one clear error e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from smoa_jax.errors import CheckpointError, ConfigError, SMoAError
 from smoa_jax.io import formats, rundir
@@ -106,6 +107,16 @@ def log(message: str) -> None:
 
 def one_line(text: Any) -> str:
   return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+@contextlib.contextmanager
+def locked(directory: Path, command: str) -> Iterator[None]:
+  """Hold the lock of an output directory (:func:`smoa_jax.io.rundir.lock`) for the block; say so
+  when a killed command's stale lock is taken over."""
+  with rundir.lock(directory, command) as stale:
+    if stale:
+      log(f"took over the lock of {directory} left by {stale}, which no longer runs")
+    yield
 
 
 # -- configs, models, data -------------------------------------------------------------------------

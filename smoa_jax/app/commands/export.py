@@ -39,14 +39,12 @@ def _check_target(output: Path, overwrite: bool) -> None:
                             "to delete it. Choose another directory.")
 
 
-def run(args: argparse.Namespace) -> int:
-  """Merged Hugging Face directory, or the adapter (portable / authors')."""
+def _export(args: argparse.Namespace, output: Path, run_config: dict) -> str:
+  """Write the export; returns its kind ("merged", "portable" or "authors")."""
   import smoa_jax
   from smoa_jax.io.files import atomic_directory
   from smoa_jax.io.portable import read_adapter
 
-  output = Path(args.output)
-  run_config = rundir.read_run(args.run)
   adapter_dir = Path(args.run) / rundir.ADAPTER_DIR
   _check_target(output, args.overwrite)
   task = run_config["flags"].get("task", RUN_DEFAULTS["task"])
@@ -54,14 +52,21 @@ def run(args: argparse.Namespace) -> int:
   if args.format == "authors":
     smoa_jax.save_authors_adapter(common.model_with_adapter(args, run_config, task, num_labels),
                                   output)
-    kind = "authors"
-  elif args.adapter_only:
+    return "authors"
+  if args.adapter_only:
     read_adapter(adapter_dir)  # refuse a missing or damaged adapter before copying it
     with atomic_directory(output) as staged:
       shutil.copytree(adapter_dir, staged, dirs_exist_ok=True)
-    kind = "portable"
-  else:
-    smoa_jax.to_hf(common.model_with_adapter(args, run_config, task, num_labels), output)
-    kind = "merged"
+    return "portable"
+  smoa_jax.to_hf(common.model_with_adapter(args, run_config, task, num_labels), output)
+  return "merged"
+
+
+def run(args: argparse.Namespace) -> int:
+  """Merged Hugging Face directory, or the adapter (portable / authors')."""
+  output = Path(args.output)
+  run_config = rundir.read_run(args.run)
+  with common.locked(output, "export"):  # for the whole export: a second writer is refused
+    kind = _export(args, output, run_config)
   print(json.dumps({"output": str(output), "format": kind}))
   return 0

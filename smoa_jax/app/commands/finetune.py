@@ -13,7 +13,7 @@ from typing import Any
 
 from smoa_jax.app.commands import common
 from smoa_jax.app.commands.common import TASKS, UsageError, positive_int, run_flag
-from smoa_jax.errors import ConfigError, DataError
+from smoa_jax.errors import CheckpointError, ConfigError, DataError
 from smoa_jax.io import rundir
 
 # Flags that may differ when a run is resumed (everything else must match the run).
@@ -210,8 +210,25 @@ def run(args: argparse.Namespace) -> int:
 
   import jax
 
+  if jax.process_index() != 0:
+    return _train(args, output, saved, flags, config, train_config, mesh_shape)
+  # Process 0 writes RUN_DIR: it holds the lock from here to the end, and checks again under it.
+  with common.locked(output, "finetune"):
+    if rundir.check_run_dir(output, resume=args.resume, overwrite=args.overwrite) != saved:
+      raise CheckpointError(f"{output} changed while this command started (another command "
+                            "wrote to it); run the command again.")
+    return _train(args, output, saved, flags, config, train_config, mesh_shape)
+
+
+def _train(args: argparse.Namespace, output: Path, saved: dict[str, Any] | None,
+           flags: dict[str, Any], config: Any, train_config: Any,
+           mesh_shape: dict[str, int] | None) -> int:
+  """Load the data and the model, train, and write RUN_DIR."""
+  import jax
+
   import smoa_jax
   from smoa_jax.app.analysis import plot_training_curves
+  from smoa_jax.parallel import sharding
 
   train_tokens, eval_tokens, num_labels, digest, summary = _data(flags, saved)
   adapter_dir = output / rundir.ADAPTER_DIR
