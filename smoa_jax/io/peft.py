@@ -278,18 +278,20 @@ def _targets(model: HFModel, spec: dict[str, Any], tensors: dict[str, np.ndarray
     targets = [n for n in modules if _targeted(spec, n)]
   if not targets:
     scanned = " (load into an unrolled model: scan_layers=False)" if model.scan_layers else ""
+    wanted = spec["target_modules"]
+    shown = [*wanted[:4], "..."] if isinstance(wanted, list) and len(wanted) > 4 else wanted
     raise AdapterMismatchError(
-        f"target_modules={spec['target_modules']!r} of {path / formats.CONFIG_NAME} matches no "
+        f"target_modules={shown!r} of {path / formats.CONFIG_NAME} matches no "
         f"linear module of {type(model).__name__}{scanned}: is this the base model the adapter "
         f"was trained on? Its linear modules are e.g. {sorted(modules)[:8]}.")
   return targets
 
 
-def _module_config(spec: dict[str, Any], method: str, name: str,
+def _module_config(spec: dict[str, Any], method: str, name: str, path: str,
                    tensors: dict[str, np.ndarray]) -> AdapterConfig:
-  """Our config for module ``name`` (its r and scaling as PEFT gives them)."""
+  """Our config for module ``name`` (its r and scaling as PEFT gives them) at our ``path``."""
   r = _pattern_value(spec["rank_pattern"], name, spec["r"])
-  common = {"dropout": spec["dropout"], "target_modules": (name.replace(".", "/"),)}
+  common = {"dropout": spec["dropout"], "target_modules": (path,)}
   if method == "hira":
     # PEFT 0.21.2's HiRA gives every module the rank r (it ignores rank_pattern): take the rank
     # the tensors have, if it is one of the two.
@@ -373,7 +375,7 @@ def load_peft_adapter(model: HFModel, directory: str | os.PathLike, *,
              for k, v in formats.read_tensors(path, torch_bin=True).items()}
   modules = formats.hf_modules(model)
   targets = _targets(model, spec, tensors, modules, method, path)
-  configs = {n: _module_config(spec, method, n, tensors) for n in targets}
+  configs = {n: _module_config(spec, method, n, modules[n].path, tensors) for n in targets}
   factor_keys = {k for n in targets
                  for k in formats.factor_keys(n, (1,), per_block=False, names=_NAMES[method])}
   heads, stray = _heads(model, spec, tensors, factor_keys)
@@ -399,13 +401,17 @@ def load_peft_adapter(model: HFModel, directory: str | os.PathLike, *,
     if problems:
       raise AdapterMismatchError(f"{path} does not fit this {type(model).__name__}:\n  "
                                  + "\n  ".join(problems))
-    groups: dict[AdapterConfig, list[str]] = collections.defaultdict(list)
-    for n in targets:
+    groups: dict[tuple, list[str]] = collections.defaultdict(list)
+    for n in targets:  # one group of layers per distinct config
+      c = configs[n]
       if not modules[n].site.adapted:
-        groups[dataclasses.replace(configs[n], target_modules=("*",))].append(modules[n].path)
-    reports = tuple(adapt_modules(model, dataclasses.replace(config, target_modules=tuple(paths)),
-                                  paths, rngs=rngs or nnx.Rngs(0), verbose=verbose, name=name)
-                    for config, paths in groups.items())
+        groups[c.method, c.r, c.alpha, c.dropout].append(n)
+    reports = []
+    for names in groups.values():
+      paths = [modules[n].path for n in names]
+      config = dataclasses.replace(configs[names[0]], target_modules=tuple(paths))
+      reports.append(adapt_modules(model, config, paths, rngs=rngs or nnx.Rngs(0),
+                                   verbose=verbose, name=name))
     layers = {site.name: site.module for site in linear_sites(model) if site.adapted}
     for n in targets:
       layer = layers[modules[n].path]
@@ -419,7 +425,8 @@ def load_peft_adapter(model: HFModel, directory: str | os.PathLike, *,
       variables = _trainable_paths(model)
       for p, value in heads.items():
         variables[p][...] = value.astype(variables[p].dtype)
-  return PeftImport(method, {modules[n].path: configs[n] for n in targets}, tuple(heads), reports)
+  return PeftImport(method, {modules[n].path: configs[n] for n in targets}, tuple(heads),
+                    tuple(reports))
 
 
 def _trainable_paths(model: nnx.Module) -> dict[str, nnx.Variable]:
