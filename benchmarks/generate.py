@@ -49,8 +49,8 @@ import transformers
 from flax import nnx
 
 import smoa_jax
-from benchmarks import _common
-from benchmarks.model_step import fast_compile, model_directory
+from benchmarks import _common, _models
+from benchmarks.model_step import model_directory
 from smoa_jax.inference import decode
 
 SECTION = "generate"
@@ -292,13 +292,12 @@ def main(argv: Sequence[str] | None = None) -> str:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = parse_args(argv)
   load_at_start = _common.load_average()
-  with fast_compile(args.quick):
+  with _models.fast_compile(args.quick):
     measured = measure(args, functools.partial(print, flush=True))
   body = render(measured, args)
-  machine = _common.machine_description(load_at_start=load_at_start,
-                                        torch_threads=_common.num_cores())
   _common.publish(SECTION, "generate: greedy decoding with the KV cache vs transformers", body,
-                  module=MODULE, argv=argv, machine=machine, write=not args.no_write)
+                  module=MODULE, argv=argv, write=not args.no_write, load_at_start=load_at_start,
+                  torch_threads=_common.num_cores())
   return body
 
 

@@ -26,10 +26,13 @@ from smoa_jax.errors import (AdapterMismatchError, CheckpointError, ConfigError,
 from smoa_jax.inference import generate, generate_ids
 from smoa_jax.io.authors import load_authors_adapter, save_authors_adapter
 from smoa_jax.io.checkpoint import TrainCheckpointer
+from smoa_jax.io.peft import load_peft_adapter, save_peft_adapter
 from smoa_jax.io.portable import load_adapter, save_adapter
+from smoa_jax.layers.convert import LoRAConversion, to_lora
 from smoa_jax.layers.dense import AdaptedDense, HiRADense, LoRADense, SMoADense, adapter_class
-from smoa_jax.layers.inject import (AdapterReport, adapt_modules, apply_adapter, disable_adapter,
-                                    mark_trainable, merge_adapters, merge_and_unload,
+from smoa_jax.layers.inject import (AdapterReport, active_adapter, adapt_modules, apply_adapter,
+                                    delete_adapter, disable_adapter, list_adapters, mark_trainable,
+                                    merge_adapters, merge_and_unload, set_adapter,
                                     unmerge_adapters)
 from smoa_jax.layers.sites import adapter_layers
 from smoa_jax.layers.variables import SMoAParam, SpectralIndex, TrainableParam
@@ -47,15 +50,17 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptedDense", "AdapterConfig", "AdapterMismatchError", "AdapterReport", "CausalLMTask",
     "CheckpointError", "ClassificationTask", "ConfigError", "DataError", "FullFineTuneConfig",
-    "HiRAConfig", "HiRADense", "KernelError", "LoRAConfig", "LoRADense", "NonFiniteLossError",
-    "SMoAConfig", "SMoADense", "SMoAError", "SMoAParam", "SpectralBlocks", "SpectralIndex",
-    "TargetError", "TrainCheckpointer", "TrainConfig", "TrainResult", "TrainableParam",
-    "adapt_modules", "adapter_class", "adapter_layers", "apply_adapter", "assets", "centroid_scores", "config_from_dict", "data",
-    "datasets", "delta_weight", "disable_adapter", "evaluate", "freeze_base", "from_hf",
-    "generate", "generate_ids",
-    "identity_blocks", "initialize_distributed", "is_main_process", "linen", "load_adapter",
-    "load_authors_adapter", "make_mesh", "mark_trainable", "masked_recipe", "merge_adapters",
-    "merge_and_unload", "parse_mesh", "save_adapter", "save_authors_adapter", "shard_model",
-    "sharding_plan", "spectral_blocks", "spectral_blocks_batched", "spectral_orders", "to_hf",
-    "train", "trainable_labels", "trainable_mask", "unmerge_adapters",
+    "HiRAConfig", "HiRADense", "KernelError", "LoRAConfig", "LoRAConversion", "LoRADense",
+    "NonFiniteLossError", "SMoAConfig", "SMoADense", "SMoAError", "SMoAParam", "SpectralBlocks",
+    "SpectralIndex", "TargetError", "TrainableParam", "TrainCheckpointer", "TrainConfig",
+    "TrainResult", "active_adapter", "adapt_modules", "adapter_class", "adapter_layers",
+    "apply_adapter", "assets", "centroid_scores", "config_from_dict", "data", "datasets",
+    "delete_adapter", "delta_weight", "disable_adapter", "evaluate", "freeze_base", "from_hf",
+    "generate", "generate_ids", "identity_blocks", "initialize_distributed", "is_main_process",
+    "linen", "list_adapters", "load_adapter", "load_authors_adapter", "load_peft_adapter",
+    "make_mesh", "mark_trainable", "masked_recipe", "merge_adapters", "merge_and_unload",
+    "parse_mesh", "save_adapter", "save_authors_adapter", "save_peft_adapter", "set_adapter",
+    "shard_model", "sharding_plan", "spectral_blocks", "spectral_blocks_batched",
+    "spectral_orders", "to_hf", "to_lora", "train", "trainable_labels", "trainable_mask",
+    "unmerge_adapters",
 ]

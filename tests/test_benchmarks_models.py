@@ -1,10 +1,10 @@
 """Smoke tests of the model-level benchmarks, so that they cannot rot.
 
-``benchmarks/model_step.py``, ``benchmarks/generate.py`` and ``benchmarks/quality_real.py`` run
-in-process with ``--quick --no-write``: tiny random models (with the real tokenizers and data for
-the quality benchmark), a few steps, one seed. The numbers mean nothing; the tests check that
-every code path runs, that the reports hold what they promise, and that nothing is written into
-the repository.
+``benchmarks/model_step.py``, ``benchmarks/generate.py``, ``benchmarks/packing.py``,
+``benchmarks/quality_real.py`` and ``benchmarks/to_lora.py`` run in-process with
+``--quick --no-write``: tiny random models (with the real tokenizers and data for the quality
+benchmarks), a few steps, one seed. The numbers mean nothing; the tests check that every code path
+runs, that the reports hold what they promise, and that nothing is written into the repository.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks` is a folder of scripts at the repo root, not installed
   sys.path.insert(0, str(ROOT))
 
-from benchmarks import _common, generate, model_step, packing, quality_real
+from benchmarks import _common, generate, model_step, packing, quality_real, to_lora
 
 QUALITY_ASSETS = all(assets.is_cached(name)
                      for name in ("minilm", "smollm2", "sentiment", "shakespeare"))
@@ -95,4 +95,15 @@ def test_packing_quick_runs_and_does_not_write():
   rows = {line.split("|")[1].strip(): line for line in body.splitlines() if line.startswith("| pa")}
   # 64 examples of 45 to 111 tokens: a row each when padded, fewer rows when packed.
   assert "| 64 |" in rows["padded"] and int(rows["packed"].split("|")[2]) < 64
+  assert _snapshot() == before
+
+
+@pytest.mark.skipif(not QUALITY_ASSETS, reason="needs the cached tokenizers and data; fetch them "
+                    "with `smoa-jax fetch-assets`")
+def test_to_lora_quick_runs_and_does_not_write():
+  before = _snapshot()
+  body = to_lora.main(["--quick", "--no-write", "--ranks", "2,8"])
+  for text in ("**sentiment**", "**shakespeare**", "SMoA (original)", "LoRA rank 2",
+               "LoRA rank 8", "majority class", "pretrained", "rel. error (mean)"):
+    assert text in body, text
   assert _snapshot() == before

@@ -1,4 +1,5 @@
-"""LoRA, the low-rank baseline: ``dW = (alpha/r) a @ b`` with ``a (in, r)``, ``b (r, out)``."""
+"""LoRA, the low-rank baseline: ``dW = (alpha/r) a @ b`` with ``a (in, r)``, ``b (r, out)``; and
+the best rank-k LoRA of any dense update (:func:`truncated_factors`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 from smoa_jax.core.config import LowRankConfig
 from smoa_jax.core.ops import HIGHEST, AdapterOp, BlockLayout, FactorBlocks, Perms, wide_dtype
 
-__all__ = ["LoRAConfig", "LoRAOp"]
+__all__ = ["LoRAConfig", "LoRAOp", "truncated_factors"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,3 +82,28 @@ class LoRAOp(AdapterOp):
     dt = jnp.dtype(self.adapter_dtype)
     h = jnp.matmul(x_adapter.astype(dt), a.astype(dt), precision=precision)
     return y + (self.scaling * jnp.matmul(h, b.astype(dt), precision=precision)).astype(y.dtype)
+
+
+def truncated_factors(dw: Any, *, rank: int | None = None, energy: float | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, float]:
+  """The best rank-k approximation of ``dW (in, out)`` as LoRA factors (Eckart-Young).
+
+  With ``dW = U diag(s) V^T`` (float32 SVD), ``k = min(rank, in, out)``, or (``energy``) the
+  smallest k with ``sum_{j<k} s_j^2 >= energy * ||dW||^2``; a zero dW gives k = 1 with zero
+  factors. Returns ``(a (in, k), b (k, out), relative error)`` with ``a = U_k diag(sqrt(s_k))``,
+  ``b = diag(sqrt(s_k)) V_k^T`` (so ``a @ b = dW_k``: a LoRA of scaling 1) and the relative error
+  ``||dW - dW_k|| / ||dW|| = sqrt(sum_{j>=k} s_j^2 / sum_j s_j^2)`` (Frobenius; 0 for a zero dW).
+  """
+  u, s, vt = (np.asarray(x, np.float64) for x in jnp.linalg.svd(jnp.asarray(dw, jnp.float32),
+                                                                 full_matrices=False))
+  power = np.square(s)
+  total = float(power.sum())
+  if energy is not None:
+    kept = np.cumsum(power) / max(total, np.finfo(np.float64).tiny)
+    k = int(np.searchsorted(kept, energy - 1e-12) + 1) if total > 0 else 1
+  else:
+    k = rank
+  k = max(1, min(k, len(s)))
+  root = np.sqrt(s[:k])
+  error = float(np.sqrt(power[k:].sum() / total)) if total > 0 else 0.0
+  return ((u[:, :k] * root).astype(np.float32), (root[:, None] * vt[:k]).astype(np.float32), error)

@@ -58,8 +58,8 @@ from smoa_jax.errors import (AdapterMismatchError, CheckpointError, ConfigError,
                              SMoAError)
 from smoa_jax.io import formats
 from smoa_jax.io.files import atomic_directory
-from smoa_jax.layers.inject import AdapterReport, adapt_modules
-from smoa_jax.layers.sites import LinearSite, linear_sites
+from smoa_jax.layers.inject import AdapterReport, adapt_modules, loading_adapter
+from smoa_jax.layers.sites import linear_sites
 from smoa_jax.layers.variables import TrainableParam
 from smoa_jax.models.base import HFModel
 from smoa_jax.parallel.sharding import to_host
@@ -185,38 +185,6 @@ class AuthorsImport:
     return tuple(c for c in self.checks if not c.matches)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Module:
-  """A linear layer of the model under its Hugging Face dotted name (the authors' key names)."""
-
-  hf_name: str
-  site: LinearSite
-  conv1d: bool  # weight stored (in, out) in PyTorch (GPT-2 Conv1D): their fan_in_fan_out
-
-  @property
-  def path(self) -> str:
-    return self.site.name
-
-
-def _hf_modules(model: HFModel) -> dict[str, _Module]:
-  """HF dotted name -> :class:`_Module` for every (unstacked) linear layer the key map names."""
-  key_map = model.key_map()
-  out = {}
-  for site in linear_sites(model):
-    found = key_map.hf_for(site.name + "/kernel")
-    if site.num_layers is None and found is not None and found[0].endswith(".weight"):
-      out[found[0].removesuffix(".weight")] = _Module(found[0].removesuffix(".weight"), site,
-                                                      not found[1])
-  return out
-
-
-def _check_model(model: Any, what: str) -> None:
-  if not isinstance(model, HFModel):
-    raise AdapterMismatchError(f"{what} needs a model from smoa_jax.from_hf (its module names are "
-                               "the Hugging Face ones the authors' keys use), got "
-                               f"{type(model).__name__}.")
-
-
 # -- export ----------------------------------------------------------------------------------------
 def _regroup(ours: np.ndarray, theirs: np.ndarray, sizes: Sequence[int], zero: np.ndarray
              ) -> tuple[list[np.ndarray], list[int]]:
@@ -262,14 +230,9 @@ def _factors_in_their_order(path: str, a: np.ndarray, b: np.ndarray, kernel: np.
   return a_theirs, b_theirs
 
 
-def _task_type(model: HFModel) -> str | None:
-  name = type(model).architecture
-  return "CAUSAL_LM" if name.endswith(("ForCausalLM", "LMHeadModel")) else None
-
-
-def _exported_layers(model: HFModel) -> tuple[SMoAConfig, list[tuple[str, LinearSite, int | None]]]:
-  """The one SMoA config and ``(HF name, site, layer index)`` of every adapted layer; refuses
-  what the authors' layout cannot hold."""
+def _exported_layers(model: HFModel) -> tuple[SMoAConfig, list[formats.HFModule]]:
+  """The one SMoA config and every adapted layer under its HF name; refuses what the authors'
+  layout cannot hold."""
   sites = [site for site in linear_sites(model) if site.adapted]
   if not sites:
     raise AdapterMismatchError("the model has no adapter layers: call smoa_jax.apply_adapter with "
@@ -290,14 +253,7 @@ def _exported_layers(model: HFModel) -> tuple[SMoAConfig, list[tuple[str, Linear
     raise AdapterMismatchError(f"the model trains arrays outside SMoA layers "
                                f"({['/'.join(map(str, p)) for p in extras[:5]]}), which the "
                                "authors' layout does not carry; save with smoa_jax.save_adapter.")
-  key_map, layers = model.key_map(), []
-  for site in sites:
-    for name, index in site.unrolled() or [(site.name, None)]:
-      found = key_map.hf_for(name + "/kernel")
-      if found is None:
-        raise AdapterMismatchError(f"adapted module {name!r} has no Hugging Face name.")
-      layers.append((found[0].removesuffix(".weight"), site, index))
-  return configs.pop(), layers
+  return configs.pop(), formats.hf_layers(model, sites)
 
 
 def save_authors_adapter(model: HFModel, path: str | os.PathLike, *, verify: bool = True,
@@ -324,13 +280,14 @@ def save_authors_adapter(model: HFModel, path: str | os.PathLike, *, verify: boo
     AdapterMismatchError: the model is not from ``from_hf``, has no adapters, non-SMoA adapters,
       several configs, other trainable arrays, or a permutation their layout cannot express.
   """
-  _check_model(model, "save_authors_adapter")
+  formats.check_hf_model(model, "save_authors_adapter")
   config, layers = _exported_layers(model)
   if verify:
     _import_torch()
   tensors: dict[str, np.ndarray] = {}
   host: dict[str, tuple[np.ndarray, ...]] = {}
-  for hf_name, site, index in layers:
+  for module in layers:
+    hf_name, site, index = module.hf_name, module.site, module.index
     layer = site.module
     if site.name not in host:  # every process gathers; one host copy per (stacked) layer
       host[site.name] = tuple(to_host(v) for v in (layer.lora_a[...], layer.lora_b[...],
@@ -347,12 +304,11 @@ def save_authors_adapter(model: HFModel, path: str | os.PathLike, *, verify: boo
   document = {
       **AUTHORS_DEFAULTS, "peft_type": "SMOA", "auto_mapping": None, "revision": None,
       "base_model_name_or_path": base_model_name_or_path or model.source_dir,
-      "task_type": _task_type(model), "inference_mode": True, "r": config.r,
+      "task_type": formats.peft_task_type(model), "inference_mode": True, "r": config.r,
       "num_blocks": config.num_blocks, "lora_alpha": alpha, "lora_dropout": config.dropout,
       "branch_ranks": None if config.branch_ranks is None else list(config.branch_ranks),
-      "target_modules": sorted({hf_name for hf_name, _, _ in layers}),
-      "fan_in_fan_out": all(not model.key_map().hf_for(site.name + "/kernel")[1]
-                            for _, site, _ in layers if site.num_layers is None),
+      "target_modules": sorted({m.hf_name for m in layers}),
+      "fan_in_fan_out": all(m.conv1d for m in layers),
   }
   if jax.process_index() == 0:
     with atomic_directory(path) as staged:
@@ -399,7 +355,7 @@ def _targeted(document: dict[str, Any], name: str) -> bool:
 
 
 def _targets(model: HFModel, document: dict[str, Any], tensors: dict[str, np.ndarray],
-             modules: dict[str, _Module], path: Path) -> list[str]:
+             modules: dict[str, formats.HFModule], path: Path) -> list[str]:
   """The HF names of the modules their config targets (their matching rules)."""
   if document["target_modules"] is None:  # their saved configs list them; else take the keys'
     targets = sorted({m["module"] for k in tensors if (m := _FACTOR_KEY.fullmatch(k))
@@ -420,7 +376,7 @@ def _targets(model: HFModel, document: dict[str, Any], tensors: dict[str, np.nda
 
 
 def _key_problems(tensors: dict[str, np.ndarray], targets: list[str],
-                  modules: dict[str, _Module], config: SMoAConfig) -> list[str]:
+                  modules: dict[str, formats.HFModule], config: SMoAConfig) -> list[str]:
   """Every mismatch between the tensor names and the targeted modules."""
   expected = {k for n in targets
               for k in formats.factor_keys(n, config.block_ranks, per_block=True)}
@@ -446,7 +402,7 @@ def _key_problems(tensors: dict[str, np.ndarray], targets: list[str],
 
 
 def _module_problems(tensors: dict[str, np.ndarray], targets: list[str],
-                     modules: dict[str, _Module], config: SMoAConfig) -> list[str]:
+                     modules: dict[str, formats.HFModule], config: SMoAConfig) -> list[str]:
   """Shapes and values of each targeted module's factors, and adapters already in the model."""
   problems = []
   for n in targets:
@@ -477,7 +433,7 @@ def _module_problems(tensors: dict[str, np.ndarray], targets: list[str],
   return problems
 
 
-def _their_blocks(targets: list[str], modules: dict[str, _Module], config: SMoAConfig,
+def _their_blocks(targets: list[str], modules: dict[str, formats.HFModule], config: SMoAConfig,
                   torch_device: str) -> tuple[dict[str, SpectralBlocks], list[PermutationCheck]]:
   """Their permutation of every targeted module (by our path), compared with ours; warns when
   they differ."""
@@ -493,13 +449,13 @@ def _their_blocks(targets: list[str], modules: dict[str, _Module], config: SMoAC
     warnings.warn(f"the authors' spectral permutation differs from smoa_jax's in {len(differing)} "
                   f"of {len(checks)} modules (tied or near-tied centroids): "
                   + "; ".join(map(str, differing[:4])) + ". Using the authors' permutation, which "
-                  "the factors were trained against.", stacklevel=3)
+                  "the factors were trained against.", stacklevel=4)
   return theirs, checks
 
 
 def load_authors_adapter(model: HFModel, path: str | os.PathLike, *,
                          rngs: nnx.Rngs | None = None, torch_device: str = "cpu",
-                         verbose: bool = False) -> AuthorsImport:
+                         verbose: bool = False, name: str | None = None) -> AuthorsImport:
   """Import an adapter saved by the authors' SMoA code into ``model`` (in place).
 
   The modules their config targets (their matching rules: ``target_modules`` names or regex,
@@ -507,8 +463,9 @@ def load_authors_adapter(model: HFModel, path: str | os.PathLike, *,
   none (:func:`smoa_jax.layers.inject.adapt_modules` with the authors' blocks), then the factors.
   The permutation is the authors' (:func:`authors_blocks` on ``torch_device``), compared with
   ours (``spectral_blocks``, or the layer's own when already adapted); a warning names the
-  modules where they differ. ``rngs`` drives adapter dropout (default ``nnx.Rngs(0)``). Needs
-  torch.
+  modules where they differ. ``rngs`` drives adapter dropout (default ``nnx.Rngs(0)``).
+  ``name`` names the adapter (``"default"``) beside others the model holds; it becomes active
+  (``smoa_jax.set_adapter``). Needs torch.
 
   Raises:
     CheckpointError: missing or unreadable files, not an SMoA adapter, invalid r / num_blocks /
@@ -516,31 +473,35 @@ def load_authors_adapter(model: HFModel, path: str | os.PathLike, *,
     AdapterMismatchError: missing or unexpected keys, wrong shapes, targets the model lacks, or an
       existing adapter of another structure (or merged).
   """
-  _check_model(model, "load_authors_adapter")
+  formats.check_hf_model(model, "load_authors_adapter")
   path = Path(path)
   document, tensors = _read(path)
   config = _authors_config(document, path)
-  modules = _hf_modules(model)
+  modules = formats.hf_modules(model)
   targets = _targets(model, document, tensors, modules, path)
+  with loading_adapter(model, name) as name:
+    return _import(model, path, document, tensors, config, modules, targets, rngs, torch_device,
+                   verbose, name)
+
+
+def _import(model: HFModel, path: Path, document: dict[str, Any], tensors: dict[str, np.ndarray],
+            config: SMoAConfig, modules: dict[str, formats.HFModule], targets: list[str],
+            rngs: nnx.Rngs | None, torch_device: str, verbose: bool, name: str) -> AuthorsImport:
+  """:func:`load_authors_adapter` once the model's layers show adapter ``name`` (or none)."""
   problems = (_key_problems(tensors, targets, modules, config)
               + _module_problems(tensors, targets, modules, config))
   if problems:
     raise AdapterMismatchError(f"{path} does not fit this {type(model).__name__}:\n  "
                                + "\n  ".join(problems))
-  flag = bool(document["fan_in_fan_out"])
-  corrected = [n for n in targets if modules[n].conv1d != flag]
-  if corrected:
-    warnings.warn(f"{formats.CONFIG_NAME} says fan_in_fan_out={flag}, but {len(corrected)} "
-                  f"targeted modules (e.g. {corrected[0]}) store their weight the other way; like "
-                  "the authors' code, the flag is corrected per module (the factors' layout does "
-                  "not depend on it).", stacklevel=2)
+  formats.warn_fan_in_fan_out(bool(document["fan_in_fan_out"]), targets, modules,
+                              "the authors' code", stacklevel=3)
   theirs, checks = _their_blocks(targets, modules, config, torch_device)
   config = dataclasses.replace(config, target_modules=tuple(theirs))
   fresh = [modules[n].path for n in targets if not modules[n].site.adapted]
   report = None
   if fresh:
     report = adapt_modules(model, config, fresh, rngs=rngs or nnx.Rngs(0), verbose=verbose,
-                           blocks=theirs)
+                           blocks=theirs, name=name)
   layers = {site.name: site.module for site in linear_sites(model) if site.adapted}
   for n in targets:
     layer, blocks = layers[modules[n].path], theirs[modules[n].path]

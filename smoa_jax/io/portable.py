@@ -49,7 +49,8 @@ from smoa_jax.errors import AdapterMismatchError, CheckpointError, SMoAError
 from smoa_jax.io import formats
 from smoa_jax.io.files import atomic_directory
 from smoa_jax.layers.dense import AdaptedDense
-from smoa_jax.layers.inject import AdapterReport, adapt_modules, mark_trainable
+from smoa_jax.layers.inject import (AdapterReport, adapt_modules, loading_adapter, mark_trainable,
+                                    using_adapter)
 from smoa_jax.layers.paths import module_path
 from smoa_jax.layers.sites import LinearSite, adapter_layers, linear_sites, unrolled_sites
 from smoa_jax.layers.stacked import stack_blocks
@@ -128,8 +129,11 @@ def _extra_trainables(model: nnx.Module) -> list[tuple[str, nnx.Variable]]:
 
 
 def save_adapter(model: nnx.Module, path: str | os.PathLike, *,
-                 config: AdapterConfig | None = None) -> Path:
+                 config: AdapterConfig | None = None, name: str | None = None) -> Path:
   """Write the model's adapter (factors, permutations, fingerprints, config) to directory ``path``.
+
+  The active adapter, or adapter ``name`` of a model holding several (the file is the same as
+  for a model holding only that one: load it under any name).
 
   Trainable arrays outside adapter layers (``FullFineTuneConfig`` kernels, heads made trainable
   with ``mark_trainable``) are saved too, under ``base_model.model.<path>`` in Flax layout. A
@@ -140,8 +144,12 @@ def save_adapter(model: nnx.Module, path: str | os.PathLike, *,
   adapter layers (pass it for full fine-tuning).
 
   Raises:
-    AdapterMismatchError: the model holds nothing trainable, or adapters of different configs.
+    AdapterMismatchError: the model holds nothing trainable, adapters of different configs, or
+      no adapter ``name``.
   """
+  if name is not None:
+    with using_adapter(model, name):
+      return save_adapter(model, path, config=config)
   sites = [site for site in linear_sites(model) if site.adapted]
   extras = _extra_trainables(model)
   configs = {site.module.config for site in sites}
@@ -343,30 +351,35 @@ def _assign_extras(model: nnx.Module, saved: _Saved) -> None:
 
 
 def load_adapter(model: nnx.Module, path: str | os.PathLike, *,
-                 rngs: nnx.Rngs | None = None, verbose: bool = False) -> AdapterReport | None:
+                 rngs: nnx.Rngs | None = None, verbose: bool = False,
+                 name: str | None = None) -> AdapterReport | None:
   """Load a saved adapter into ``model`` (in place); inject the layers first if they are absent.
 
-  If the model already carries adapter layers they must match the saved config (method, ranks,
-  blocks); otherwise the saved modules are adapted now, using the stored permutations (no
-  spectral recomputation). ``rngs`` drives adapter dropout (default ``nnx.Rngs(0)``).
+  If the model already carries the adapter (``name``, default ``"default"``) it must match the
+  saved config (method, ranks, blocks); otherwise the saved modules are adapted now, using the
+  stored permutations (no spectral recomputation). Other adapters the model holds stay (see
+  ``smoa_jax.set_adapter``); the loaded one becomes active. ``rngs`` drives adapter dropout
+  (default ``nnx.Rngs(0)``).
 
   Returns the injection report, or None when every module already carried its adapter.
 
   Raises:
     CheckpointError: missing/unreadable files.
     AdapterMismatchError: different base model (fingerprint), wrong method/K/r, unknown modules,
-      missing or unexpected tensors, wrong shapes.
+      missing or unexpected tensors, wrong shapes; trainable arrays outside adapter layers
+      (heads) into a model that holds other adapters.
   """
   saved = _read_saved(path)
-  groups = _match_modules(model, saved)
-  _check_extras(model, saved)
-  blocks = _saved_blocks(saved, groups)
-  sites = {site.name: site for site in linear_sites(model)}
-  fresh = [name for name in groups if not sites[name].adapted]
-  report = None
-  if fresh:
-    report = adapt_modules(model, saved.config, fresh, rngs=rngs or nnx.Rngs(0), verbose=verbose,
-                           blocks=blocks)
-  _assign_factors(model, saved, groups, blocks)
-  _assign_extras(model, saved)
+  with loading_adapter(model, name, extras=list(saved.extras)) as name:
+    groups = _match_modules(model, saved)
+    _check_extras(model, saved)
+    blocks = _saved_blocks(saved, groups)
+    sites = {site.name: site for site in linear_sites(model)}
+    fresh = [n for n in groups if not sites[n].adapted]
+    report = None
+    if fresh:
+      report = adapt_modules(model, saved.config, fresh, rngs=rngs or nnx.Rngs(0),
+                             verbose=verbose, blocks=blocks, name=name)
+    _assign_factors(model, saved, groups, blocks)
+    _assign_extras(model, saved)
   return report

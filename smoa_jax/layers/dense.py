@@ -13,7 +13,18 @@ The adapter adds:
 The math lives in the method's op (:mod:`smoa_jax.core.ops`: ``config.make_op(in, out,
 blocks)``); the layer only holds state and picks the path (folded when the adapter's dropout
 is inactive, unfolded otherwise). :class:`AdaptedDense` serves every method; ``SMoADense``,
-``LoRADense`` and ``HiRADense`` are the same layer restricted to their config class.
+``LoRADense`` and ``HiRADense`` are the same layer restricted to their config class (at
+construction; a layer may later hold adapters of other methods).
+
+Several named adapters (docs/design.md section 3): the layer's ACTIVE adapter, named
+``adapter_name`` (``"default"`` unless named otherwise), always sits at the paths above, so a
+model with one unnamed adapter has exactly the paths and files it always had. Every other
+adapter the layer holds waits in ``inactive[name]`` (a :class:`StoredAdapter`: its config, op,
+dropout and arrays as :class:`~smoa_jax.layers.variables.InactiveArray`, which nothing trains).
+:meth:`AdaptedDense.set_adapter` swaps Variables between the two places: the kernel and bias are
+never touched, the arrays are moved (never copied or recomputed), so switching back restores the
+same outputs bit for bit. A layer may also have no active adapter (``adapter_name is None``):
+it then computes ``x @ W + bias``.
 
 Sharding: when the kernel carries ``out_sharding`` metadata, the factors inherit its in/out mesh
 axes (:func:`factor_specs`) and the permutations are replicated; on a kernel laid out on a mesh
@@ -36,6 +47,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any, Callable, ClassVar, Iterator
 
 import jax
@@ -48,8 +60,9 @@ from smoa_jax.core import ops
 from smoa_jax.core.config import AdapterConfig
 from smoa_jax.core.methods import HiRAConfig, LoRAConfig, SMoAConfig
 from smoa_jax.core.spectral import SpectralBlocks, spectral_blocks
-from smoa_jax.errors import ConfigError, KernelError
-from smoa_jax.layers.variables import SMoAParam, SpectralIndex, TrainableParam
+from smoa_jax.errors import AdapterMismatchError, ConfigError, KernelError
+from smoa_jax.layers.variables import (InactiveArray, SMoAParam, SpectralIndex, TrainableParam,
+                                       retyped)
 from smoa_jax.parallel import sharding
 
 __all__ = [
@@ -57,6 +70,9 @@ __all__ = [
     "SMoAParam",
     "SpectralIndex",
     "AdaptedDense",
+    "StoredAdapter",
+    "DEFAULT_ADAPTER",
+    "check_adapter_name",
     "SMoADense",
     "HiRADense",
     "LoRADense",
@@ -66,6 +82,20 @@ __all__ = [
 ]
 
 default_kernel_init = initializers.lecun_normal()
+# The name of an adapter given none (PEFT's name for its first adapter).
+DEFAULT_ADAPTER = "default"
+# Active array -> (its Variable type while active, its name inside a StoredAdapter). Stored names
+# differ on purpose: tools that label pure dicts by leaf name ("lora_a") must not train them.
+_ARRAYS = {"lora_a": (TrainableParam, "a"), "lora_b": (TrainableParam, "b"),
+           "in_perm": (SpectralIndex, "in_perm"), "out_perm": (SpectralIndex, "out_perm")}
+
+
+def check_adapter_name(name: Any) -> str:
+  """``name`` if it can name an adapter (letters, digits, ``_`` and ``-``); else ConfigError."""
+  if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+    raise ConfigError(f"adapter name {name!r} is invalid: expected a non-empty string of letters, "
+                      "digits, '_' and '-' (it becomes part of parameter paths).")
+  return name
 
 
 def factor_specs(kernel_spec: tuple[Any, ...], a_ndim: int) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
@@ -104,6 +134,24 @@ def shard_like_kernel(kernel: nnx.Variable, value: jax.Array,
   return value, {"out_sharding": tuple(spec), "eager_sharding": eager}
 
 
+class StoredAdapter(nnx.Module):
+  """An adapter a layer holds but does not use: config, op, dropout and its arrays
+  (``a``, ``b`` and, in W's spectral order, ``in_perm``/``out_perm``) as ``InactiveArray``."""
+
+  def __init__(self, config: AdapterConfig, op: ops.AdapterOp, arrays: dict[str, nnx.Variable],
+               dropout: nnx.Dropout):
+    self.config = config
+    self.op = op
+    self.array_names = tuple(arrays)  # their names while active (lora_a, ...)
+    for name, variable in arrays.items():
+      setattr(self, _ARRAYS[name][1], retyped(variable, InactiveArray))
+    self.dropout = dropout
+
+  def variables(self) -> dict[str, nnx.Variable]:
+    """Active name (``lora_a``, ...) -> the stored Variable."""
+    return {name: getattr(self, _ARRAYS[name][1]) for name in self.array_names}
+
+
 class AdaptedDense(nnx.Module):
   """``nnx.Linear`` plus a trainable low-rank update; see the module docstring.
 
@@ -115,6 +163,7 @@ class AdaptedDense(nnx.Module):
     kernel, bias: existing frozen weights (arrays or ``nnx.Param``; a Variable is reused as is,
       metadata included) instead of freshly initialized ones.
     blocks: precomputed spectral blocks for ``kernel`` (SMoA), e.g. from a saved adapter.
+    name: the adapter's name (``"default"``); see the module docstring.
   """
 
   config_type: ClassVar[type[AdapterConfig]] = AdapterConfig
@@ -135,6 +184,7 @@ class AdaptedDense(nnx.Module):
       kernel: nnx.Param | jax.Array | None = None,
       bias: nnx.Param | jax.Array | None = None,
       blocks: SpectralBlocks | None = None,
+      name: str = DEFAULT_ADAPTER,
   ):
     if not isinstance(config, self.config_type) or config.trains_base_kernel:
       raise ConfigError(f"{type(self).__name__} needs a {self.config_type.__name__} of an adapter "
@@ -161,6 +211,8 @@ class AdaptedDense(nnx.Module):
     self.param_dtype = param_dtype
     self.precision = precision
     self.config = config
+    self.adapter_name: str | None = check_adapter_name(name)
+    self.inactive = nnx.Dict()
     self.merged = False
     self.disabled = False
     self.op = self._make_op(blocks)
@@ -193,15 +245,16 @@ class AdaptedDense(nnx.Module):
   @property
   def blocks(self) -> SpectralBlocks | None:
     """The layer's :class:`SpectralBlocks` (permutations and block sizes), or None when its
-    method works in the natural coordinate order."""
-    if not self.config.spectral_order:
+    method works in the natural coordinate order (or no adapter is active)."""
+    if self.adapter_name is None or not self.config.spectral_order:
       return None
     layout = self.op.layout
     return SpectralBlocks(self.in_perm[...], self.out_perm[...], layout.in_sizes, layout.out_sizes)
 
   @classmethod
   def from_linear(cls, linear: nnx.Linear, config: AdapterConfig, *, rngs: nnx.Rngs,
-                  blocks: SpectralBlocks | None = None) -> "AdaptedDense":
+                  blocks: SpectralBlocks | None = None,
+                  name: str = DEFAULT_ADAPTER) -> "AdaptedDense":
     """Adapt an existing ``nnx.Linear``: its ``kernel``/``bias`` Variables are reused, not copied."""
     if not hasattr(linear, "kernel") or len(getattr(linear.kernel, "shape", ())) != 2:
       raise KernelError(f"from_linear needs an nnx.Linear-like layer with a 2-D kernel, got "
@@ -212,7 +265,108 @@ class AdaptedDense(nnx.Module):
                dtype=getattr(linear, "dtype", None),
                param_dtype=getattr(linear, "param_dtype", linear.kernel.dtype),
                precision=getattr(linear, "precision", None), rngs=rngs, kernel=linear.kernel,
-               bias=bias, blocks=blocks)
+               bias=bias, blocks=blocks, name=name)
+
+  # -- several named adapters -------------------------------------------------------------------
+  @property
+  def adapter_names(self) -> tuple[str, ...]:
+    """Every adapter the layer holds, the active one first."""
+    active = () if self.adapter_name is None else (self.adapter_name,)
+    return active + tuple(self.inactive)
+
+  def _check_unmerged(self, what: str) -> None:
+    if self.merged:
+      raise ConfigError(f"cannot {what} while adapter {self.adapter_name!r} is merged into the "
+                        "kernel: call unmerge() (or smoa_jax.unmerge_adapters) first.")
+
+  def _take_active(self) -> tuple[dict[str, nnx.Variable], nnx.Dropout]:
+    """Detach the active adapter's arrays and dropout; afterwards no adapter is active."""
+    names = [n for n in _ARRAYS if n in ("lora_a", "lora_b") or self.config.spectral_order]
+    arrays = {n: getattr(self, n) for n in names}
+    dropout = self.dropout
+    for n in names:
+      delattr(self, n)
+    del self.dropout
+    self.adapter_name, self.config, self.op = None, None, None
+    return arrays, dropout
+
+  def _install(self, name: str, config: AdapterConfig, op: ops.AdapterOp,
+               arrays: dict[str, nnx.Variable], dropout: nnx.Dropout) -> None:
+    """Make these arrays (re-typed to trainable / permutation Variables, values not copied) the
+    active adapter ``name``."""
+    for n, variable in arrays.items():
+      setattr(self, n, retyped(variable, _ARRAYS[n][0]))
+    self.dropout = dropout
+    self.adapter_name, self.config, self.op = name, config, op
+
+  def _stash(self) -> None:
+    """Move the active adapter (if any) into ``inactive``."""
+    if self.adapter_name is not None:
+      name, config, op = self.adapter_name, self.config, self.op
+      self.inactive[name] = StoredAdapter(config, op, *self._take_active())
+
+  def set_adapter(self, name: str | None) -> None:
+    """Make adapter ``name`` active (``None``: none); the one active before is kept, inactive.
+
+    Raises:
+      AdapterMismatchError: the layer holds no adapter ``name``.
+      ConfigError: the active adapter is merged (unmerge first).
+    """
+    if name == self.adapter_name:
+      return
+    if name is not None and name not in self.inactive:
+      raise AdapterMismatchError(f"the layer holds no adapter named {name!r}; it holds "
+                                 f"{list(self.adapter_names)}.")
+    self._check_unmerged("switch adapters")
+    self._stash()
+    if name is not None:
+      stored = self.inactive[name]
+      del self.inactive[name]
+      self._install(name, stored.config, stored.op, stored.variables(), stored.dropout)
+
+  def adopt(self, other: "AdaptedDense", name: str) -> None:
+    """Take ``other``'s active adapter as this layer's active adapter ``name``; the adapter
+    active before is kept, inactive. ``other`` must be built over this layer's own kernel
+    Variable (``AdaptedDense.from_linear(layer.base_linear(), ...)``).
+
+    Raises:
+      AdapterMismatchError: the layer already holds an adapter ``name``, or ``other`` has
+        another kernel.
+      ConfigError: this layer's active adapter is merged.
+    """
+    check_adapter_name(name)
+    if other.kernel is not self.kernel or other.adapter_name is None:
+      raise AdapterMismatchError("adopt() needs an adapter layer over this layer's own kernel "
+                                 "Variable, with an active adapter.")
+    if name in self.adapter_names:
+      raise AdapterMismatchError(f"the layer already holds an adapter named {name!r}; delete it "
+                                 "first or choose another name.")
+    self._check_unmerged("add an adapter")
+    self._stash()
+    config, op = other.config, other.op
+    self._install(name, config, op, *other._take_active())
+
+  def remove_adapter(self, name: str) -> None:
+    """Forget adapter ``name`` (if it was active, no adapter is active afterwards)."""
+    if name == self.adapter_name:
+      self._check_unmerged("delete the active adapter")
+      self._take_active()
+    elif name in self.inactive:
+      del self.inactive[name]
+    else:
+      raise AdapterMismatchError(f"the layer holds no adapter named {name!r}; it holds "
+                                 f"{list(self.adapter_names)}.")
+
+  def base_linear(self) -> nnx.Linear:
+    """A plain ``nnx.Linear`` over this layer's own ``kernel``/``bias`` Variables (not copied);
+    the adapters are left behind. Refuses a merged layer (its kernel holds ``W + dW``)."""
+    self._check_unmerged("take the base layer")
+    linear = self._plain_linear(self.kernel.get_value(),
+                                self.bias.get_value() if self.use_bias else None)
+    linear.kernel = self.kernel
+    if self.use_bias:
+      linear.bias = self.bias
+    return linear
 
   # -- math -------------------------------------------------------------------------------------
   @property
@@ -233,13 +387,18 @@ class AdaptedDense(nnx.Module):
     return kernel
 
   def delta_weight(self) -> jax.Array:
-    """The dense update ``dW (in, out)`` (adapter dtype); zero outside SMoA's K blocks."""
+    """The dense update ``dW (in, out)`` (adapter dtype); zero outside SMoA's K blocks, and
+    everywhere when no adapter is active."""
+    if self.adapter_name is None:
+      return jnp.zeros(self.kernel.shape, jnp.float32)
     return self._layerwise(self.op.delta, self.base_kernel(), self.lora_a[...], self.lora_b[...],
                            self._perms())
 
   @property
   def num_trainable_params(self) -> int:
     """Trainable adapter parameters, padding excluded (all layers of a stacked layer)."""
+    if self.adapter_name is None:
+      return 0
     return self.op.num_params * (self.num_layers or 1)
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
@@ -250,7 +409,7 @@ class AdaptedDense(nnx.Module):
     x, kernel, bias = dtypes.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
     if self.merged and self.disabled:
       y = jnp.matmul(x, self.base_kernel().astype(x.dtype), precision=self.precision)
-    elif self.merged or self.disabled:
+    elif self.merged or self.disabled or self.adapter_name is None:
       y = jnp.matmul(x, kernel, precision=self.precision)
     else:
       drop = self.config.dropout > 0 and not (
@@ -265,7 +424,7 @@ class AdaptedDense(nnx.Module):
   # -- merge ------------------------------------------------------------------------------------
   def merge(self) -> None:
     """Fold dW into the kernel (float32 sum, cast back); the forward then costs a plain matmul."""
-    if self.merged:
+    if self.merged or self.adapter_name is None:
       return
     a, b = self.lora_a[...], self.lora_b[...]
     if not bool(jnp.all(self._layerwise(self.op.invertible_merge, a, b, self._perms()))):
@@ -285,23 +444,26 @@ class AdaptedDense(nnx.Module):
 
   def folded_kernel(self) -> jax.Array:
     """``W + dW`` in the kernel's dtype (summed in float32), without changing the layer."""
-    if self.merged:
+    if self.merged or self.adapter_name is None:
       return self.kernel[...]
     return self._layerwise(self.op.merged_kernel, self.kernel[...], self.lora_a[...],
                            self.lora_b[...], self._perms())
 
   def to_linear(self) -> nnx.Linear:
     """A plain ``nnx.Linear`` holding ``W + dW`` (the adapter folded in)."""
-    kernel = self.folded_kernel()
-    bias = self.bias[...] if self.use_bias else None
-    metadata = self.kernel.get_metadata()
-    bias_metadata = self.bias.get_metadata() if self.use_bias else {}
-    linear = nnx.Linear(
+    return self._plain_linear(self.folded_kernel(), self.bias[...] if self.use_bias else None,
+                              self.kernel.get_metadata(),
+                              self.bias.get_metadata() if self.use_bias else {})
+
+  def _plain_linear(self, kernel: jax.Array, bias: jax.Array | None,
+                    kernel_metadata: dict[str, Any] | None = None,
+                    bias_metadata: dict[str, Any] | None = None) -> nnx.Linear:
+    """An ``nnx.Linear`` with this layer's settings holding ``kernel`` and ``bias``."""
+    return nnx.Linear(
         self.in_features, self.out_features, use_bias=self.use_bias, dtype=self.dtype,
         param_dtype=kernel.dtype, precision=self.precision, rngs=nnx.Rngs(0),
         kernel_init=lambda *_: kernel, bias_init=lambda *_: bias,
-        kernel_metadata=metadata, bias_metadata=bias_metadata)
-    return linear
+        kernel_metadata=kernel_metadata or {}, bias_metadata=bias_metadata or {})
 
   @contextlib.contextmanager
   def disable(self) -> Iterator[None]:

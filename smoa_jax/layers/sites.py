@@ -18,6 +18,7 @@ from flax import nnx
 
 from smoa_jax.layers.dense import AdaptedDense
 from smoa_jax.layers.paths import layer_path, module_path
+from smoa_jax.layers.variables import retyped
 
 __all__ = ["LinearSite", "linear_sites", "sites_by_name", "unrolled_sites", "adapter_layers",
            "replace_module", "retype_variable"]
@@ -37,7 +38,12 @@ class LinearSite:
 
   @property
   def adapted(self) -> bool:
-    return isinstance(self.module, AdaptedDense)
+    """An adapter layer with an active adapter (its arrays sit at the layer's own paths)."""
+    return isinstance(self.module, AdaptedDense) and self.module.adapter_name is not None
+
+  def holds(self, name: str) -> bool:
+    """Whether the module is an adapter layer holding an adapter ``name`` (active or not)."""
+    return isinstance(self.module, AdaptedDense) and name in self.module.adapter_names
 
   @property
   def shape(self) -> tuple[int, int]:
@@ -77,7 +83,8 @@ def unrolled_sites(model: nnx.Module) -> dict[str, tuple[LinearSite, int | None]
 
 
 def adapter_layers(model: nnx.Module) -> list[tuple[str, AdaptedDense]]:
-  """Every adapter layer of ``model`` with its ``/``-joined path, in tree order."""
+  """Every adapter layer of ``model`` with an active adapter, with its ``/``-joined path, in tree
+  order."""
   return [(site.name, site.module) for site in linear_sites(model) if site.adapted]
 
 
@@ -101,4 +108,4 @@ def retype_variable(model: nnx.Module, path: tuple[Any, ...], cls: type[nnx.Vari
   """Re-type the Variable at ``path`` to ``cls``, keeping its value and metadata (no copy)."""
   parent = _parent(model, path)
   old = parent[path[-1]] if isinstance(path[-1], int) else getattr(parent, path[-1])
-  replace_module(model, path, cls(old[...], **old.get_metadata()))
+  replace_module(model, path, retyped(old, cls))

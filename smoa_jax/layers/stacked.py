@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from smoa_jax.core.config import AdapterConfig
-from smoa_jax.layers.dense import AdaptedDense, adapter_class, factor_specs, shard_like_kernel
+from smoa_jax.layers.dense import (DEFAULT_ADAPTER, AdaptedDense, adapter_class, factor_specs,
+                                   shard_like_kernel)
 from smoa_jax.core.spectral import SpectralBlocks, spectral_blocks_batched
 
 __all__ = ["stack_blocks", "adapt_stacked"]
@@ -38,10 +39,12 @@ def stack_blocks(blocks: Sequence[SpectralBlocks]) -> SpectralBlocks:
 
 
 def adapt_stacked(linear: nnx.Module, config: AdapterConfig, *, rngs: nnx.Rngs,
-                  blocks: SpectralBlocks | None = None) -> AdaptedDense:
+                  blocks: SpectralBlocks | None = None,
+                  name: str = DEFAULT_ADAPTER) -> AdaptedDense:
   """The adapter layer for a stacked Linear (``kernel (L, in, out)``); see the module docstring.
 
   ``blocks`` (SMoA): stacked per-layer blocks (:func:`stack_blocks`); computed here when None.
+  ``name`` names the adapter (see :mod:`smoa_jax.layers.dense`).
   """
   num_layers = linear.kernel.shape[0]
   cls = adapter_class(config)
@@ -53,7 +56,7 @@ def adapt_stacked(linear: nnx.Module, config: AdapterConfig, *, rngs: nnx.Rngs,
   @nnx.vmap(in_axes=(0, 0, 0), out_axes=0, axis_size=num_layers)
   def build(layer: nnx.Module, layer_blocks: SpectralBlocks | None,
             layer_rngs: nnx.Rngs) -> AdaptedDense:
-    return cls.from_linear(layer, config, rngs=layer_rngs, blocks=layer_blocks)
+    return cls.from_linear(layer, config, rngs=layer_rngs, blocks=layer_blocks, name=name)
 
   new = build(linear, blocks, rngs)
   # Inside vmap the kernel is a per-layer tracer; shard the stacked arrays like the kernel now.

@@ -9,13 +9,17 @@
   type under its first name.
 * :class:`SpectralIndex` holds an int32 permutation of a kernel's coordinates (SMoA's spectral
   order): state saved with the adapter, never differentiated.
+* :class:`InactiveArray` holds the arrays (factors, permutations) of an adapter a layer keeps but
+  does not use (several named adapters on one base, :mod:`smoa_jax.layers.dense`): neither a
+  ``TrainableParam`` nor an ``nnx.Param``, so optimizers, checkpoints, parameter counts and
+  ``smoa_jax.train`` ignore it.
 """
 
 from __future__ import annotations
 
 from flax import nnx
 
-__all__ = ["TrainableParam", "SMoAParam", "SpectralIndex"]
+__all__ = ["TrainableParam", "SMoAParam", "SpectralIndex", "InactiveArray", "retyped"]
 
 
 class TrainableParam(nnx.LoRAParam):
@@ -28,3 +32,12 @@ SMoAParam = TrainableParam
 
 class SpectralIndex(nnx.Variable):
   """Non-trainable int32 permutation of a kernel's coordinates (spectral order)."""
+
+
+class InactiveArray(nnx.Variable):
+  """An array of an inactive named adapter (factors or permutations): kept, never trained."""
+
+
+def retyped(variable: nnx.Variable, cls: type[nnx.Variable]) -> nnx.Variable:
+  """A Variable of type ``cls`` holding ``variable``'s very value (no copy) and metadata."""
+  return cls(variable.get_value(), **variable.get_metadata())

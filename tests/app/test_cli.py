@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +244,76 @@ def test_authors_export_of_a_run(cli_lm_run, tmp_path, capsys):
   code, _, err = run_cli(capsys, "export", "--run", cli_lm_run, "--output", tmp_path / "authors",
                          "--format", "authors")
   assert code == 1 and "--overwrite" in err
+
+
+def _peft_logits(model_dir: Path, adapter_dir: Path, ids: np.ndarray) -> np.ndarray:
+  peft = pytest.importorskip("peft")
+  base = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+  model = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
+  with torch.no_grad():
+    return model(torch.tensor(ids)).logits.numpy()
+
+
+def test_peft_and_lora_exports_load_in_peft(lm_run, files, tmp_path, capsys):
+  ids = np.array([[2, 5, 9, 11, 3]])
+  code, out, err = run_cli(capsys, "export", "--run", lm_run, "--output", tmp_path / "lora",
+                           "--format", "lora", "--rank", 4)
+  assert code == 0, err
+  summary = json.loads(out)
+  assert summary["format"] == "lora" and summary["layers"] == 6 and summary["mean_rank"] == 4
+  assert 0 < summary["mean_relative_error"] <= summary["max_relative_error"] < 1
+  ours = ours_with_adapter(files["llama"], lm_run)
+  smoa_jax.to_lora(ours, rank=4)
+  np.testing.assert_allclose(_peft_logits(files["llama"], tmp_path / "lora", ids),
+                             np.asarray(ours(ids)), atol=1e-4)
+  code, _, err = run_cli(capsys, "export", "--run", lm_run, "--output", tmp_path / "smoa",
+                         "--format", "peft")
+  assert code == 1 and "to_lora" in err  # PEFT has no SMoA
+  run = tmp_path / "run"
+  code, _, err = run_cli(capsys, *finetune_argv(files, run, "causal-lm", "--method", "hira",
+                                                "--steps", 2, "--targets", "v_proj"))
+  assert code == 0, err
+  code, out, err = run_cli(capsys, "export", "--run", run, "--output", tmp_path / "peft",
+                           "--format", "peft")
+  assert code == 0 and json.loads(out)["format"] == "peft", err
+  np.testing.assert_allclose(_peft_logits(files["llama"], tmp_path / "peft", ids),
+                             np.asarray(ours_with_adapter(files["llama"], run)(ids)), atol=1e-4)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (("--format", "lora"), "--rank / --energy go with --format lora"),
+    (("--rank", 4), "--rank / --energy go with --format lora"),
+    (("--format", "lora", "--rank", 4, "--energy", 0.9), "not allowed with argument"),
+    (("--format", "lora", "--energy", 1.5), "not a fraction"),
+])
+def test_lora_export_flags(lm_run, tmp_path, capsys, argv, match):
+  code, _, err = run_cli(capsys, "export", "--run", lm_run, "--output", tmp_path / "x", *argv)
+  assert code == 2 and match in err and not (tmp_path / "x").exists()
+
+
+def test_eval_several_named_adapters_on_one_base(lm_run, files, tmp_path, capsys):
+  other = tmp_path / "other"
+  code, _, err = run_cli(capsys, *finetune_argv(files, other, "causal-lm", "--method", "lora",
+                                                "--steps", 2, "--targets", "q_proj"))
+  assert code == 0, err
+  alone = {}
+  for run in (lm_run, other):
+    code, out, err = run_cli(capsys, "eval", "--run", run, "--data", files["lm_eval"])
+    assert code == 0, err
+    alone[run] = json.loads(out)
+  code, out, err = run_cli(capsys, "eval", "--run", lm_run, "--data", files["lm_eval"],
+                           "--adapter", f"lora={other}")
+  assert code == 0, err
+  rows = [json.loads(line) for line in out.splitlines()]
+  assert [r["adapter"] for r in rows] == ["default", "lora"]
+  for row, run in zip(rows, (lm_run, other)):
+    assert row["loss"] == pytest.approx(alone[run]["loss"], rel=1e-5)
+  code, _, err = run_cli(capsys, "eval", "--run", lm_run, "--data", files["lm_eval"],
+                         "--adapter", f"default={other}")
+  assert code == 2 and "must differ" in err
+  code, _, err = run_cli(capsys, "eval", "--run", lm_run, "--data", files["lm_eval"],
+                         "--adapter", str(other))
+  assert code == 2 and "NAME=DIR" in err
 
 
 # -- bad input -------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ import pytest
 import transformers
 
 import smoa_jax
-from smoa_jax.app import cli
 from tests.support.cli import ours_with_adapter, run_cli
 
 NEW = "6"

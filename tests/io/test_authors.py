@@ -209,6 +209,21 @@ def test_exactly_tied_centroids_both_ways(checkpoint, tmp_path):
 
 
 # -- import ----------------------------------------------------------------------------------------
+def test_import_under_a_name_beside_another_adapter(checkpoint, tmp_path):
+  hf, path = checkpoint("llama")
+  torch_model, layers = _theirs(hf, "llama", tmp_path / "theirs")
+  model = from_hf(path)
+  smoa_jax.apply_adapter(model, smoa_jax.LoRAConfig(r=2, alpha=4.0, target_modules=["v_proj"]),
+                         rngs=nnx.Rngs(0), verbose=False)
+  _perturb(model)
+  before = np.asarray(model(jnp.asarray(_ids())))
+  authors.load_authors_adapter(model, tmp_path / "theirs", name="theirs")
+  assert smoa_jax.list_adapters(model) == ["default", "theirs"]
+  _assert_same(model, torch_model, layers)
+  smoa_jax.set_adapter(model, "default")
+  np.testing.assert_array_equal(np.asarray(model(jnp.asarray(_ids()))), before)
+
+
 @pytest.mark.parametrize("family,binary", [("llama", False), ("gpt2", True)],
                          ids=["llama-safetensors", "gpt2-bin"])
 def test_import_means_the_same_as_the_reference(family, binary, checkpoint, tmp_path):

@@ -133,3 +133,22 @@ def chat_word_llama(directory: Path, vocabulary: Iterable[str]) -> Path:
   tokenizer.chat_template = WORD_CHAT_TEMPLATE
   tokenizer.save_pretrained(directory)
   return directory
+
+
+def adapter_base_lm(family: str, vocab: int = 61, **overrides) -> transformers.PreTrainedModel:
+  """A three-layer random Llama (``nn.Linear``, biased attention, untied head) or GPT-2
+  (``Conv1D``), perturbed by :func:`randomize`; eval mode, not saved. ``overrides`` change config
+  fields. The base of the adapter round-trip tests (PEFT, named adapters)."""
+  if family == "llama":
+    config = transformers.LlamaConfig(**{
+        "vocab_size": vocab, "hidden_size": 48, "intermediate_size": 40, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32,
+        "attention_bias": True, "tie_word_embeddings": False, **overrides})
+    cls = transformers.LlamaForCausalLM
+  else:
+    config = transformers.GPT2Config(**{
+        "vocab_size": vocab, "n_positions": 16, "n_embd": 32, "n_layer": 3, "n_head": 4,
+        "bos_token_id": 0, "eos_token_id": 0, **overrides})
+    cls = transformers.GPT2LMHeadModel
+  torch.manual_seed(0)
+  return randomize(cls(config))

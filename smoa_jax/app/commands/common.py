@@ -225,6 +225,32 @@ def model_dir(args: argparse.Namespace, run: dict[str, Any]) -> str:
   return found
 
 
+def named_adapter(text: str) -> tuple[str, str]:
+  """``NAME=DIR`` -> ``(NAME, absolute DIR)`` (an ``--adapter`` flag)."""
+  from smoa_jax.layers.dense import check_adapter_name
+
+  name, sep, path = text.partition("=")
+  if not sep or not path:
+    raise argparse.ArgumentTypeError(f"{text!r} must look like NAME=DIR")
+  try:
+    return check_adapter_name(name), absolute_path(path)
+  except ConfigError as err:
+    raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def load_named_adapter(model: Any, path: str, name: str) -> None:
+  """Load the adapter at ``path`` (a run directory, or an adapter directory in smoa-jax's, the
+  authors' or PEFT's format, told apart by its ``adapter_config.json``) as adapter ``name``."""
+  import smoa_jax
+
+  directory = Path(path)
+  if (directory / rundir.RUN_CONFIG).is_file():
+    directory = directory / rundir.ADAPTER_DIR
+  loaders = {"portable": smoa_jax.load_adapter, "authors": smoa_jax.load_authors_adapter,
+             "peft": smoa_jax.load_peft_adapter}
+  loaders[formats.detect_format(formats.read_config(directory))](model, directory, name=name)
+
+
 def model_with_adapter(args: argparse.Namespace, run: dict[str, Any], task: str,
                        num_labels: int | None, seq_len: int | None = None):
   """``--model`` (default: the run's model), with the run's adapter when ``--run`` is given."""

@@ -1,6 +1,8 @@
 """``smoa-jax eval``: loss and perplexity or accuracy of a model (with a run's adapter) on a JSONL
 file, printed as one JSON object. Prompt/completion and messages data are scored on the answer
-tokens only (the completion + EOS, the assistant turns), like training."""
+tokens only (the completion + EOS, the assistant turns), like training. With ``--adapter NAME=DIR``
+(repeatable): several adapters on one base model, one JSON object per adapter (the base is loaded
+once; adapters switch by name)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import argparse
 import json
 
 from smoa_jax.app.commands import common
-from smoa_jax.app.commands.common import RUN_DEFAULTS, TASKS, positive_int
+from smoa_jax.app.commands.common import RUN_DEFAULTS, TASKS, UsageError, positive_int
 
 
 def register(add: common.AddCommand) -> None:
@@ -25,11 +27,18 @@ def register(add: common.AddCommand) -> None:
   parser.add_argument("--num-labels", type=positive_int,
                       help="classification: default: the run's, else the largest label + 1")
   parser.add_argument("--batch-size", type=positive_int, default=16, help="(default: 16)")
+  parser.add_argument("--adapter", type=common.named_adapter, action="append", default=[],
+                      metavar="NAME=DIR",
+                      help="evaluate this adapter too, under NAME, on the same base model "
+                      "(repeatable): a run directory, or an adapter directory of smoa-jax's, the "
+                      "authors' or PEFT's format; prints one JSON object per adapter (the "
+                      "--run's adapter is 'default')")
 
 
 def run(args: argparse.Namespace) -> int:
   """One JSON object with loss and perplexity or accuracy on stdout."""
   import smoa_jax
+  from smoa_jax.layers.dense import DEFAULT_ADAPTER
 
   run_config = common.run_of(args)
   flags = run_config["flags"]
@@ -38,9 +47,19 @@ def run(args: argparse.Namespace) -> int:
   tokenizer = common.load_tokenizer(common.model_dir(args, run_config))
   records, tokens = common.tokenized(args.data, task, tokenizer, seq_len,
                                      args.num_labels or run_config.get("num_labels"), "evaluation")
+  names = ([DEFAULT_ADAPTER] if args.run else []) + [name for name, _ in args.adapter]
+  if len(set(names)) != len(names):
+    raise UsageError(f"--adapter names must differ (and differ from 'default', the --run's "
+                     f"adapter): got {names}")
   model = common.model_with_adapter(args, run_config, task, records.num_labels, seq_len)
-  metrics = smoa_jax.evaluate(model, common.task_of(task), tokens.arrays,
-                              batch_size=args.batch_size)
+  for name, path in args.adapter:
+    common.load_named_adapter(model, path, name)
   skipped = {"num_skipped": tokens.num_skipped} if records.kind != "text" else {}
-  print(json.dumps({**metrics, "num_examples": tokens.num_examples, **skipped}))
+  for name in names if args.adapter else [None]:  # without --adapter: one object
+    if name is not None:
+      smoa_jax.set_adapter(model, name)
+    metrics = smoa_jax.evaluate(model, common.task_of(task), tokens.arrays,
+                                batch_size=args.batch_size)
+    named = {} if name is None else {"adapter": name}
+    print(json.dumps({**named, **metrics, "num_examples": tokens.num_examples, **skipped}))
   return 0
