@@ -1,4 +1,4 @@
-"""Benchmark: packing short instruction examples; training tokens/s of REAL tokens, packed vs padded.
+"""Benchmark: packing short instruction examples; training tokens/s of REAL tokens, packed vs padded
 
 The data: the training split of the movie-review sentences (``smoa_jax.app.datasets``) as the chat
 task ``"Is this review positive or negative?\\n\\n<review>"`` -> ``"positive"`` / ``"negative"``
@@ -14,7 +14,8 @@ of two every example fits in):
 
 The step is :func:`benchmarks.model_step.jax_step` (forward + backward of the whole model, loss on
 the assistant tokens, clipping, AdamW over SMoA K=2 r=8 adapters on q, k, v, up, down), compiled
-ahead of time for each layout's batch and timed interleaved (:func:`benchmarks._common.time_interleaved`).
+ahead of time for each layout's batch and timed interleaved
+(:func:`benchmarks._common.time_interleaved`).
 The two steps do the same dense work, so the gain is the fill: real tokens/s = (mean real tokens
 per row over the whole split) x B / median step time, and an epoch takes rows / B steps. Packing
 itself (host, once) is timed too.
@@ -132,17 +133,18 @@ def render(args: argparse.Namespace, layouts: dict[str, data.Tokenized],
   table = _common.markdown_table(
       ["layout", "rows", "real tokens (fill)", "step s (median)", "real tokens/s", "epoch min"],
       rows)
-  return f"""{model_name}: {count:,} chat examples (the sentiment train split as "{datasets.SENTIMENT_QUESTION}"
--> "positive" / "negative", SmolLM2's chat template: {lengths.min()} to {lengths.max()} tokens,
+  question = datasets.SENTIMENT_QUESTION
+  return f"""{model_name}: {count:,} chat examples (the sentiment train split as "{question}" ->
+"positive" / "negative", SmolLM2's chat template: {lengths.min()} to {lengths.max()} tokens,
 median {int(np.median(lengths))}; {layouts["padded"].num_skipped} skipped as too long). Batch
-{args.batch} x {args.seq} tokens, SMoA K=2 r=8 on {", ".join(TARGETS)}, {timings.rounds} interleaved
-rounds. Real tokens/s = fill x {args.batch * args.seq} / median step time.
+{args.batch} x {args.seq} tokens, SMoA K=2 r=8 on {", ".join(TARGETS)}, {timings.rounds}
+interleaved rounds. Real tokens/s = fill x {args.batch * args.seq} / median step time.
 
 {table}
 
-**Packing gain: {gain:.2f}x real tokens/s** = fill ratio {fill["packed"] / fill["padded"]:.2f} x
-the step-time ratio padded / packed in the same round, {paired:.2f} (the two steps do the same
-dense work, so it is about 1 and the gain is the fill). First-fit packing of the whole split took
+**Packing gain: {gain:.2f}x real tokens/s** = fill ratio {fill["packed"] / fill["padded"]:.2f} x the
+step-time ratio padded / packed in the same round, {paired:.2f} (the two steps do the same dense
+work, so it is about 1 and the gain is the fill). First-fit packing of the whole split took
 {pack_seconds:.2f} s on the host, once. The packed loss equals the padded loss: segment ids keep
 attention and targets inside each example (`tests/training/test_tasks.py`).
 """

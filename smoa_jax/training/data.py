@@ -1,4 +1,4 @@
-"""Training data: JSONL reading with line-precise errors, tokenization, packing, deterministic batches.
+"""Training data: JSONL reading with line-precise errors, tokenization, packing, batches.
 
 A JSONL file has one JSON object per line, all of ONE kind (detected from the first record):
 
@@ -46,7 +46,8 @@ __all__ = ["Records", "read_jsonl", "from_rows", "Tokenized", "tokenize", "pack"
 
 TASKS = ("causal-lm", "classification")
 # Record kind -> the fields that mark it.
-KINDS: dict[str, tuple[str, ...]] = {"text": ("text",), "prompt-completion": ("prompt", "completion"),
+KINDS: dict[str, tuple[str, ...]] = {"text": ("text",),
+                                     "prompt-completion": ("prompt", "completion"),
                                      "messages": ("messages",)}
 ROLES = ("system", "user", "assistant")
 _EXAMPLE = {"text": '{"text": ...}', "prompt-completion": '{"prompt": ..., "completion": ...}',
@@ -151,7 +152,8 @@ def _records(rows: list[Any], task: str, source: str, num_labels: int | None,
                         f"records, got a {kind} record.")
     elif this != kind:
       raise DataError(f"{where}: a {this} record in a file of {kind} records (the first is at "
-                      f"{_where(source, lines, first)}); one file holds one kind of record: split it.")
+                      f"{_where(source, lines, first)}); one file holds one kind of record: "
+                      "split it.")
     if kind == "text":
       texts.append(record["text"])
       if task == "classification":

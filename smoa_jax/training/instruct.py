@@ -46,10 +46,10 @@ def encode(records: Any, tokenizer: Any) -> list[Example]:
     answers = tokenizer([c for _, c in records.pairs], add_special_tokens=False)["input_ids"]
     return [encode_pair(p, a, eos) for p, a in zip(prompts, answers)]
   if not getattr(tokenizer, "chat_template", None):
-    raise DataError(f"{records.source}: {{\"messages\"}} records need the tokenizer's chat template, "
-                    "and this tokenizer has none (no chat_template in tokenizer_config.json); "
-                    "write the data as {\"prompt\": ..., \"completion\": ...} records instead, the "
-                    "prompt formatted as the model expects.")
+    raise DataError(f"{records.source}: {{\"messages\"}} records need the tokenizer's chat "
+                    "template, and this tokenizer has none (no chat_template in "
+                    "tokenizer_config.json); write the data as {\"prompt\": ..., \"completion\": "
+                    "...} records instead, the prompt formatted as the model expects.")
   renders = [_render(tokenizer, messages, records.where(i))
              for i, messages in enumerate(records.conversations)]
   ids = iter(tokenizer([text for texts in renders for text in texts],
@@ -62,8 +62,8 @@ def _eos(tokenizer: Any, source: str) -> int:
   eos = getattr(tokenizer, "eos_token_id", None)
   if eos is None:
     raise DataError(f"{source}: prompt/completion training appends EOS to each completion (so "
-                    "the model learns to stop), but the tokenizer has no eos_token; use a tokenizer "
-                    "with one.")
+                    "the model learns to stop), but the tokenizer has no eos_token; use a "
+                    "tokenizer with one.")
   return eos
 
 

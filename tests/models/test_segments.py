@@ -38,7 +38,8 @@ def test_segment_mask_blocks_other_examples_and_padding():
   expected[np.tril_indices(2)] = True  # example 1: tokens 0..1
   expected[2:5, 2:5] = np.tril(np.ones((3, 3), bool))  # example 2: tokens 2..4
   np.testing.assert_array_equal(mask, expected)
-  alone = np.asarray(make_attention_mask(None, 4, causal=False, segment_ids=np.array([[1, 1, 2, 2]])))
+  alone = np.asarray(make_attention_mask(None, 4, causal=False,
+                                         segment_ids=np.array([[1, 1, 2, 2]])))
   assert alone.shape == (1, 1, 4, 4) and alone[0, 0, 0].tolist() == [True, True, False, False]
 
 

@@ -45,7 +45,8 @@ def test_each_kind_is_detected_per_file(tmp_path):
      r"m\.jsonl:3: a prompt-completion record in a file of text records \(the first is at "
      r".*m\.jsonl:1\)"),
     ([chat("q", "a"), {"text": "b"}], r"m\.jsonl:2: a text record in a file of messages"),
-    ([{"text": "a", "prompt": "p"}], r":1: the record has the fields of text and prompt-completion"),
+    ([{"text": "a", "prompt": "p"}],
+     r":1: the record has the fields of text and prompt-completion"),
     ([{"prompt": "p"}], r":1: \"completion\" must be a non-empty string, got None"),
     ([{"prompt": " ", "completion": "c"}], r":1: \"prompt\" must be a non-empty string"),
     ([{"messages": []}], r":1: \"messages\" must be a non-empty list"),
@@ -124,7 +125,8 @@ def test_messages_without_a_chat_template_suggest_prompt_completion(tmp_path):
 
 
 def test_template_errors_become_data_errors(tmp_path):
-  tok = chat_tokenizer(tmp_path, template="{{ raise_exception('system messages are not allowed') }}")
+  refusing = "{{ raise_exception('system messages are not allowed') }}"
+  tok = chat_tokenizer(tmp_path, template=refusing)
   with pytest.raises(DataError, match=r"d example 1: the tokenizer's chat template refused .*"
                      r"system messages are not allowed"):
     data.tokenize(data.from_rows([chat("q", "a")], source="d"), tok, 32)
@@ -148,7 +150,8 @@ def test_examples_whose_answer_cannot_fit_are_skipped_and_counted(tok):
       {"prompt": "the film", "completion": "great great great great great great"},
       {"prompt": "the film was", "completion": "dull"}], source="d")
   tokens = data.tokenize(records, tok, 6)
-  assert (tokens.num_examples, tokens.num_skipped, tokens.num_truncated, len(tokens)) == (2, 1, 1, 2)
+  assert (tokens.num_examples, tokens.num_skipped, tokens.num_truncated) == (2, 1, 1)
+  assert len(tokens) == 2
   cut = tokens.arrays["input_ids"][0]
   assert cut[-2:].tolist() == ids_of(tok, "yes") + [tok.eos_token_id]  # the whole answer
   assert cut[:4].tolist() == ids_of(tok, "review positive or negative") and 2 not in cut  # no <s>
@@ -209,10 +212,11 @@ def test_smollm2_chat_template_answer_is_the_assistant_text_and_end_token():
   tok = transformers.AutoTokenizer.from_pretrained(assets.fetch_smollm2())
   records = data.from_rows([chat("Is this review positive or negative?\n\nA dull film.",
                                  "negative"),
-                            {"messages": [{"role": "user", "content": "Hi"},
-                                          {"role": "assistant", "content": "Hello! How can I help?"},
-                                          {"role": "user", "content": "Say yes."},
-                                          {"role": "assistant", "content": "Yes."}]}])
+                            {"messages": [
+                                {"role": "user", "content": "Hi"},
+                                {"role": "assistant", "content": "Hello! How can I help?"},
+                                {"role": "user", "content": "Say yes."},
+                                {"role": "assistant", "content": "Yes."}]}])
   tokens = data.tokenize(records, tok, 128)
   ids, loss = tokens.arrays["input_ids"], tokens.arrays["loss_mask"].astype(bool)
   assert tok.decode(ids[0][loss[0]]) == "negative<|im_end|>\n"
