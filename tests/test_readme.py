@@ -87,9 +87,21 @@ def check_generation(namespace: dict) -> None:
     assert new == sequence[len(prompt):]
 
 
+def check_named_adapters(namespace: dict) -> None:
+  """The named-adapters block: both adapters are on the model again, the PEFT exports are LoRA
+  adapters PEFT can read, and the conversion covered every adapted layer."""
+  model, report = namespace["model"], namespace["report"]
+  assert sorted(smoa_jax.list_adapters(model)) == ["chat", "default"]
+  for name in ("chat", "default-as-lora"):
+    config = json.loads(Path("adapters", name, "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA", (name, config["peft_type"])
+  assert len(report.layers) == len(smoa_jax.adapter_layers(model)) > 0
+
+
 CHECKS = {"SMoADense.from_linear": check_one_layer,
           "smoa_jax.apply_adapter(model, config": check_hf_quickstart,
-          "smoa_jax.generate(": check_generation}
+          "smoa_jax.generate(": check_generation,
+          "smoa_jax.list_adapters(model)": check_named_adapters}
 
 
 @pytest.mark.parametrize("index", range(len(PYTHON)))

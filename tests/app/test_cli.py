@@ -254,30 +254,30 @@ def _peft_logits(model_dir: Path, adapter_dir: Path, ids: np.ndarray) -> np.ndar
     return model(torch.tensor(ids)).logits.numpy()
 
 
-def test_peft_and_lora_exports_load_in_peft(lm_run, files, tmp_path, capsys):
+def test_peft_and_lora_exports_load_in_peft(cli_lm_run, cli_files, tmp_path, capsys):
   ids = np.array([[2, 5, 9, 11, 3]])
-  code, out, err = run_cli(capsys, "export", "--run", lm_run, "--output", tmp_path / "lora",
+  code, out, err = run_cli(capsys, "export", "--run", cli_lm_run, "--output", tmp_path / "lora",
                            "--format", "lora", "--rank", 4)
   assert code == 0, err
   summary = json.loads(out)
   assert summary["format"] == "lora" and summary["layers"] == 6 and summary["mean_rank"] == 4
   assert 0 < summary["mean_relative_error"] <= summary["max_relative_error"] < 1
-  ours = ours_with_adapter(files["llama"], lm_run)
+  ours = ours_with_adapter(cli_files["llama"], cli_lm_run)
   smoa_jax.to_lora(ours, rank=4)
-  np.testing.assert_allclose(_peft_logits(files["llama"], tmp_path / "lora", ids),
+  np.testing.assert_allclose(_peft_logits(cli_files["llama"], tmp_path / "lora", ids),
                              np.asarray(ours(ids)), atol=1e-4)
-  code, _, err = run_cli(capsys, "export", "--run", lm_run, "--output", tmp_path / "smoa",
+  code, _, err = run_cli(capsys, "export", "--run", cli_lm_run, "--output", tmp_path / "smoa",
                          "--format", "peft")
   assert code == 1 and "to_lora" in err  # PEFT has no SMoA
   run = tmp_path / "run"
-  code, _, err = run_cli(capsys, *finetune_argv(files, run, "causal-lm", "--method", "hira",
+  code, _, err = run_cli(capsys, *finetune_argv(cli_files, run, "causal-lm", "--method", "hira",
                                                 "--steps", 2, "--targets", "v_proj"))
   assert code == 0, err
   code, out, err = run_cli(capsys, "export", "--run", run, "--output", tmp_path / "peft",
                            "--format", "peft")
   assert code == 0 and json.loads(out)["format"] == "peft", err
-  np.testing.assert_allclose(_peft_logits(files["llama"], tmp_path / "peft", ids),
-                             np.asarray(ours_with_adapter(files["llama"], run)(ids)), atol=1e-4)
+  np.testing.assert_allclose(_peft_logits(cli_files["llama"], tmp_path / "peft", ids),
+                             np.asarray(ours_with_adapter(cli_files["llama"], run)(ids)), atol=1e-4)
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -286,32 +286,32 @@ def test_peft_and_lora_exports_load_in_peft(lm_run, files, tmp_path, capsys):
     (("--format", "lora", "--rank", 4, "--energy", 0.9), "not allowed with argument"),
     (("--format", "lora", "--energy", 1.5), "not a fraction"),
 ])
-def test_lora_export_flags(lm_run, tmp_path, capsys, argv, match):
-  code, _, err = run_cli(capsys, "export", "--run", lm_run, "--output", tmp_path / "x", *argv)
+def test_lora_export_flags(cli_lm_run, tmp_path, capsys, argv, match):
+  code, _, err = run_cli(capsys, "export", "--run", cli_lm_run, "--output", tmp_path / "x", *argv)
   assert code == 2 and match in err and not (tmp_path / "x").exists()
 
 
-def test_eval_several_named_adapters_on_one_base(lm_run, files, tmp_path, capsys):
+def test_eval_several_named_adapters_on_one_base(cli_lm_run, cli_files, tmp_path, capsys):
   other = tmp_path / "other"
-  code, _, err = run_cli(capsys, *finetune_argv(files, other, "causal-lm", "--method", "lora",
+  code, _, err = run_cli(capsys, *finetune_argv(cli_files, other, "causal-lm", "--method", "lora",
                                                 "--steps", 2, "--targets", "q_proj"))
   assert code == 0, err
   alone = {}
-  for run in (lm_run, other):
-    code, out, err = run_cli(capsys, "eval", "--run", run, "--data", files["lm_eval"])
+  for run in (cli_lm_run, other):
+    code, out, err = run_cli(capsys, "eval", "--run", run, "--data", cli_files["lm_eval"])
     assert code == 0, err
     alone[run] = json.loads(out)
-  code, out, err = run_cli(capsys, "eval", "--run", lm_run, "--data", files["lm_eval"],
+  code, out, err = run_cli(capsys, "eval", "--run", cli_lm_run, "--data", cli_files["lm_eval"],
                            "--adapter", f"lora={other}")
   assert code == 0, err
   rows = [json.loads(line) for line in out.splitlines()]
   assert [r["adapter"] for r in rows] == ["default", "lora"]
-  for row, run in zip(rows, (lm_run, other)):
+  for row, run in zip(rows, (cli_lm_run, other)):
     assert row["loss"] == pytest.approx(alone[run]["loss"], rel=1e-5)
-  code, _, err = run_cli(capsys, "eval", "--run", lm_run, "--data", files["lm_eval"],
+  code, _, err = run_cli(capsys, "eval", "--run", cli_lm_run, "--data", cli_files["lm_eval"],
                          "--adapter", f"default={other}")
   assert code == 2 and "must differ" in err
-  code, _, err = run_cli(capsys, "eval", "--run", lm_run, "--data", files["lm_eval"],
+  code, _, err = run_cli(capsys, "eval", "--run", cli_lm_run, "--data", cli_files["lm_eval"],
                          "--adapter", str(other))
   assert code == 2 and "NAME=DIR" in err
 
