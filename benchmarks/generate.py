@@ -64,10 +64,10 @@ ADAPTER = dict(r=8, num_blocks=2, alpha=16.0,
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog=f"python -m {MODULE}",
-      description="Tokens/s of greedy generation (ours vs transformers' generate) at batch 1 and "
-                  "8, and the time of one decode step at a long context vs a short one.")
+  parser = _common.benchmark_parser(
+      MODULE,
+      "Tokens/s of greedy generation (ours vs transformers' generate) at batch 1 and "
+      "8, and the time of one decode step at a long context vs a short one.")
   parser.add_argument("--batches", type=_common.parse_ints, default=(1, 8),
                       help="batch sizes of the tokens/s table (default 1,8)")
   parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default 32)")
@@ -82,9 +82,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--max-seconds", type=float, default=900.0,
                       help="stop timing a table after this long, once 3 rounds are done")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny random Llama, short prompts and contexts, 2 rounds (never writes)")
-  parser.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+  _common.add_run_flags(parser,
+                        quick="tiny random Llama, "
+                              "short prompts and contexts, 2 rounds (never writes)")
   args = parser.parse_args(argv)
   if args.quick:
     args.batches, args.prompt_len, args.new_tokens, args.contexts = (1, 2), 5, 6, (8, 40)

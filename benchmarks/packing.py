@@ -49,19 +49,19 @@ MODULE = "benchmarks.packing"
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog=f"python -m {MODULE}",
-      description="Training tokens/s of real tokens with packed vs padded sequences: SmolLM2-135M "
-                  "on the sentiment sentences as a chat task.")
+  parser = _common.benchmark_parser(
+      MODULE,
+      "Training tokens/s of real tokens with packed vs padded sequences: SmolLM2-135M "
+      "on the sentiment sentences as a chat task.")
   parser.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
   parser.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
   parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default 7)")
   parser.add_argument("--max-seconds", type=float, default=900.0,
                       help="stop timing after this long, once 3 rounds are done")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny random Llama, 64 examples, 2 rounds: a smoke test (never writes)")
-  parser.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+  _common.add_run_flags(parser,
+                        quick="tiny random Llama, "
+                              "64 examples, 2 rounds: a smoke test (never writes)")
   args = parser.parse_args(argv)
   if args.quick:
     args.batch, args.rounds, args.no_write = 2, 2, True
