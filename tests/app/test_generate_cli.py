@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 
+import numpy as np
 import pytest
 import transformers
 
@@ -73,6 +74,29 @@ def test_generate_with_a_runs_adapter(cli_files, cli_lm_run, capsys):
   assert code == 0, err
   expected = smoa_jax.generate(model, tokenizer, ["the cat"], max_new_tokens=int(NEW))
   assert records(out) == [{"prompt": "the cat", "generation": expected[0]}]
+
+
+def test_generate_with_named_adapters_on_one_base(cli_files, cli_lm_run, tmp_path, capsys):
+  """``--adapter NAME=DIR`` generates with each adapter in turn on one base model, each as the
+  model with that adapter alone would."""
+  tokenizer = transformers.AutoTokenizer.from_pretrained(cli_files["llama"])
+  loud = ours_with_adapter(cli_files["llama"], cli_lm_run)
+  rng = np.random.default_rng(0)
+  for _, layer in smoa_jax.adapter_layers(loud):  # dW as large as W: the answers must change
+    layer.lora_b[...] = rng.standard_normal(layer.lora_b.shape).astype(np.float32)
+  smoa_jax.save_adapter(loud, tmp_path / "loud")
+  expected = {name: smoa_jax.generate(model, tokenizer, ["the cat"], max_new_tokens=int(NEW))[0]
+              for name, model in (("default", ours_with_adapter(cli_files["llama"], cli_lm_run)),
+                                  ("loud", loud))}
+  assert expected["default"] != expected["loud"]
+  code, out, err = run_cli(capsys, "generate", "--run", cli_lm_run, "--prompt", "the cat",
+                           "--max-new-tokens", NEW, "--adapter", f"loud={tmp_path / 'loud'}")
+  assert code == 0, err
+  assert records(out) == [{"prompt": "the cat", "adapter": name, "generation": text}
+                          for name, text in expected.items()]
+  code, _, err = run_cli(capsys, "generate", "--run", cli_lm_run, "--prompt", "the cat",
+                         "--adapter", f"default={cli_lm_run}")
+  assert code == 2 and "--adapter names must differ" in err
 
 
 def test_chat_streams_answers_and_keeps_the_conversation(chat_dir, chat_model, capsys,

@@ -238,6 +238,43 @@ def named_adapter(text: str) -> tuple[str, str]:
     raise argparse.ArgumentTypeError(str(err)) from err
 
 
+def add_adapter_flag(parser: argparse.ArgumentParser, what: str) -> None:
+  """``--adapter NAME=DIR`` (repeatable): more adapters on the same base model."""
+  parser.add_argument("--adapter", type=named_adapter, action="append", default=[],
+                      metavar="NAME=DIR",
+                      help=f"{what} with this adapter too, under NAME, on the same base model "
+                      "(repeatable): a run directory, or an adapter directory of smoa-jax's, the "
+                      "authors' or PEFT's format (the --run's adapter is 'default')")
+
+
+def adapter_names(args: argparse.Namespace) -> list[str | None]:
+  """The adapters to run with, in order: the ``--run``'s (``default``) and each ``--adapter``'s
+  name; ``[None]`` without ``--adapter`` (the model as it is). Checked before anything loads."""
+  from smoa_jax.layers.dense import DEFAULT_ADAPTER
+
+  names = ([DEFAULT_ADAPTER] if args.run else []) + [name for name, _ in args.adapter]
+  if len(set(names)) != len(names):
+    raise UsageError(f"--adapter names must differ (and differ from 'default', the --run's "
+                     f"adapter): got {names}")
+  return names if args.adapter else [None]
+
+
+def activate(model: Any, args: argparse.Namespace, name: str | None) -> dict[str, str]:
+  """Make adapter ``name`` active (loading every ``--adapter`` on first use: the base weights are
+  loaded once, adapters switch by name); returns ``{"adapter": name}`` for the output record, or
+  ``{}`` for None."""
+  import smoa_jax
+
+  if name is None:
+    return {}
+  loaded = set(smoa_jax.list_adapters(model))
+  for other, path in args.adapter:
+    if other not in loaded:
+      load_named_adapter(model, path, other)
+  smoa_jax.set_adapter(model, name)
+  return {"adapter": name}
+
+
 def load_named_adapter(model: Any, path: str, name: str) -> None:
   """Load the adapter at ``path`` (a run directory, or an adapter directory in smoa-jax's, the
   authors' or PEFT's format, told apart by its ``adapter_config.json``) as adapter ``name``."""

@@ -10,7 +10,7 @@ import argparse
 import json
 
 from smoa_jax.app.commands import common
-from smoa_jax.app.commands.common import RUN_DEFAULTS, TASKS, UsageError, positive_int
+from smoa_jax.app.commands.common import RUN_DEFAULTS, TASKS, positive_int
 
 
 def register(add: common.AddCommand) -> None:
@@ -27,18 +27,12 @@ def register(add: common.AddCommand) -> None:
   parser.add_argument("--num-labels", type=positive_int,
                       help="classification: default: the run's, else the largest label + 1")
   parser.add_argument("--batch-size", type=positive_int, default=16, help="(default: 16)")
-  parser.add_argument("--adapter", type=common.named_adapter, action="append", default=[],
-                      metavar="NAME=DIR",
-                      help="evaluate this adapter too, under NAME, on the same base model "
-                      "(repeatable): a run directory, or an adapter directory of smoa-jax's, the "
-                      "authors' or PEFT's format; prints one JSON object per adapter (the "
-                      "--run's adapter is 'default')")
+  common.add_adapter_flag(parser, "evaluate (one JSON object per adapter)")
 
 
 def run(args: argparse.Namespace) -> int:
   """One JSON object with loss and perplexity or accuracy on stdout."""
   import smoa_jax
-  from smoa_jax.layers.dense import DEFAULT_ADAPTER
 
   run_config = common.run_of(args)
   flags = run_config["flags"]
@@ -47,19 +41,12 @@ def run(args: argparse.Namespace) -> int:
   tokenizer = common.load_tokenizer(common.model_dir(args, run_config))
   records, tokens = common.tokenized(args.data, task, tokenizer, seq_len,
                                      args.num_labels or run_config.get("num_labels"), "evaluation")
-  names = ([DEFAULT_ADAPTER] if args.run else []) + [name for name, _ in args.adapter]
-  if len(set(names)) != len(names):
-    raise UsageError(f"--adapter names must differ (and differ from 'default', the --run's "
-                     f"adapter): got {names}")
+  names = common.adapter_names(args)
   model = common.model_with_adapter(args, run_config, task, records.num_labels, seq_len)
-  for name, path in args.adapter:
-    common.load_named_adapter(model, path, name)
   skipped = {"num_skipped": tokens.num_skipped} if records.kind != "text" else {}
-  for name in names if args.adapter else [None]:  # without --adapter: one object
-    if name is not None:
-      smoa_jax.set_adapter(model, name)
+  for name in names:
+    named = common.activate(model, args, name)
     metrics = smoa_jax.evaluate(model, common.task_of(task), tokens.arrays,
                                 batch_size=args.batch_size)
-    named = {} if name is None else {"adapter": name}
     print(json.dumps({**named, **metrics, "num_examples": tokens.num_examples, **skipped}))
   return 0

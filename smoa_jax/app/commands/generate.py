@@ -5,7 +5,8 @@ Prompts come from ``--prompt TEXT ...`` or a JSONL file (``--data``) of ``{"prom
 ``{"messages": [{"role", "content"}, ...]}`` records, one kind per file (other fields, such as a
 reference ``completion``, are carried over). ``--chat`` renders plain prompts as one user turn
 with the tokenizer's chat template; ``messages`` records are always rendered with it. Output
-records are ``{"prompt" | "messages": ..., "generation": TEXT}``, to ``--output`` (written
+records are ``{"prompt" | "messages": ..., "generation": TEXT}`` (with ``"adapter": NAME`` for
+each ``--adapter NAME=DIR``, all on one base model), to ``--output`` (written
 whole, then renamed into place) or to stdout.
 """
 
@@ -74,6 +75,7 @@ def register(add: common.AddCommand) -> None:
                       help="prompts generated together (default: 8)")
   parser.add_argument("--output", type=common.absolute_path, metavar="GENERATIONS.jsonl",
                       help="write the records here (default: stdout)")
+  common.add_adapter_flag(parser, "generate (each record then names its \"adapter\")")
 
 
 def read_prompts(path: str) -> list[dict[str, Any]]:
@@ -138,8 +140,13 @@ def run(args: argparse.Namespace) -> int:
   records = ([{"prompt": p} for p in args.prompt] if args.prompt else read_prompts(args.data))
   chat = args.chat or "messages" in records[0]
   prompts = [r.get("messages", r.get("prompt")) for r in records]
+  names = common.adapter_names(args)
   model, tokenizer = load_for_generation(args)
-  generations = generate_text(model, tokenizer, prompts, sampling, chat=chat,
-                              batch_size=args.batch_size)
-  write_jsonl([{**r, "generation": g} for r, g in zip(records, generations)], args.output)
+  out = []
+  for name in names:
+    named = common.activate(model, args, name)
+    generations = generate_text(model, tokenizer, prompts, sampling, chat=chat,
+                                batch_size=args.batch_size)
+    out += [{**r, **named, "generation": g} for r, g in zip(records, generations)]
+  write_jsonl(out, args.output)
   return 0
