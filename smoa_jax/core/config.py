@@ -101,6 +101,9 @@ class AdapterConfig:
   trains_base_kernel: ClassVar[bool] = False
   # The method works in W's spectral order: layers hold in_perm / out_perm (SMoA).
   spectral_order: ClassVar[bool] = False
+  # AdamW's peak learning rate when TrainConfig.learning_rate / --lr is not given: chosen on the
+  # validation splits of benchmarks/quality_real.py (MiniLM sentiment, SmolLM2 Shakespeare).
+  default_learning_rate: ClassVar[float] = 1e-3
   _: dataclasses.KW_ONLY
   dropout: float = 0.0
   target_modules: tuple[str, ...] | str = DEFAULT_TARGETS

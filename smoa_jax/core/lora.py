@@ -21,6 +21,8 @@ class LoRAConfig(LowRankConfig):
   """LoRA baseline: ``dW = (alpha/r) a @ b``, ``a`` uniform in ``+-1/sqrt(in)``, ``b`` zeros."""
 
   method: ClassVar[str] = "lora"
+  # Best on validation: 0.008 on sentiment, 0.005 on Shakespeare (where 0.01 was worse).
+  default_learning_rate: ClassVar[float] = 5e-3
 
   def make_op(self, in_features: int, out_features: int, blocks: object = None) -> "LoRAOp":
     del blocks

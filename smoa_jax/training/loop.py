@@ -39,7 +39,7 @@ from smoa_jax.io.checkpoint import TrainCheckpointer
 from smoa_jax.layers.variables import SpectralIndex, TrainableParam
 from smoa_jax.parallel import sharding, spmd
 from smoa_jax.training import data as data_lib
-from smoa_jax.training.config import TrainConfig, make_optimizer
+from smoa_jax.training.config import TrainConfig, make_optimizer, resolve_learning_rate
 from smoa_jax.training.tasks import CausalLMTask, ClassificationTask, Task
 
 __all__ = ["TrainConfig", "Task", "CausalLMTask", "ClassificationTask", "TrainResult", "train",
@@ -292,6 +292,8 @@ class _Run:
   """One call of :func:`train`: the set-up, then :meth:`loop` with its log / eval / save steps."""
 
   def __init__(self, model, task, train_data, config, eval_data, output, resume, on_save, mesh):
+    learning_rate, self.learning_rate_source = resolve_learning_rate(config, model)
+    config = dataclasses.replace(config, learning_rate=learning_rate)
     self.model, self.task, self.config, self.mesh = model, task, config, mesh
     self.eval_data, self.on_save = eval_data, on_save
     num_examples = len(next(iter(train_data.values())))

@@ -108,6 +108,7 @@ def test_other_methods_train_and_export(method, cli_files, tmp_path, capsys):
   code, _, err = run_cli(capsys, *finetune_argv(cli_files, run, "causal-lm", "--method", method,
                                                 "--steps", 2, "--targets", "v_proj", *mesh))
   assert code == 0, err
+  assert "learning rate 0.01 (given; --lr sets another)" in err
   assert json.loads((run / "adapter" / "adapter_config.json").read_text())["method"] == method
   code, _, err = run_cli(capsys, "export", "--run", run, "--output", tmp_path / "merged")
   assert code == 0, err

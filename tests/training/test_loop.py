@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import smoa_jax
-from smoa_jax.training.config import make_optimizer
+from smoa_jax.training.config import make_optimizer, resolve_learning_rate
 from tests.support.state import adapter_arrays, base_arrays
 from tests.support.toy import ToyClassifier, ToyLM, lm_run, token_data
 
@@ -135,3 +135,36 @@ def test_training_needs_trainable_arrays_and_resume_needs_a_checkpoint(tmp_path)
   with pytest.raises(smoa_jax.ConfigError, match="no checkpoint"):
     smoa_jax.train(model, smoa_jax.CausalLMTask(), token_data(8), config, output_dir=tmp_path,
                    resume=True)
+
+
+# -- per-method default learning rates --------------------------------------------------------------
+@pytest.mark.parametrize("config,expected", [
+    (smoa_jax.SMoAConfig(4, 2, 8.0, target_modules=["q_proj"]), 3e-2),
+    (smoa_jax.HiRAConfig(4, 8.0, target_modules=["q_proj"]), 2e-2),
+    (smoa_jax.LoRAConfig(4, 8.0, target_modules=["q_proj"]), 5e-3),
+    (smoa_jax.FullFineTuneConfig(target_modules=["q_proj"]), 3e-4),
+])
+def test_learning_rate_defaults_to_the_methods_own(config, expected):
+  model = ToyLM(seed=0)
+  smoa_jax.apply_adapter(model, config, rngs=nnx.Rngs(1), verbose=False)
+  unset = smoa_jax.TrainConfig(steps=2, progress=False)
+  assert resolve_learning_rate(unset, model) == (expected, f"the default of {config.method}")
+  given = smoa_jax.TrainConfig(steps=2, learning_rate=0.5, progress=False)
+  assert resolve_learning_rate(given, model) == (0.5, "given")
+  # train() uses it: the first logged step's learning rate is the default's (constant schedule).
+  result = smoa_jax.train(model, smoa_jax.CausalLMTask(), token_data(16),
+                          smoa_jax.TrainConfig(steps=1, batch_size=8, schedule="constant",
+                                               log_every=1, progress=False))
+  assert result.history[0]["learning_rate"] == pytest.approx(expected)
+
+
+def test_mixed_methods_need_an_explicit_learning_rate():
+  model = ToyLM(seed=0)
+  smoa_jax.apply_adapter(model, smoa_jax.SMoAConfig(4, 2, 8.0, target_modules=["q_proj"]),
+                         rngs=nnx.Rngs(1), verbose=False)
+  smoa_jax.apply_adapter(model, smoa_jax.LoRAConfig(4, 8.0, target_modules=["v_proj"]),
+                         rngs=nnx.Rngs(2), verbose=False)
+  with pytest.raises(smoa_jax.ConfigError, match="lora, smoa.*give learning_rate"):
+    resolve_learning_rate(smoa_jax.TrainConfig(steps=2), model)
+  with pytest.raises(smoa_jax.ConfigError, match="resolve"):
+    make_optimizer(smoa_jax.TrainConfig(steps=2), 2)

@@ -27,7 +27,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "data": None, "eval_data": None, "task": "causal-lm", "num_labels": None, "method": "smoa",
     "r": 8, "num_blocks": 2, "alpha": 16.0, "dropout": 0.0, "targets": DEFAULT_TARGETS,
     "exclude": None, "steps": None, "epochs": None, "batch_size": 8, "grad_accum": 1,
-    "seq_len": 128, "lr": 1e-3, "warmup_steps": 0, "schedule": "cosine", "weight_decay": 0.0,
+    "seq_len": 128, "lr": None, "warmup_steps": 0, "schedule": "cosine", "weight_decay": 0.0,
     "seed": 0, "save_every": 100, "eval_every": None, "log_every": 10, "mesh": None,
     "model": None, "dtype": "float32", "train_on_prompt": False, "packing": False,
 }

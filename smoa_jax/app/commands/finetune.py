@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -62,7 +63,9 @@ def _add_optimizer_flags(parser: argparse.ArgumentParser) -> None:
   run_flag(parser, "--batch-size", "examples per step", type=positive_int)
   run_flag(parser, "--grad-accum", "micro-batches per step (must divide the batch size)",
            type=positive_int)
-  run_flag(parser, "--lr", "peak learning rate (AdamW)", type=float)
+  run_flag(parser, "--lr", "peak learning rate (AdamW); default: the method's (SMoA 0.03, HiRA "
+           "0.02, LoRA 0.005, full 0.0003; chosen on validation data, see benchmarks/RESULTS.md)",
+           type=float)
   run_flag(parser, "--warmup-steps", "linear warmup steps", type=int)
   run_flag(parser, "--schedule", "learning-rate decay", choices=("cosine", "linear", "constant"))
   run_flag(parser, "--weight-decay", "AdamW weight decay", type=float)
@@ -229,6 +232,7 @@ def _train(args: argparse.Namespace, output: Path, saved: dict[str, Any] | None,
   import smoa_jax
   from smoa_jax.app.analysis import plot_training_curves
   from smoa_jax.parallel import sharding
+  from smoa_jax.training.config import resolve_learning_rate
 
   train_tokens, eval_tokens, num_labels, digest, summary = _data(flags, saved)
   adapter_dir = output / rundir.ADAPTER_DIR
@@ -236,6 +240,10 @@ def _train(args: argparse.Namespace, output: Path, saved: dict[str, Any] | None,
   mesh = sharding.make_mesh(**mesh_shape) if mesh_shape is not None else None
   model = _model(flags, config, num_labels, adapter_dir, saved is not None, mesh)
   writer = jax.process_index() == 0
+  learning_rate, source = resolve_learning_rate(train_config, model)
+  train_config = dataclasses.replace(train_config, learning_rate=learning_rate)
+  if writer:
+    common.log(f"learning rate {learning_rate:g} ({source}; --lr sets another)")
   if writer:
     if args.overwrite:
       rundir.clear_run_dir(output)
