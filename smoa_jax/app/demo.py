@@ -46,7 +46,6 @@ class DemoSettings:
       the sentences).
     eval_every: validation interval in steps.
     lora_r: LoRA's rank p; SMoA gets rank 2p with ``num_blocks`` = 2 (the same budget).
-    smoa_lr, lora_lr: learning rates (AdamW, warmup then cosine decay).
     seed: split, initialization and data order.
   """
 
@@ -58,8 +57,6 @@ class DemoSettings:
   seq_len: int = 64
   eval_every: int = 50
   lora_r: int = 4
-  smoa_lr: float = 3e-2
-  lora_lr: float = 5e-3
   warmup_steps: int = 10
   seed: int = 0
 
@@ -173,17 +170,17 @@ def run_demo(output: str | Path, *, quick: bool = False, settings: DemoSettings 
   p = settings.lora_r
   methods = [
       (f"SMoA r={2 * p} K=2", smoa_jax.SMoAConfig(r=2 * p, num_blocks=2, alpha=4.0 * p,
-                                                  target_modules=TARGETS), settings.smoa_lr),
-      (f"LoRA r={p}", smoa_jax.LoRAConfig(r=p, alpha=2.0 * p, target_modules=TARGETS),
-       settings.lora_lr),
+                                                  target_modules=TARGETS)),
+      (f"LoRA r={p}", smoa_jax.LoRAConfig(r=p, alpha=2.0 * p, target_modules=TARGETS)),
   ]
   console.print(f"[bold]smoa-jax demo[/bold]: MiniLM on movie-review sentiment, "
                 f"{len(splits['train']['labels'])} train / {len(splits['validation']['labels'])} "
                 f"validation / {len(splits['test']['labels'])} test sentences, {settings.steps} "
                 f"steps of {settings.batch_size}" + (" (--quick: a smoke test)" if quick else ""))
   results = []
-  for i, (name, config, lr) in enumerate(methods, 1):
-    console.print(f"[{i}/{len(methods)}] {name}, learning rate {lr:g}")
+  for i, (name, config) in enumerate(methods, 1):
+    lr = config.default_learning_rate  # AdamW, warmup then cosine decay
+    console.print(f"[{i}/{len(methods)}] {name}, learning rate {lr:g} (the method's default)")
     results.append(_train_method(name, config, lr, model_dir, splits, settings))
   output.mkdir(parents=True, exist_ok=True)
   plot = plot_training_curves({r.name: r.history for r in results}, output / "demo.png",
