@@ -187,6 +187,7 @@ def test_minilm_matches_transformers():
 
 
 @pytest.mark.assets
+@pytest.mark.slow  # the real model's generation parity also runs in tests/inference/test_smollm2.py
 @needs("smollm2")
 def test_smollm2_logits_and_greedy_generation_match_transformers():
   import torch

@@ -101,7 +101,8 @@ def test_classification_finetune_eval_export_and_reload_in_transformers(cli_file
   np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["lora", "full", pytest.param("hira", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("method", ["lora", pytest.param("full", marks=pytest.mark.slow),
+                                    pytest.param("hira", marks=pytest.mark.slow)])
 def test_other_methods_train_and_export(method, cli_files, tmp_path, capsys):
   run = tmp_path / "run"
   mesh = ("--mesh", "data=1,fsdp=1,tp=1") if method == "lora" else ()  # a trivial mesh works

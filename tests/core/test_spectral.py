@@ -52,6 +52,7 @@ def _simple_spectrum(w: np.ndarray) -> bool:
   return bool(len(big) < 2 or np.min(-np.diff(big)) > 1e-3 * big[0])
 
 
+@pytest.mark.slow  # 25 hypothesis shapes; the fixed-shape reference tests below run by default
 @settings(max_examples=25, deadline=None)
 @given(m=st.integers(1, 24), n=st.integers(1, 24), seed=st.integers(0, 2**31 - 1), data=st.data())
 def test_blocks_match_reference(m, n, seed, data):
@@ -94,7 +95,7 @@ def test_auto_falls_back_to_svd_when_the_gram_matrix_cannot_resolve_rows():
   np.testing.assert_array_equal(batched[0].in_perm, ref_in)
 
 
-@pytest.mark.parametrize("method", ["gram", "svd"])
+@pytest.mark.parametrize("method", ["gram", pytest.param("svd", marks=pytest.mark.slow)])
 def test_large_matrix_agrees_with_reference_up_to_near_ties(method):
   # At 576 x 1536 neighbouring float64 scores can be closer than float32 resolution, so positions
   # may swap between near-equal neighbours, but the order is right up to that noise and the block

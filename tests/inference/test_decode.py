@@ -70,7 +70,8 @@ ADAPTERS = {
 }
 
 
-@pytest.mark.parametrize("method", sorted(ADAPTERS))
+@pytest.mark.parametrize("method", [m if m == "smoa" else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in sorted(ADAPTERS)])  # one op interface: SMoA's is enough
 def test_unmerged_adapters_generate_like_the_merged_model(qwen2, method):
   hf, path = qwen2
   model = with_adapter(path, ADAPTERS[method])
