@@ -60,7 +60,8 @@ def test_invalid_fields_raise_value_error_naming_field_and_value(cls, kwargs, me
 
 
 @probe("configs", "`target_modules` matching no layer (and re-adapting adapted layers)",
-       "TargetError listing every candidate linear layer path (and saying which are already adapted)")
+       "TargetError listing every candidate linear layer path (and how many already hold an adapter "
+       "of that name, with how to add another)")
 def test_nothing_matched_lists_candidates():
   model = ToyLM()
   with pytest.raises(smoa_jax.TargetError) as info:
@@ -68,7 +69,8 @@ def test_nothing_matched_lists_candidates():
   assert "layers/0/self_attn/q_proj" in str(info.value) and "lm_head" in str(info.value)
   smoa_jax.apply_adapter(model, smoa_jax.LoRAConfig(target_modules=["q_proj"]), rngs=nnx.Rngs(0),
                          verbose=False)
-  with pytest.raises(smoa_jax.TargetError, match="already adapted"):
+  with pytest.raises(smoa_jax.TargetError,
+                     match="2 modules already hold an adapter named 'default' .*another name="):
     smoa_jax.apply_adapter(model, smoa_jax.LoRAConfig(target_modules=["q_proj"]), rngs=nnx.Rngs(0))
 
 
