@@ -18,7 +18,8 @@ reading of the base model's answers (exactly one of the two words appears anywhe
 Methods, at an equal budget of trainable parameters (``p`` = LoRA's rank,
 :class:`benchmarks._budgets.EqualBudget`): SMoA r = 2p in K = 2 spectral blocks against LoRA r = p
 on ``q_proj, k_proj, v_proj, up_proj, down_proj`` of all 30 layers, ``alpha / r = 2``; the same
-steps, batch, data order (per seed) and schedule (AdamW, warmup then cosine decay, clipping 1.0).
+steps, batch, data order (per seed) and schedule (AdamW, warmup then cosine decay, clipping 1.0;
+:func:`smoa_jax.app.llm_demo.tune`, which ``smoa-jax demo --llm`` runs too).
 Each method's learning rate is the one ``benchmarks/quality_real.py`` chose for it on SmolLM2 by
 validation perplexity (SMoA 3e-2, LoRA 5e-3); no grid is searched here. Seeds set the adapter
 initialisation and the data order; we report mean and sample standard deviation over seeds.
@@ -38,7 +39,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -126,8 +127,7 @@ def make_context(plan: Plan, quick: bool, workdir: Path) -> Context:
   """The packed training split, the test subset, and the model directory (real or tiny)."""
   import transformers
 
-  from smoa_jax.app import assets, datasets
-  from smoa_jax.training import data
+  from smoa_jax.app import assets, datasets, llm_demo
 
   real_dir = assets.fetch_smollm2()
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(real_dir))
@@ -140,11 +140,10 @@ def make_context(plan: Plan, quick: bool, workdir: Path) -> Context:
   texts, labels = split["train"]
   if plan.train_limit is not None:
     texts, labels = texts[:plan.train_limit], labels[:plan.train_limit]
-  records = data.from_rows(datasets.sentiment_chat(texts, labels), source="sentiment/train")
-  tokens = data.tokenize(records, tokenizer, plan.seq_len, packing=True)
+  train = llm_demo.chat_training_data(tokenizer, texts, labels, plan.seq_len)
   test_texts, test_labels = split["test"]
   rows = _evenly(len(test_texts), plan.test_limit)
-  return Context(plan, model_dir, tokenizer, tokens.arrays, tokens.num_examples,
+  return Context(plan, model_dir, tokenizer, train.arrays, train.num_examples,
                  [test_texts[i] for i in rows], test_labels[rows])
 
 
@@ -169,23 +168,16 @@ class Run:
 
 def train_run(ctx: Context, method: str, seed: int) -> Run:
   """A fresh model with the method's adapter, trained, then asked the test reviews."""
-  from flax import nnx
-
   import smoa_jax
+  from smoa_jax.app import llm_demo
 
   plan = ctx.plan
   model = smoa_jax.from_hf(ctx.model_dir, scan_layers=True)
   config = {"SMoA": plan.budget.smoa, "LoRA": plan.budget.lora}[method](_models.LLAMA_TARGETS)
-  report = smoa_jax.apply_adapter(model, config, rngs=nnx.Rngs(seed), verbose=False,
-                                  show_progress=False)
-  train_config = smoa_jax.TrainConfig(
-      steps=plan.steps, batch_size=plan.batch_size, learning_rate=LRS[method],
-      warmup_steps=plan.warmup_steps, seed=seed, log_every=plan.steps, progress=False)
-  start = time.perf_counter()
-  result = smoa_jax.train(model, smoa_jax.CausalLMTask(), ctx.train, train_config)
-  seconds = time.perf_counter() - start
-  return Run(method, seed, report.trainable_params, seconds,
-             float(result.train_metrics.get("loss", float("nan"))), score(ctx, model))
+  trainable, loss, seconds = llm_demo.tune(
+      model, ctx.train, config, steps=plan.steps, batch_size=plan.batch_size,
+      learning_rate=LRS[method], warmup_steps=plan.warmup_steps, seed=seed)
+  return Run(method, seed, trainable, seconds, loss, score(ctx, model))
 
 
 def _pct(value: float) -> str:
