@@ -199,9 +199,9 @@ def render(ctx: Context, base: Scored, runs: list[Run], quick: bool, minutes: fl
   for method, group in by_method.items():
     accs = [r.scored.accuracy for r in group]
     std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-    rows.append([f"{method} r={plan.budget.smoa_rank if method == 'SMoA' else plan.budget.lora_rank}"
-                 + (" K=2" if method == "SMoA" else ""),
-                 f"{group[0].trainable:,}", f"{LRS[method]:g}",
+    name = (f"SMoA r={plan.budget.smoa_rank} K=2" if method == "SMoA"
+            else f"LoRA r={plan.budget.lora_rank}")
+    rows.append([name, f"{group[0].trainable:,}", f"{LRS[method]:g}",
                  f"{100 * statistics.mean(accs):.1f}% +- {100 * std:.1f}",
                  " / ".join(_pct(a) for a in accs),
                  _pct(statistics.mean(r.scored.in_format for r in group)),
@@ -252,7 +252,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
               "LoRA at equal trainable parameters; accuracy of generated answers before and after.",
       epilog="The defaults are the full run (about half an hour on 2 CPU cores).")
   parser.add_argument("--steps", type=int, default=FULL.steps)
-  parser.add_argument("--batch", type=int, default=FULL.batch_size, help="packed sequences per step")
+  parser.add_argument("--batch", type=int, default=FULL.batch_size,
+                      help="packed sequences per step")
   parser.add_argument("--seeds", type=int, default=len(FULL.seeds), help="seeds per method")
   parser.add_argument("--test-limit", type=int, default=FULL.test_limit,
                       help="test reviews (an evenly spaced subset of the 1,000)")

@@ -1,10 +1,11 @@
 """Smoke tests of the model-level benchmarks, so that they cannot rot.
 
 ``benchmarks/model_step.py``, ``benchmarks/generate.py``, ``benchmarks/packing.py``,
-``benchmarks/quality_real.py``, ``benchmarks/to_lora.py`` and ``benchmarks/instruct_sentiment.py`` run in-process with
-``--quick --no-write``: tiny random models (with the real tokenizers and data for the quality
-benchmarks), a few steps, one seed. The numbers mean nothing; the tests check that every code path
-runs, that the reports hold what they promise, and that nothing is written into the repository.
+``benchmarks/quality_real.py``, ``benchmarks/to_lora.py`` and ``benchmarks/instruct_sentiment.py``
+run in-process with ``--quick --no-write``: tiny random models (with the real tokenizers and data
+for the quality benchmarks), a few steps, one seed. The numbers mean nothing; the tests check that
+every code path runs, that the reports hold what they promise, and that nothing is written into
+the repository.
 """
 
 from __future__ import annotations
