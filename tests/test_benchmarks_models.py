@@ -1,10 +1,11 @@
 """Smoke tests of the model-level benchmarks, so that they cannot rot.
 
 ``benchmarks/model_step.py``, ``benchmarks/generate.py``, ``benchmarks/packing.py``,
-``benchmarks/quality_real.py`` and ``benchmarks/to_lora.py`` run in-process with
-``--quick --no-write``: tiny random models (with the real tokenizers and data for the quality
-benchmarks), a few steps, one seed. The numbers mean nothing; the tests check that every code path
-runs, that the reports hold what they promise, and that nothing is written into the repository.
+``benchmarks/quality_real.py``, ``benchmarks/to_lora.py`` and ``benchmarks/instruct_sentiment.py``
+run in-process with ``--quick --no-write``: tiny random models (with the real tokenizers and data
+for the quality benchmarks), a few steps, one seed. The numbers mean nothing; the tests check that
+every code path runs, that the reports hold what they promise, and that nothing is written into
+the repository.
 """
 
 from __future__ import annotations
@@ -21,10 +22,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks` is a folder of scripts at the repo root, not installed
   sys.path.insert(0, str(ROOT))
 
-from benchmarks import _common, generate, model_step, packing, quality_real, to_lora
+from benchmarks import (_common, generate, instruct_sentiment, model_step, packing, quality_real,
+                        to_lora)
 
 QUALITY_ASSETS = all(assets.is_cached(name)
                      for name in ("minilm", "smollm2", "sentiment", "shakespeare"))
+# The instruction benchmarks need SmolLM2's tokenizer (its chat template) and the sentiment data.
+CHAT_ASSETS = pytest.mark.skipif(
+    not all(assets.is_cached(n) for n in ("smollm2", "sentiment")),
+    reason="needs the cached SmolLM2 tokenizer and sentiment data; fetch them with "
+    "`smoa-jax fetch-assets`")
 
 
 def _snapshot() -> tuple[str | None, list[str]]:
@@ -85,9 +92,7 @@ def test_quality_real_quick_runs_and_does_not_write():
   assert _snapshot() == before
 
 
-@pytest.mark.skipif(not all(assets.is_cached(n) for n in ("smollm2", "sentiment")),
-                    reason="needs the cached SmolLM2 tokenizer and sentiment data; fetch them with "
-                    "`smoa-jax fetch-assets`")
+@CHAT_ASSETS
 def test_packing_quick_runs_and_does_not_write():
   before = _snapshot()
   body = packing.main(["--quick", "--no-write"])
@@ -95,6 +100,20 @@ def test_packing_quick_runs_and_does_not_write():
   rows = {line.split("|")[1].strip(): line for line in body.splitlines() if line.startswith("| pa")}
   # 64 examples of 45 to 111 tokens: a row each when padded, fewer rows when packed.
   assert "| 64 |" in rows["padded"] and int(rows["packed"].split("|")[2]) < 64
+  assert _snapshot() == before
+
+
+@CHAT_ASSETS
+def test_instruct_sentiment_quick_runs_and_does_not_write():
+  before = _snapshot()
+  body = instruct_sentiment.main(["--quick", "--no-write"])
+  lines = body.splitlines()
+  for row in ("| base model (zero-shot) |", "| SMoA r=4 K=2 |", "| LoRA r=2 |"):
+    assert sum(line.startswith(row) for line in lines) == 1, row
+  # Equal budgets: both adapters train the same number of parameters.
+  counts = {line.split("|")[2].strip() for line in lines if line.startswith(("| SMoA", "| LoRA"))}
+  assert len(counts) == 1 and counts != {"0"}
+  assert "Before and after" in body and "4 test reviews" in body
   assert _snapshot() == before
 
 

@@ -2,7 +2,8 @@
 
 * Sentiment (movie-review sentences, label = mean human rating > 0): one seeded permutation cut
   into ``validation``, ``test`` and ``train``; :func:`sentiment_chat` poses them as a chat task
-  (``"Is this review positive or negative?"`` -> ``"positive"`` / ``"negative"``).
+  (``"Is this review positive or negative?"`` -> ``"positive"`` / ``"negative"``),
+  :func:`answer_sentiment` asks a chat model that question and reads its label from the answer.
 * Shakespeare (42 plays): passages of consecutive non-empty lines; whole plays are held out, so
   ``test`` and ``validation`` text is never seen in training.
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from smoa_jax.io.files import atomic_directory
 
 __all__ = ["split_sentiment", "sentiment_chat", "shakespeare_passages", "split_shakespeare",
            "write_jsonl_splits", "TEST_PLAYS", "VALIDATION_PLAYS", "SENTIMENT_QUESTION",
-           "SENTIMENT_ANSWERS"]
+           "SENTIMENT_ANSWERS", "sentiment_prompt", "sentiment_label", "answer_sentiment"]
 
 TEST_PLAYS = ("hamlet", "macbeth")
 VALIDATION_PLAYS = ("tempest",)
@@ -52,12 +53,42 @@ def split_sentiment(examples: Sequence[tuple[str, int]], *, seed: int = 0, val_s
           for name, (lo, hi) in bounds.items()}
 
 
+def sentiment_prompt(text: str) -> str:
+  """The user turn of the chat task: :data:`SENTIMENT_QUESTION`, a blank line, the review."""
+  return f"{SENTIMENT_QUESTION}\n\n{text}"
+
+
 def sentiment_chat(texts: Sequence[str], labels: Sequence[int]) -> list[dict]:
   """The sentiment sentences as a chat task: ``{"messages": [user: SENTIMENT_QUESTION + the
   review, assistant: "positive" | "negative"]}`` records (:mod:`smoa_jax.training.data`)."""
-  return [{"messages": [{"role": "user", "content": f"{SENTIMENT_QUESTION}\n\n{text}"},
+  return [{"messages": [{"role": "user", "content": sentiment_prompt(text)},
                         {"role": "assistant", "content": SENTIMENT_ANSWERS[int(label)]}]}
           for text, label in zip(texts, labels)]
+
+
+def sentiment_label(answer: str) -> int | None:
+  """The label a chat answer gives: the index in :data:`SENTIMENT_ANSWERS` of the first word of
+  the normalised answer (:func:`smoa_jax.inference.normalize_answer`), else None (``"Positive."``
+  -> 1, ``"The review is positive"`` -> None)."""
+  from smoa_jax.inference import normalize_answer
+
+  words = normalize_answer(answer).split(" ", 1)
+  first = normalize_answer(words[0])  # "positive," -> "positive"
+  return SENTIMENT_ANSWERS.index(first) if first in SENTIMENT_ANSWERS else None
+
+
+def answer_sentiment(model: Any, tokenizer: Any, texts: Sequence[str], *, max_new_tokens: int = 8,
+                     batch_size: int | None = None) -> tuple[list[str], list[int | None]]:
+  """Ask a chat model :data:`SENTIMENT_QUESTION` about every review (greedy, one user turn with
+  the chat template); returns the answers and the labels read from them (:func:`sentiment_label`,
+  None for an answer that does not start with a label)."""
+  from smoa_jax.inference import SamplingConfig
+  from smoa_jax.inference.text import generate_text
+
+  answers = generate_text(model, tokenizer, [sentiment_prompt(t) for t in texts],
+                          SamplingConfig(max_new_tokens=max_new_tokens), chat=True,
+                          batch_size=batch_size)
+  return answers, [sentiment_label(a) for a in answers]
 
 
 def shakespeare_passages(text: str, *, lines_per_passage: int = 8) -> list[str]:

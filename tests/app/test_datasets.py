@@ -31,6 +31,26 @@ def test_sentiment_chat_records_ask_the_question_and_answer_the_label():
   assert [r["messages"][1]["content"] for r in rows] == ["negative", "positive"]
 
 
+@pytest.mark.parametrize("answer,label", [
+    ("positive", 1), ("Negative.", 0), ("  POSITIVE, clearly", 1), ("negative!\nIt is dull", 0),
+    ("The review is positive.", None), ("positively", None), ("", None), ("neutral", None)])
+def test_sentiment_label_is_the_first_word_of_the_answer(answer, label):
+  assert datasets.sentiment_label(answer) == label
+
+
+def test_answer_sentiment_asks_the_chat_question(chat_llama):
+  import transformers
+
+  model = smoa_jax.from_hf(chat_llama)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(chat_llama)
+  texts = ["the cat sat", "a dog ran on the mat"]
+  answers, labels = datasets.answer_sentiment(model, tokenizer, texts, max_new_tokens=5,
+                                              batch_size=1)
+  asked = [datasets.sentiment_chat([t], [0])[0]["messages"][:1] for t in texts]
+  assert answers == smoa_jax.generate(model, tokenizer, asked, max_new_tokens=5, chat=True)
+  assert labels == [datasets.sentiment_label(a) for a in answers]
+
+
 def test_shakespeare_holds_out_whole_plays():
   plays = {"hamlet": "\n".join(f"h{i}" for i in range(20)), "tempest": "t1\nt2\n\nt3\nt4",
            "macbeth": "m1\nm2", "lear": "l1\nl2\nl3\nl4\nl5"}

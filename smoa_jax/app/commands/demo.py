@@ -14,11 +14,16 @@ ASSETS = ("minilm", "smollm2", "sentiment", "shakespeare")  # smoa_jax.assets.fe
 
 def register(add: common.AddCommand) -> None:
   demo = add("demo", run_demo, "fine-tune SMoA and LoRA at the same trainable-parameter budget "
-             "on real data (MiniLM, movie-review sentiment) and compare them")
+             "on real data (MiniLM, movie-review sentiment) and compare them; --llm: a chat "
+             "model's answers before and after SMoA instruction tuning")
   demo.add_argument("--output", type=common.absolute_path, default="smoa-demo",
                     help="where the plot and results go (default: ./smoa-demo)")
   demo.add_argument("--quick", action="store_true",
                     help="a tiny subset and a few steps (a smoke test, not a result)")
+  demo.add_argument("--llm", action="store_true",
+                    help="instead: SmolLM2-135M-Instruct answers \"Is this review positive or "
+                    "negative?\" before and after a short SMoA instruction tune (prints the "
+                    "answers; a few minutes on 2 CPU cores)")
 
   fetch = add("fetch-assets", run_fetch_assets, "download the real models and data sets into "
               "the cache (once)")
@@ -29,6 +34,11 @@ def register(add: common.AddCommand) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+  if args.llm:
+    from smoa_jax.app import llm_demo
+
+    llm_demo.run_llm_demo(quick=args.quick)
+    return 0
   from smoa_jax.app import demo
 
   demo.run_demo(Path(args.output), quick=args.quick)
