@@ -36,6 +36,7 @@ def _results_text() -> str | None:
   return _common.RESULTS_PATH.read_text() if _common.RESULTS_PATH.exists() else None
 
 
+@pytest.mark.slow  # a whole benchmark script end to end (-m slow)
 def test_layer_step_quick_runs_and_does_not_write():
   before = _results_text()
   body = layer_step.main(["--quick", "--no-write"])
@@ -44,6 +45,7 @@ def test_layer_step_quick_runs_and_does_not_write():
   assert _results_text() == before
 
 
+@pytest.mark.slow  # a whole benchmark script end to end (-m slow)
 def test_spectral_prep_quick_runs_and_does_not_write():
   before = _results_text()
   body = spectral_prep.main(["--quick", "--no-write"])
@@ -51,6 +53,7 @@ def test_spectral_prep_quick_runs_and_does_not_write():
   assert _results_text() == before
 
 
+@pytest.mark.slow  # a whole benchmark script end to end (-m slow)
 def test_quality_synthetic_quick_runs_and_does_not_write():
   before = _results_text()
   body = quality_synthetic.main(["--quick", "--no-write"])

@@ -25,6 +25,9 @@ if str(ROOT) not in sys.path:  # `benchmarks` is a folder of scripts at the repo
 from benchmarks import (_common, generate, instruct_sentiment, model_step, packing, quality_real,
                         to_lora)
 
+# Whole benchmark scripts end to end: minutes each on 2 cores, so run with -m slow.
+pytestmark = pytest.mark.slow
+
 QUALITY_ASSETS = all(assets.is_cached(name)
                      for name in ("minilm", "smollm2", "sentiment", "shakespeare"))
 # The instruction benchmarks need SmolLM2's tokenizer (its chat template) and the sentiment data.

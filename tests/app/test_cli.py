@@ -135,6 +135,7 @@ def interrupt_after_save(step_to_stop: int, exception: type[BaseException]):
   return train
 
 
+@pytest.mark.slow  # resume is covered by training/test_loop by default
 def test_an_interrupted_run_resumes_to_the_uninterrupted_result(cli_lm_run, cli_files, tmp_path,
                                                                 capsys, monkeypatch):
   run = tmp_path / "run"

@@ -33,7 +33,8 @@ def layer_cases(draw):
   return m, n, k, r, ranks, draw(st.integers(0, 2**31 - 1))
 
 
-@settings(max_examples=10, deadline=None)  # each example compiles new shapes
+@pytest.mark.slow  # hypothesis over shapes; the fixed-shape reference tests run by default
+@settings(max_examples=30, deadline=None)
 @given(case=layer_cases())
 def test_delta_weight_matches_reference(case):
   m, n, k, r, ranks, seed = case

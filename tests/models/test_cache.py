@@ -30,7 +30,9 @@ def inputs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   return ids, mask, np.maximum(np.cumsum(mask, axis=1) - 1, 0)
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+# Scanned caches also run by default in tests/inference/test_decode.py (scanned generation).
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["unrolled", "scanned"])
 def test_cached_decoding_equals_the_full_forward(checkpoint, scan):
   model = smoa_jax.from_hf(checkpoint, scan_layers=scan)
   ids, mask, positions = (jnp.asarray(a) for a in inputs())

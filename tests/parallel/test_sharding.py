@@ -156,6 +156,7 @@ def _run_meshes(mode: str, checkpoint: str, out) -> dict[str, dict[str, np.ndarr
   return {f.removesuffix(".npz"): dict(np.load(out / f)) for f in os.listdir(out) if f.endswith(".npz")}
 
 
+@pytest.mark.slow  # two 8-device meshes in a subprocess; one-device sharding and the plans run by default
 @pytest.mark.subprocess
 def test_two_meshes_match_single_device_and_exchange_checkpoints(sharded_llama, tmp_path):
   """Meshes (2,2,2) and (1,2,4): layouts, losses and params; adapter and orbax state move across."""

@@ -152,6 +152,7 @@ def test_truncation_is_counted(cli_files, tmp_path, capsys):
 
 @probe("runs", "SIGKILL while a checkpoint is being committed (after its files are written)",
        "the interrupted step never appears; the previous checkpoint stays valid and resume works")
+@pytest.mark.slow  # a subprocess killed mid-save; test_loop's SIGKILL resume runs by default
 @pytest.mark.subprocess
 def test_sigkill_during_checkpoint_save(toy_run, tmp_path):
   killed = tmp_path / "run"
