@@ -340,6 +340,15 @@ def cli_argv(argv: Sequence[str] | None) -> list[str]:
   return list(sys.argv[1:] if argv is None else argv)
 
 
+def minutes_log(started: float) -> Callable[[str], None]:
+  """A progress printer: each line prefixed by the minutes since ``started``
+  (a ``time.perf_counter()`` value), flushed at once for long runs."""
+  def log(text: str) -> None:
+    print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {text}", flush=True)
+
+  return log
+
+
 def benchmark_parser(module: str, description: str, **options: Any) -> argparse.ArgumentParser:
   """The parser of ``python -m module`` (``--help`` shows the command to type)."""
   return argparse.ArgumentParser(prog=f"python -m {module}", description=description, **options)

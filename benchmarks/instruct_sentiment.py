@@ -290,8 +290,7 @@ def main(argv: Sequence[str] | None = None) -> str:
   load_at_start = _common.load_average()
   started = time.perf_counter()
 
-  def log(text: str) -> None:
-    print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {text}", flush=True)
+  log = _common.minutes_log(started)
 
   with (tempfile.TemporaryDirectory(prefix="smoa-instruct-") as workdir,
         _models.fast_compile(args.quick)):

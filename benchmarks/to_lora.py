@@ -180,8 +180,7 @@ def main(argv: Sequence[str] | None = None) -> str:
   load_at_start = _common.load_average()
   started = time.perf_counter()
 
-  def log(text: str) -> None:
-    print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {text}", flush=True)
+  log = _common.minutes_log(started)
 
   if not args.quick:  # the smoke test runs inside other processes: leave their config alone
     log(f"persistent compilation cache: {compilation_cache()}")
