@@ -1,11 +1,11 @@
 """``smoa-jax demo --quick`` on the real cached assets, and its one-line error without them."""
 
 import json
-import subprocess
 
 import pytest
 
 from smoa_jax.app import assets, cli
+from tests.support.package_index import closed_port_url, isolate
 
 CACHED = assets.is_cached("minilm") and assets.is_cached("sentiment")
 
@@ -25,12 +25,13 @@ def test_quick_demo_prints_the_table_and_writes_the_plot(tmp_path, capsys):
 
 
 def test_demo_without_assets_says_how_to_fix_it(tmp_path, monkeypatch, capsys):
-  monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "empty-cache"))
-  monkeypatch.setattr(assets.subprocess, "run", lambda cmd, **_: subprocess.CompletedProcess(
-      cmd, 1, stderr="ERROR: Could not find a version that satisfies the requirement"))
+  """No cached assets and no network: one error line saying how to fetch them, nothing written."""
+  isolate(monkeypatch, tmp_path)
+  monkeypatch.setenv("PIP_INDEX_URL", closed_port_url())
   assert cli.main(["demo", "--output", str(tmp_path / "demo")]) == 1
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 2 and err[0].startswith("smoa-jax: downloading")  # pip's attempt
-  assert err[1].startswith("smoa-jax: error: the demo needs the MiniLM encoder")
-  assert "smoa-jax fetch-assets" in err[1] and "downloads" in err[1]
+  assert len(err) == 1, err
+  assert err[0].startswith("smoa-jax: error: the demo needs the MiniLM encoder")
+  assert "cannot download" in err[0] and "curl -L -o" in err[0]  # what failed, the fallback
+  assert "smoa-jax fetch-assets" in err[0] and "downloads" in err[0]  # how to fix it
   assert not (tmp_path / "demo").exists()
