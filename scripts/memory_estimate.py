@@ -96,7 +96,8 @@ def estimate(hf_config: dict[str, Any], adapter: smoa_jax.AdapterConfig, *,
   trainable = nnx.state(model, smoa_jax.TrainableParam)
   base = nnx.state(model, nnx.All(nnx.Param, nnx.Not(smoa_jax.TrainableParam)))
   perms = nnx.state(model, smoa_jax.SpectralIndex)
-  tx, _ = make_optimizer(smoa_jax.TrainConfig(steps=1, batch_size=1), 1)
+  tx, _ = make_optimizer(smoa_jax.TrainConfig(
+      steps=1, batch_size=1, learning_rate=smoa_jax.SMoAConfig.default_learning_rate), 1)
   opt_state = jax.eval_shape(tx.init, trainable)
   # Moments are laid out like their params (train() keeps them there); scalars are replicated.
   moments = {f"{prefix}/{name}": spec for name, spec in plan.items()

@@ -36,7 +36,9 @@ def measure(scan_layers: bool, batch: int, seq_len: int, steps: int) -> dict[str
   model, real = _models.smollm2_model(scan_layers=scan_layers)
   smoa_jax.apply_adapter(model, _budgets.smoa_config(16, 4, TARGETS), rngs=nnx.Rngs(1),
                          verbose=False, show_progress=False)
-  tx, _ = make_optimizer(smoa_jax.TrainConfig(steps=steps, batch_size=batch), steps)
+  lr = smoa_jax.SMoAConfig.default_learning_rate
+  tx, _ = make_optimizer(smoa_jax.TrainConfig(steps=steps, batch_size=batch, learning_rate=lr),
+                         steps)
   step, params, rest = _models.train_step(model, smoa_jax.CausalLMTask(), tx)
   opt_state = tx.init(params)
 
