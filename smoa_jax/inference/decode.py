@@ -52,6 +52,7 @@ from flax import nnx
 from smoa_jax.errors import ConfigError, DataError
 from smoa_jax.inference.sampling import SamplingConfig, next_tokens
 from smoa_jax.layers.inject import adapter_layers
+from smoa_jax.models.base import CausalLM
 
 __all__ = ["generate_ids", "folded_copy", "bucket", "traces", "check_prompts",
            "PROMPT_BUCKET_MIN", "NEW_TOKENS_BUCKET_MIN"]
@@ -97,7 +98,7 @@ def check_prompts(model: nnx.Module, prompt_ids: Sequence[Sequence[int]],
   """Validate prompts (non-empty, ids in the vocabulary, room for ``max_new_tokens``); returns
   them as int32 arrays. Raises DataError naming the first bad prompt, ConfigError for a model
   that cannot generate."""
-  if not hasattr(model, "init_cache"):
+  if not isinstance(model, CausalLM):
     raise ConfigError(f"{type(model).__name__} cannot generate text; generation needs a causal "
                       "LM (Llama, Mistral, Qwen2, Qwen3, GPT-2).")
   if isinstance(prompt_ids, (str, bytes)) or len(prompt_ids) == 0:

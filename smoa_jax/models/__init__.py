@@ -24,7 +24,7 @@ from flax.typing import Dtype
 
 from smoa_jax.errors import ConfigError
 from smoa_jax.models import config_schema
-from smoa_jax.models.base import HFModel
+from smoa_jax.models.base import CausalLM, HFModel
 from smoa_jax.models.keymap import KeyMap, KeyRule
 from smoa_jax.models.bert import BertForSequenceClassification, BertModel
 from smoa_jax.models.gpt2 import GPT2LMHeadModel
@@ -32,8 +32,8 @@ from smoa_jax.models.llama import (LlamaForCausalLM, MistralForCausalLM, Qwen2Fo
                                    Qwen3ForCausalLM)
 
 __all__ = [
-    "ARCHITECTURES", "BertForSequenceClassification", "BertModel", "GPT2LMHeadModel", "HFModel",
-    "KeyMap", "KeyRule", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+    "ARCHITECTURES", "BertForSequenceClassification", "BertModel", "CausalLM", "GPT2LMHeadModel",
+    "HFModel", "KeyMap", "KeyRule", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
     "Qwen3ForCausalLM", "build_model", "model_class",
 ]
 

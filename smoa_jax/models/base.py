@@ -8,12 +8,14 @@ import dataclasses
 import json
 from typing import Any, ClassVar, Mapping
 
+import jax
 from flax import nnx
 from flax.typing import Dtype
 
+from smoa_jax.models.cache import KVCache
 from smoa_jax.models.keymap import KeyMap
 
-__all__ = ["ShardingRule", "compute_dtype", "HFModel", "LayerFactory"]
+__all__ = ["ShardingRule", "compute_dtype", "HFModel", "CausalLM", "LayerFactory"]
 
 # (regex over a Variable path, mesh axis or None per array axis); see smoa_jax.parallel.spmd.
 ShardingRule = tuple[str, tuple[str | None, ...]]
@@ -36,10 +38,7 @@ class HFModel(nnx.Module):
   initialized, e.g. a new head); ``source_dir`` is the directory the weights came from (set by
   :func:`smoa_jax.from_hf`) so an export can copy its tokenizer files.
 
-  A causal LM that generates (:mod:`smoa_jax.inference`) also has ``init_cache(batch,
-  max_length, *, dtype=None)`` and accepts ``cache=`` and ``logits_to_keep=`` keywords in
-  ``__call__`` (returning ``(logits, cache)`` with a cache); :mod:`smoa_jax.models.cache` holds
-  the cache and its masks, shared by every family.
+  Causal LMs derive from :class:`CausalLM`, which adds the LM head and the KV cache.
   """
 
   architecture: ClassVar[str] = ""
@@ -70,6 +69,60 @@ class HFModel(nnx.Module):
 
   def key_map(self) -> KeyMap:
     raise NotImplementedError
+
+
+class CausalLM(HFModel):
+  """Base of the decoder-only families: a decoder under an LM head, with a KV cache to generate.
+
+  A family builds its decoder (``decoder_module``: hidden states ``(B, T, hidden)`` from ids) and
+  sets ``lm_head`` (an ``nnx.Linear`` with ``kernel (hidden, vocab)``, or None when the head is tied
+  to the input embedding ``embedding_module``), and says the cache layout
+  (``cache_layout() -> (layers, kv_heads, head_dim)``). The call and the cache are then the same
+  for every family; :mod:`smoa_jax.models.cache` holds the cache and its masks.
+  """
+
+  lm_head: nnx.Linear | None = None
+
+  @property
+  def decoder_module(self) -> nnx.Module:
+    raise NotImplementedError
+
+  @property
+  def embedding_module(self) -> nnx.Embed:
+    raise NotImplementedError
+
+  def cache_layout(self) -> tuple[int, int, int]:
+    raise NotImplementedError
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               position_ids: jax.Array | None = None, *,
+               segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+               logits_to_keep: int | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
+    """``input_ids (B, T)`` int, ``attention_mask (B, T)`` 1 = token / 0 = padding, optional
+    ``position_ids (B | 1, T)`` (default ``0..T-1``) -> logits ``(B, T, vocab)``.
+
+    Packed sequences (:func:`smoa_jax.data.pack`) pass ``segment_ids (B, T)`` (1, 2, ... per
+    example, 0 for padding: no attention across examples) and ``position_ids`` restarting at 0
+    for each example; each example's logits then equal those of the example alone.
+    ``cache`` (from :meth:`init_cache`): the tokens are appended to it and ``(logits, cache)`` is
+    returned. ``logits_to_keep=n``: logits of the last n positions only ``(B, n, vocab)``.
+    """
+    body = self.decoder_module(input_ids, attention_mask, position_ids, segment_ids=segment_ids,
+                               cache=cache)
+    hidden, cache = body if cache is not None else (body, None)
+    if logits_to_keep is not None:
+      hidden = hidden[:, -logits_to_keep:]
+    head = self.embedding_module.attend if self.lm_head is None else self.lm_head
+    logits = head(hidden)
+    return logits if cache is None else (logits, cache)
+
+  def init_cache(self, batch: int, max_length: int, *, dtype: Dtype | None = None) -> KVCache:
+    """An empty :class:`~smoa_jax.models.cache.KVCache` of ``max_length`` slots for ``batch``
+    rows: keys/values ``(layers, B, S, kv_heads, head_dim)`` (:meth:`cache_layout`) in ``dtype``
+    (default: the compute dtype of the input embedding)."""
+    layers, kv_heads, head_dim = self.cache_layout()
+    return KVCache.create(layers, batch, max_length, kv_heads, head_dim,
+                          dtype or compute_dtype(self.embedding_module))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,13 +28,12 @@ under ``jit`` (and inside the decode loop) the cache is updated in place, never 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax.typing import Dtype
 
-__all__ = ["KVCache", "cache_attention_mask", "write_layer", "read_layer", "lm_outputs"]
+__all__ = ["KVCache", "cache_attention_mask", "write_layer", "read_layer"]
 
 
 @jax.tree_util.register_dataclass
@@ -105,15 +104,3 @@ def read_layer(cache: KVCache, layer: jax.Array | int, dtype: Dtype) -> tuple[ja
   keys = jax.lax.dynamic_index_in_dim(cache.keys, layer, keepdims=False)
   values = jax.lax.dynamic_index_in_dim(cache.values, layer, keepdims=False)
   return keys.astype(dtype), values.astype(dtype)
-
-
-def lm_outputs(body: jax.Array | tuple[jax.Array, KVCache], head: Callable[[jax.Array], jax.Array],
-               logits_to_keep: int | None) -> jax.Array | tuple[jax.Array, KVCache]:
-  """A causal LM's return value from its decoder's: hidden states ``(B, T, hidden)`` (or with a
-  cache ``(hidden, cache)``) -> logits ``head(hidden)`` of the last ``logits_to_keep`` positions
-  (all when None), paired with the cache when there is one."""
-  hidden, cache = body if isinstance(body, tuple) else (body, None)
-  if logits_to_keep is not None:
-    hidden = hidden[:, -logits_to_keep:]
-  logits = head(hidden)
-  return logits if cache is None else (logits, cache)

@@ -32,9 +32,9 @@ from flax.typing import Dtype
 
 from smoa_jax.errors import ConfigError
 from smoa_jax.models import config_schema
-from smoa_jax.models.base import HFModel, LayerFactory, ShardingRule, compute_dtype
+from smoa_jax.models.base import CausalLM, LayerFactory, ShardingRule
 from smoa_jax.models.blocks import activation, attention, make_attention_mask, scan_layers, stack_layers
-from smoa_jax.models.cache import (KVCache, cache_attention_mask, lm_outputs, read_layer,
+from smoa_jax.models.cache import (KVCache, cache_attention_mask, read_layer,
                                    write_layer)
 from smoa_jax.models.keymap import KeyMap, KeyRule, linear_rules, norm_rules
 from smoa_jax.parallel.sharding import constrain_batch
@@ -158,7 +158,7 @@ class GPT2Model(nnx.Module):
     return self.ln_f(x) if cache is None else (self.ln_f(x), cache)
 
 
-class GPT2LMHeadModel(HFModel):
+class GPT2LMHeadModel(CausalLM):
   """GPT-2 causal LM: ``model(input_ids, attention_mask=None) -> logits (B, T, vocab)``.
 
   Generation: ``cache = model.init_cache(B, S)``, then ``model(ids, mask, positions,
@@ -195,29 +195,18 @@ class GPT2LMHeadModel(HFModel):
     self.lm_head = (None if config["tie_word_embeddings"]
                     else f.linear(config["n_embd"], config["vocab_size"], False))
 
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-               position_ids: jax.Array | None = None, *,
-               segment_ids: jax.Array | None = None, cache: KVCache | None = None,
-               logits_to_keep: int | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
-    """``input_ids (B, T)``, ``attention_mask (B, T)`` 1/0 -> logits ``(B, T, vocab)``; packed
-    sequences add ``segment_ids (B, T)`` and per-example ``position_ids`` (as Llama's).
+  @property
+  def decoder_module(self) -> GPT2Model:
+    return self.transformer
 
-    ``cache`` (from :meth:`init_cache`): the tokens are appended to it and ``(logits, cache)`` is
-    returned. ``logits_to_keep=n``: logits of the last n positions only ``(B, n, vocab)``.
-    """
-    head = self.transformer.wte.attend if self.lm_head is None else self.lm_head
-    return lm_outputs(self.transformer(input_ids, attention_mask, position_ids,
-                                       segment_ids=segment_ids, cache=cache),
-                      head, logits_to_keep)
+  @property
+  def embedding_module(self) -> nnx.Embed:
+    return self.transformer.wte
 
-  def init_cache(self, batch: int, max_length: int, *, dtype: Dtype | None = None) -> KVCache:
-    """An empty :class:`~smoa_jax.models.cache.KVCache` of ``max_length`` slots for ``batch``
-    rows: keys/values ``(n_layer, B, S, n_head, n_embd / n_head)`` in ``dtype`` (default: the
-    compute dtype of the embeddings)."""
+  def cache_layout(self) -> tuple[int, int, int]:
+    """``(n_layer, n_head, n_embd / n_head)``."""
     config = self.hf_config
-    heads = config["n_head"]
-    return KVCache.create(config["n_layer"], batch, max_length, heads, config["n_embd"] // heads,
-                          dtype or compute_dtype(self.transformer.wte))
+    return config["n_layer"], config["n_head"], config["n_embd"] // config["n_head"]
 
   def key_map(self) -> KeyMap:
     block, path = "transformer.h.{i}", "transformer/h/{i}"

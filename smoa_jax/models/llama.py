@@ -36,9 +36,9 @@ from flax.typing import Dtype
 
 from smoa_jax.errors import ConfigError
 from smoa_jax.models import config_schema
-from smoa_jax.models.base import HFModel, LayerFactory, ShardingRule, compute_dtype
+from smoa_jax.models.base import CausalLM, LayerFactory, ShardingRule
 from smoa_jax.models.blocks import activation, attention, make_attention_mask, scan_layers, stack_layers
-from smoa_jax.models.cache import (KVCache, cache_attention_mask, lm_outputs, read_layer,
+from smoa_jax.models.cache import (KVCache, cache_attention_mask, read_layer,
                                    write_layer)
 from smoa_jax.models.keymap import KeyMap, KeyRule, linear_rules, norm_rules
 from smoa_jax.parallel.sharding import constrain_batch
@@ -264,7 +264,7 @@ class LlamaModel(nnx.Module):
     return self.norm(x) if cache is None else (self.norm(x), cache)
 
 
-class LlamaForCausalLM(HFModel):
+class LlamaForCausalLM(CausalLM):
   """Llama causal LM: ``model(input_ids, attention_mask=None) -> logits (B, T, vocab)``.
 
   Generation: ``cache = model.init_cache(B, S)``, then ``model(ids, mask, positions,
@@ -323,30 +323,17 @@ class LlamaForCausalLM(HFModel):
         inv_freq=tuple(float(f) for f in rope_inv_freq(v, v["head_dim"])),
         initializer_range=v["initializer_range"], **cls.family_flags(v, v["num_hidden_layers"]))
 
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-               position_ids: jax.Array | None = None, *,
-               segment_ids: jax.Array | None = None, cache: KVCache | None = None,
-               logits_to_keep: int | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
-    """``input_ids (B, T)`` int, ``attention_mask (B, T)`` 1 = token / 0 = padding, optional
-    ``position_ids (B | 1, T)`` (default ``0..T-1``) -> logits ``(B, T, vocab)``.
+  @property
+  def decoder_module(self) -> LlamaModel:
+    return self.model
 
-    Packed sequences (:func:`smoa_jax.data.pack`) pass ``segment_ids (B, T)`` (1, 2, ... per
-    example, 0 for padding: no attention across examples) and ``position_ids`` restarting at 0
-    for each example; each example's logits then equal those of the example alone.
-    ``cache`` (from :meth:`init_cache`): the tokens are appended to it and ``(logits, cache)`` is
-    returned. ``logits_to_keep=n``: logits of the last n positions only ``(B, n, vocab)``.
-    """
-    head = self.model.embed_tokens.attend if self.lm_head is None else self.lm_head
-    return lm_outputs(self.model(input_ids, attention_mask, position_ids,
-                                 segment_ids=segment_ids, cache=cache), head, logits_to_keep)
+  @property
+  def embedding_module(self) -> nnx.Embed:
+    return self.model.embed_tokens
 
-  def init_cache(self, batch: int, max_length: int, *, dtype: Dtype | None = None) -> KVCache:
-    """An empty :class:`~smoa_jax.models.cache.KVCache` of ``max_length`` slots for ``batch``
-    rows: keys/values ``(L, B, S, num_kv_heads, head_dim)`` in ``dtype`` (default: the compute
-    dtype of the embeddings)."""
-    spec = self.spec
-    return KVCache.create(spec.num_layers, batch, max_length, spec.num_kv_heads, spec.head_dim,
-                          dtype or compute_dtype(self.model.embed_tokens))
+  def cache_layout(self) -> tuple[int, int, int]:
+    """``(num_layers, num_kv_heads, head_dim)``."""
+    return self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim
 
   def key_map(self) -> KeyMap:
     layer = "model.layers.{i}"
