@@ -74,21 +74,17 @@ class HFModel(nnx.Module):
 class CausalLM(HFModel):
   """Base of the decoder-only families: a decoder under an LM head, with a KV cache to generate.
 
-  A family builds its decoder (``decoder_module``: hidden states ``(B, T, hidden)`` from ids) and
-  sets ``lm_head`` (an ``nnx.Linear`` with ``kernel (hidden, vocab)``, or None when the head is tied
-  to the input embedding ``embedding_module``), and says the cache layout
+  A family builds its decoder (hidden states ``(B, T, hidden)`` from ids) and sets ``lm_head`` (an
+  ``nnx.Linear`` with ``kernel (hidden, vocab)``, or None when the head is tied to the input
+  embedding); it names both in ``decoder_parts() -> (decoder, embedding)`` and says the cache layout
   (``cache_layout() -> (layers, kv_heads, head_dim)``). The call and the cache are then the same
   for every family; :mod:`smoa_jax.models.cache` holds the cache and its masks.
   """
 
   lm_head: nnx.Linear | None = None
 
-  @property
-  def decoder_module(self) -> nnx.Module:
-    raise NotImplementedError
-
-  @property
-  def embedding_module(self) -> nnx.Embed:
+  def decoder_parts(self) -> tuple[nnx.Module, nnx.Embed]:
+    """The decoder and its input embedding (which a tied head reads)."""
     raise NotImplementedError
 
   def cache_layout(self) -> tuple[int, int, int]:
@@ -107,12 +103,12 @@ class CausalLM(HFModel):
     ``cache`` (from :meth:`init_cache`): the tokens are appended to it and ``(logits, cache)`` is
     returned. ``logits_to_keep=n``: logits of the last n positions only ``(B, n, vocab)``.
     """
-    body = self.decoder_module(input_ids, attention_mask, position_ids, segment_ids=segment_ids,
-                               cache=cache)
+    decoder, embedding = self.decoder_parts()
+    body = decoder(input_ids, attention_mask, position_ids, segment_ids=segment_ids, cache=cache)
     hidden, cache = body if cache is not None else (body, None)
     if logits_to_keep is not None:
       hidden = hidden[:, -logits_to_keep:]
-    head = self.embedding_module.attend if self.lm_head is None else self.lm_head
+    head = embedding.attend if self.lm_head is None else self.lm_head
     logits = head(hidden)
     return logits if cache is None else (logits, cache)
 
@@ -122,7 +118,7 @@ class CausalLM(HFModel):
     (default: the compute dtype of the input embedding)."""
     layers, kv_heads, head_dim = self.cache_layout()
     return KVCache.create(layers, batch, max_length, kv_heads, head_dim,
-                          dtype or compute_dtype(self.embedding_module))
+                          dtype or compute_dtype(self.decoder_parts()[1]))
 
 
 @dataclasses.dataclass(frozen=True)

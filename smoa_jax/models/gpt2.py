@@ -195,13 +195,8 @@ class GPT2LMHeadModel(CausalLM):
     self.lm_head = (None if config["tie_word_embeddings"]
                     else f.linear(config["n_embd"], config["vocab_size"], False))
 
-  @property
-  def decoder_module(self) -> GPT2Model:
-    return self.transformer
-
-  @property
-  def embedding_module(self) -> nnx.Embed:
-    return self.transformer.wte
+  def decoder_parts(self) -> tuple[GPT2Model, nnx.Embed]:
+    return self.transformer, self.transformer.wte
 
   def cache_layout(self) -> tuple[int, int, int]:
     """``(n_layer, n_head, n_embd / n_head)``."""

@@ -323,13 +323,8 @@ class LlamaForCausalLM(CausalLM):
         inv_freq=tuple(float(f) for f in rope_inv_freq(v, v["head_dim"])),
         initializer_range=v["initializer_range"], **cls.family_flags(v, v["num_hidden_layers"]))
 
-  @property
-  def decoder_module(self) -> LlamaModel:
-    return self.model
-
-  @property
-  def embedding_module(self) -> nnx.Embed:
-    return self.model.embed_tokens
+  def decoder_parts(self) -> tuple[LlamaModel, nnx.Embed]:
+    return self.model, self.model.embed_tokens
 
   def cache_layout(self) -> tuple[int, int, int]:
     """``(num_layers, num_kv_heads, head_dim)``."""
