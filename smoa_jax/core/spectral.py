@@ -166,9 +166,21 @@ def centroid_scores(kernel: jax.Array, method: Method = "auto") -> tuple[jax.Arr
 
 
 def spectral_orders(kernel: jax.Array, method: Method = "auto") -> tuple[jax.Array, jax.Array]:
-  """``(in_perm, out_perm)``: stable ascending argsorts of the centroids, int32. Jittable."""
+  """``(in_perm, out_perm)``: stable ascending argsorts of the centroids, int32.
+
+  One compiled program per kernel shape and method, also when called eagerly (a layer's init):
+  op by op, the eigendecomposition and its ``lax.cond`` would compile a hundred small programs.
+  Traceable inside ``jit``/``vmap``.
+  """
+  return _orders_jit(kernel, method=_resolve(method))
+
+
+def _orders(kernel: jax.Array, method: Method) -> tuple[jax.Array, jax.Array]:
   score_in, score_out = centroid_scores(kernel, method)
   return _argsort(score_in), _argsort(score_out)
+
+
+_orders_jit = jax.jit(_orders, static_argnames="method")
 
 
 def _argsort(scores: jax.Array) -> jax.Array:
@@ -196,7 +208,7 @@ def _batched_jits(out_sharding: NamedSharding | None):
   else:
     def batch(fn):
       return jax.vmap(fn, in_axes=(0,) + (None,) * (fn.__code__.co_argcount - 1))
-  return (jax.jit(batch(spectral_orders), static_argnums=1, **kwargs),
+  return (jax.jit(batch(_orders), static_argnums=1, **kwargs),
           jax.jit(batch(_gram_orders), **kwargs))
 
 
@@ -248,7 +260,6 @@ def _check_kernel(kernel, num_blocks: int, name: str) -> tuple[int, int]:
   return n_in, n_out
 
 
-_orders_jit = jax.jit(spectral_orders, static_argnames="method")
 
 
 def _resolve(method: str) -> str:
@@ -275,7 +286,7 @@ def spectral_blocks(kernel: jax.Array, num_blocks: int, *, method: Method = "aut
   if np.ndim(kernel) != 2:
     raise KernelError(f"kernel must be a 2-D (in, out) array, got shape {np.shape(kernel)}.")
   n_in, n_out = _check_kernel(kernel, num_blocks, "kernel")
-  in_perm, out_perm = _orders_jit(jnp.asarray(kernel), method=_resolve(method))
+  in_perm, out_perm = spectral_orders(jnp.asarray(kernel), method)
   return SpectralBlocks(in_perm, out_perm, split_sizes(n_in, num_blocks),
                         split_sizes(n_out, num_blocks))
 
