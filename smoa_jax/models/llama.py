@@ -1,8 +1,9 @@
 """Llama-family causal LMs (Llama, Mistral, Qwen2, Qwen3) as NNX modules with HF names.
 
-One decoder serves the four families; they differ only in :class:`DecoderSpec` fields read from
-the HF config: which projections carry biases (Qwen2: q/k/v only), per-head q/k RMSNorm (Qwen3),
-sliding-window layers (Mistral, Qwen2/3 ``layer_types``). Supported: grouped-query attention,
+One decoder serves the four families, and Gemma's (:mod:`smoa_jax.models.gemma`); they differ
+only in :class:`DecoderSpec` fields read from the HF config: which projections carry biases
+(Qwen2: q/k/v only), per-head q/k RMSNorm (Qwen3), sliding-window layers (Mistral, Qwen2/3
+``layer_types``), and Gemma's norms, scales and soft-capping. Supported: grouped-query attention,
 ``head_dim != hidden/heads``, RoPE of type ``default``, ``linear`` and ``llama3`` (read from
 transformers 5.x ``rope_parameters`` or 4.x ``rope_theta`` + ``rope_scaling``), tied or untied
 embeddings, causal + padding masks, and a KV cache for generation (:mod:`smoa_jax.models.cache`):
@@ -116,6 +117,20 @@ class DecoderSpec:
   sliding_windows: tuple[int | None, ...]  # per layer; None = full causal attention
   inv_freq: tuple[float, ...]
   initializer_range: float
+  # Gemma: RMSNorm * (1 + scale); norms after attention and MLP as well (pre_/post_feedforward_
+  # layernorm); embeddings times sqrt(hidden); attention scale query_pre_attn_scalar ** -0.5 (None:
+  # head_dim ** -0.5); soft-capped attention scores and final logits; RoPE of the sliding layers.
+  unit_offset_norms: bool = False
+  sandwich_norms: bool = False
+  embed_scale: float | None = None
+  query_scale: float | None = None
+  attn_softcap: float | None = None
+  final_softcap: float | None = None
+  local_inv_freq: tuple[float, ...] | None = None  # None: the sliding layers use inv_freq
+
+  def norm(self, f: LayerFactory, features: int) -> nnx.Module:
+    """The family's RMSNorm over ``features``."""
+    return f.rms_norm(features, self.rms_norm_eps, self.unit_offset_norms)
 
 
 def _layer_windows(hf_config: Mapping[str, Any], num_layers: int) -> tuple[int | None, ...]:
@@ -137,9 +152,11 @@ class LlamaAttention(nnx.Module):
     self.k_proj = f.linear(hidden, kv_heads * head_dim, spec.qkv_bias)
     self.v_proj = f.linear(hidden, kv_heads * head_dim, spec.qkv_bias)
     self.o_proj = f.linear(heads * head_dim, hidden, spec.o_bias)
-    self.q_norm = f.rms_norm(head_dim, spec.rms_norm_eps) if spec.qk_norm else None
-    self.k_norm = f.rms_norm(head_dim, spec.rms_norm_eps) if spec.qk_norm else None
+    self.q_norm = spec.norm(f, head_dim) if spec.qk_norm else None
+    self.k_norm = spec.norm(f, head_dim) if spec.qk_norm else None
     self.num_heads, self.num_kv_heads, self.head_dim = heads, kv_heads, head_dim
+    self.scale = spec.query_scale or head_dim ** -0.5
+    self.logit_cap = spec.attn_softcap
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None,
                cache: KVCache | None = None,
@@ -159,7 +176,7 @@ class LlamaAttention(nnx.Module):
     if cache is not None:
       cache = write_layer(cache, layer, k, v)
       k, v = read_layer(cache, layer, q.dtype)
-    out = attention(q, k, v, mask, self.head_dim ** -0.5)
+    out = attention(q, k, v, mask, self.scale, self.logit_cap)
     out = self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
     return out if cache is None else (out, cache)
 
@@ -179,24 +196,37 @@ class LlamaMLP(nnx.Module):
 
 
 class LlamaDecoderLayer(nnx.Module):
-  """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+  """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``.
+
+  Llama's ``post_attention_layernorm`` is the MLP's input norm. With ``sandwich_norms`` (Gemma)
+  it normalizes the attention output instead, and ``pre_feedforward_layernorm`` /
+  ``post_feedforward_layernorm`` wrap the MLP: ``x + post_attn(attn(input(x)))`` then
+  ``x + post_ff(mlp(pre_ff(x)))``.
+  """
 
   def __init__(self, spec: DecoderSpec, f: LayerFactory):
     self.self_attn = LlamaAttention(spec, f)
     self.mlp = LlamaMLP(spec, f)
-    self.input_layernorm = f.rms_norm(spec.hidden_size, spec.rms_norm_eps)
-    self.post_attention_layernorm = f.rms_norm(spec.hidden_size, spec.rms_norm_eps)
+    self.input_layernorm = spec.norm(f, spec.hidden_size)
+    self.post_attention_layernorm = spec.norm(f, spec.hidden_size)
+    sandwich = spec.sandwich_norms
+    self.pre_feedforward_layernorm = spec.norm(f, spec.hidden_size) if sandwich else None
+    self.post_feedforward_layernorm = spec.norm(f, spec.hidden_size) if sandwich else None
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None,
                cache: KVCache | None = None,
                layer: jax.Array | int = 0) -> jax.Array | tuple[jax.Array, KVCache]:
     """As :class:`LlamaAttention`: ``x`` or, with a ``cache``, ``(x, cache)``."""
-    if cache is None:
-      x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-      return x + self.mlp(self.post_attention_layernorm(x))
-    attended, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
-    x = x + attended
-    return x + self.mlp(self.post_attention_layernorm(x)), cache
+    attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+    if cache is not None:
+      attended, cache = attended
+    if self.pre_feedforward_layernorm is None:
+      x = x + attended
+      x = x + self.mlp(self.post_attention_layernorm(x))
+    else:
+      x = x + self.post_attention_layernorm(attended)
+      x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+    return x if cache is None else (x, cache)
 
 
 class LlamaModel(nnx.Module):
@@ -213,9 +243,11 @@ class LlamaModel(nnx.Module):
                                  spec.num_layers, f.rngs)
     else:
       self.layers = nnx.List([LlamaDecoderLayer(spec, f) for _ in range(spec.num_layers)])
-    self.norm = f.rms_norm(spec.hidden_size, spec.rms_norm_eps)
+    self.norm = spec.norm(f, spec.hidden_size)
     self.sliding_windows = spec.sliding_windows
     self.inv_freq = spec.inv_freq
+    self.local_inv_freq = spec.local_inv_freq
+    self.embed_scale = spec.embed_scale
     self.scan_layers = scan_layers
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
@@ -234,8 +266,14 @@ class LlamaModel(nnx.Module):
     length = input_ids.shape[1]
     if position_ids is None:
       position_ids = jnp.arange(length)[None] + (0 if cache is None else cache.index)
-    x = constrain_batch(self.embed_tokens(input_ids))
-    cos, sin = _rope_tables(position_ids, self.inv_freq, x.dtype)
+    x = self.embed_tokens(input_ids)
+    if self.embed_scale is not None:  # in the embedding's dtype, as transformers
+      x = x * jnp.asarray(self.embed_scale, x.dtype)
+    x = constrain_batch(x)
+    # RoPE tables: the global ones, and the sliding layers' own (Gemma 3), picked per layer.
+    ropes = [_rope_tables(position_ids, freq, x.dtype)
+             for freq in (self.inv_freq, self.local_inv_freq) if freq is not None]
+    rope_of = [int(w is not None and self.local_inv_freq is not None) for w in self.sliding_windows]
     windows = sorted(set(self.sliding_windows), key=lambda w: -1 if w is None else w)
     if cache is None:
       masks = [make_attention_mask(attention_mask, length, causal=True, sliding_window=w,
@@ -245,22 +283,27 @@ class LlamaModel(nnx.Module):
       masks = [cache_attention_mask(cache, length, w) for w in windows]
     which = [windows.index(w) for w in self.sliding_windows]
 
-    def block(layer, h, c, mask, index):
+    def block(layer, h, c, mask, rope, index):
       if c is None:
-        return constrain_batch(layer(h, cos, sin, mask)), None
-      h, c = layer(h, cos, sin, mask, c, index)
+        return constrain_batch(layer(h, *rope, mask)), None
+      h, c = layer(h, *rope, mask, c, index)
       return constrain_batch(h), c
 
     if self.scan_layers:
-      # One mask per distinct window, picked per layer by index: (W, B | 1, 1, T, S), (L,); a
-      # cache rides in the carry and each layer writes its own slice of it in place.
+      # One mask per distinct window and one RoPE table per kind, picked per layer by index:
+      # (W, B | 1, 1, T, S), (R, B | 1, T, D); a cache rides in the carry and each layer writes
+      # its own slice of it in place.
       table = jnp.stack(masks)
+      cos, sin = (jnp.stack(t) for t in zip(*ropes))
       x, cache = scan_layers(
-          lambda layer, carry, item: block(layer, *carry, table[item[0]], item[1]), self.layers,
-          (x, cache), (jnp.asarray(which, jnp.int32), jnp.arange(len(which))))
+          lambda layer, carry, item: block(layer, *carry, table[item[0]],
+                                           (cos[item[1]], sin[item[1]]), item[2]),
+          self.layers, (x, cache),
+          (jnp.asarray(which, jnp.int32), jnp.asarray(rope_of, jnp.int32),
+           jnp.arange(len(which))))
     else:
-      for index, (layer, i) in enumerate(zip(self.layers, which)):
-        x, cache = block(layer, x, cache, masks[i], index)
+      for index, (layer, i, r) in enumerate(zip(self.layers, which, rope_of)):
+        x, cache = block(layer, x, cache, masks[i], ropes[r], index)
     return self.norm(x) if cache is None else (self.norm(x), cache)
 
 
@@ -301,6 +344,7 @@ class LlamaForCausalLM(CausalLM):
     self.scan_layers = scan_layers
     self.lm_head = (None if self.spec.tie_word_embeddings
                     else f.linear(self.spec.hidden_size, self.spec.vocab_size, False))
+    self.logit_softcap = self.spec.final_softcap
 
   @classmethod
   def family_flags(cls, hf_config: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
@@ -314,14 +358,15 @@ class LlamaForCausalLM(CausalLM):
     """Read a :class:`DecoderSpec` from an HF config dict (:mod:`smoa_jax.models.config_schema`
     checks every field first; ConfigError lists every invalid one)."""
     v = config_schema.check(hf_config, cls.architecture)
-    return DecoderSpec(
+    fields = dict(
         vocab_size=v["vocab_size"], hidden_size=v["hidden_size"],
         intermediate_size=v["intermediate_size"], num_layers=v["num_hidden_layers"],
         num_heads=v["num_attention_heads"], num_kv_heads=v["num_key_value_heads"],
-        head_dim=v["head_dim"], rms_norm_eps=v["rms_norm_eps"], hidden_act=v["hidden_act"],
+        head_dim=v["head_dim"], rms_norm_eps=v["rms_norm_eps"], hidden_act=v.get("hidden_act"),
         tie_word_embeddings=v["tie_word_embeddings"],
         inv_freq=tuple(float(f) for f in rope_inv_freq(v, v["head_dim"])),
-        initializer_range=v["initializer_range"], **cls.family_flags(v, v["num_hidden_layers"]))
+        initializer_range=v["initializer_range"])
+    return DecoderSpec(**{**fields, **cls.family_flags(v, v["num_hidden_layers"])})
 
   def decoder_parts(self) -> tuple[LlamaModel, nnx.Embed]:
     return self.model, self.model.embed_tokens
@@ -338,7 +383,8 @@ class LlamaForCausalLM(CausalLM):
         *linear_rules(f"{layer}.self_attn.{{p:[qkvo]_proj}}", f"{path}/self_attn/{{p}}"),
         *norm_rules(f"{layer}.self_attn.{{n:[qk]_norm}}", f"{path}/self_attn/{{n}}"),
         *linear_rules(f"{layer}.mlp.{{p:gate_proj|up_proj|down_proj}}", f"{path}/mlp/{{p}}"),
-        *norm_rules(f"{layer}.{{n:input_layernorm|post_attention_layernorm}}", f"{path}/{{n}}"),
+        *norm_rules(f"{layer}.{{n:input_layernorm|post_attention_layernorm|pre_feedforward_layernorm"
+                    "|post_feedforward_layernorm}", f"{path}/{{n}}"),
         *norm_rules("model.norm", "model/norm"),
         KeyRule("lm_head.weight", "lm_head/kernel", transpose=True),
     )

@@ -62,7 +62,8 @@ def _single(layer: _Layer) -> list[ParamSpec]:
 
 
 def _decoder(v: Mapping[str, Any], model_cls: Any, scan_layers: bool) -> list[ParamSpec]:
-  """Llama, Mistral, Qwen2, Qwen3 (smoa_jax.models.llama): biases and q/k norms per family."""
+  """Llama, Mistral, Qwen2, Qwen3, Gemma 2/3 (smoa_jax.models.llama, .gemma): biases, q/k norms
+  and Gemma's extra norms per family."""
   hidden, inter, heads, kv, dim = (v["hidden_size"], v["intermediate_size"],
                                    v["num_attention_heads"], v["num_key_value_heads"],
                                    v["head_dim"])
@@ -78,7 +79,10 @@ def _decoder(v: Mapping[str, Any], model_cls: Any, scan_layers: bool) -> list[Pa
            + _linear("mlp/up_proj", hidden, inter, mlp_bias)
            + _linear("mlp/down_proj", inter, hidden, mlp_bias)
            + _norm("input_layernorm", hidden, False)
-           + _norm("post_attention_layernorm", hidden, False))
+           + _norm("post_attention_layernorm", hidden, False)
+           + (_norm("pre_feedforward_layernorm", hidden, False)
+              + _norm("post_feedforward_layernorm", hidden, False)
+              if flags.get("sandwich_norms") else []))
   head = [] if v["tie_word_embeddings"] else _linear("lm_head", hidden, v["vocab_size"], False)
   return (_single(_embed("model/embed_tokens", v["vocab_size"], hidden))
           + _stack("model/layers", layer, v["num_hidden_layers"], scan_layers)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers
 from flax import nnx
 
@@ -13,7 +12,7 @@ import smoa_jax
 from smoa_jax.models import LlamaForCausalLM, Qwen3ForCausalLM
 from smoa_jax.models.hf import from_hf
 from smoa_jax.models.llama import rope_inv_freq
-from tests.support.hf import randomize
+from tests.support.hf import assert_logits_match, padded_batch, randomize
 
 VOCAB, LENGTH = 97, 11
 COMMON = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
@@ -40,15 +39,6 @@ CASES = {
 }
 
 
-def inputs(batch: int = 3) -> tuple[np.ndarray, np.ndarray]:
-  """Token ids and a mask with right padding (row 1) and left padding (row 2)."""
-  ids = np.random.RandomState(0).randint(0, VOCAB, (batch, LENGTH))
-  mask = np.ones((batch, LENGTH), np.int64)
-  mask[1, 7:] = 0
-  mask[2, :3] = 0
-  return ids, mask
-
-
 @pytest.fixture(scope="module", params=sorted(CASES))
 def checkpoint(request, tmp_path_factory):
   config_cls, model_cls, overrides = CASES[request.param]
@@ -60,17 +50,7 @@ def checkpoint(request, tmp_path_factory):
 
 def test_logits_match_transformers(checkpoint):
   _, hf, path = checkpoint
-  model = from_hf(path)
-  ids, mask = inputs()
-  with torch.no_grad():
-    ref = hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-    ref_unmasked = hf(torch.tensor(ids)).logits.numpy()
-  forward = nnx.jit(lambda m, x, a: m(x, a))
-  ours = np.asarray(forward(model, jnp.asarray(ids), jnp.asarray(mask)))
-  valid = mask.astype(bool)  # padded query positions are undefined in both
-  np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-4, rtol=0)
-  ours_unmasked = np.asarray(forward(model, jnp.asarray(ids), jnp.ones_like(mask)))
-  np.testing.assert_allclose(ours_unmasked, ref_unmasked, atol=1e-4, rtol=0)
+  assert_logits_match(hf, from_hf(path), *padded_batch(VOCAB, LENGTH))
 
 
 def test_paths_mirror_hf_names(checkpoint):

@@ -38,6 +38,13 @@ BASES = {
                              sliding_window=4),
     "Qwen3ForCausalLM": dict(LLAMA, architectures=["Qwen3ForCausalLM"], model_type="qwen3",
                              head_dim=6, attention_bias=True),
+    "Gemma2ForCausalLM": dict(LLAMA, architectures=["Gemma2ForCausalLM"], model_type="gemma2",
+                              sliding_window=4, final_logit_softcapping=30.0,
+                              attn_logit_softcapping=50.0),
+    "Gemma3ForCausalLM": dict(LLAMA, architectures=["Gemma3ForCausalLM"], model_type="gemma3_text",
+                              sliding_window=4, rope_parameters={
+                                  "full_attention": {"rope_type": "linear", "factor": 8.0},
+                                  "sliding_attention": {"rope_type": "default"}}),
     "GPT2LMHeadModel": GPT2,
     "BertModel": BERT,
     "BertForSequenceClassification": dict(BERT, architectures=["BertForSequenceClassification"],
