@@ -159,6 +159,11 @@ _DECODER_RULES = (
     Rule(("head_dim",), lambda d: d % 2 == 0,
          "an even head_dim (rotary embeddings rotate pairs of dimensions)"),
 )
+_FULL_ROTARY = Rule(  # Phi-3 configs may rotate part of each head (Phi-4-mini: 0.75)
+    ("rope_parameters", "rope_scaling", "partial_rotary_factor"),
+    lambda *given: all((g if isinstance(g, (int, float)) else (g or {}).get(
+        "partial_rotary_factor", 1.0)) in (None, 1, 1.0) for g in given),
+    "partial_rotary_factor 1.0 (rotary embeddings over part of each head are not supported)")
 _SLIDING_LAYERS = {
     "use_sliding_window": _FLAG_FALSE, "sliding_window": _WINDOW,
     "max_window_layers": Field(int, 0, minimum=0),
@@ -225,6 +230,9 @@ SCHEMAS: dict[str, Schema] = {
     "Gemma2ForCausalLM": Schema(_GEMMA, _DECODER_RULES + _SLIDING_RULES, rope=True),
     "Gemma3ForCausalLM": Schema(_GEMMA3, _DECODER_RULES + _SLIDING_RULES, rope=True,
                                 rope_per_layer_type=True),
+    "Phi3ForCausalLM": Schema(
+        {**_DECODER, "sliding_window": _WINDOW, "partial_rotary_factor": Field(float, None)},
+        _DECODER_RULES + (_FULL_ROTARY,), rope=True),
     "GPT2LMHeadModel": Schema(_GPT2, (_divides("n_embd", "n_head"),)),
     "BertModel": Schema(_BERT, _BERT_RULES),
     "BertForSequenceClassification": Schema(

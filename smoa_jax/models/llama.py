@@ -1,9 +1,9 @@
-"""Llama-family causal LMs (Llama, Mistral, Qwen2, Qwen3) as NNX modules with HF names.
+"""Llama-family causal LMs (Llama, Mistral, Qwen2, Qwen3, Phi-3) as NNX modules with HF names.
 
 One decoder serves the four families, and Gemma's (:mod:`smoa_jax.models.gemma`); they differ
 only in :class:`DecoderSpec` fields read from the HF config: which projections carry biases
 (Qwen2: q/k/v only), per-head q/k RMSNorm (Qwen3), sliding-window layers (Mistral, Qwen2/3
-``layer_types``), and Gemma's norms, scales and soft-capping. Supported: grouped-query attention,
+``layer_types``), fused projections (Phi-3), and Gemma's norms, scales and soft-capping. Supported: grouped-query attention,
 ``head_dim != hidden/heads``, RoPE of type ``default``, ``linear`` and ``llama3`` (read from
 transformers 5.x ``rope_parameters`` or 4.x ``rope_theta`` + ``rope_scaling``), tied or untied
 embeddings, causal + padding masks, and a KV cache for generation (:mod:`smoa_jax.models.cache`):
@@ -45,7 +45,7 @@ from smoa_jax.models.keymap import KeyMap, KeyRule, linear_rules, norm_rules
 from smoa_jax.parallel.sharding import constrain_batch
 
 __all__ = [
-    "DecoderSpec", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+    "DecoderSpec", "LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
     "Qwen3ForCausalLM", "rope_inv_freq", "apply_rope",
 ]
 
@@ -120,6 +120,7 @@ class DecoderSpec:
   # Gemma: RMSNorm * (1 + scale); norms after attention and MLP as well (pre_/post_feedforward_
   # layernorm); embeddings times sqrt(hidden); attention scale query_pre_attn_scalar ** -0.5 (None:
   # head_dim ** -0.5); soft-capped attention scores and final logits; RoPE of the sliding layers.
+  fused_projections: bool = False  # Phi-3: one qkv_proj and one gate_up_proj
   unit_offset_norms: bool = False
   sandwich_norms: bool = False
   embed_scale: float | None = None
@@ -143,14 +144,20 @@ def _layer_windows(hf_config: Mapping[str, Any], num_layers: int) -> tuple[int |
 
 
 class LlamaAttention(nnx.Module):
-  """Self-attention with RoPE and grouped KV heads: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``."""
+  """Self-attention with RoPE and grouped KV heads: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``.
+
+  With ``fused_projections`` (Phi-3) one ``qkv_proj`` ``kernel (hidden, (heads + 2 * kv_heads) *
+  head_dim)`` holds the three, its outputs in the order q, k, v (q/k/v_proj are then None).
+  """
 
   def __init__(self, spec: DecoderSpec, f: LayerFactory):
     hidden, heads, kv_heads, head_dim = (spec.hidden_size, spec.num_heads, spec.num_kv_heads,
                                          spec.head_dim)
-    self.q_proj = f.linear(hidden, heads * head_dim, spec.qkv_bias)
-    self.k_proj = f.linear(hidden, kv_heads * head_dim, spec.qkv_bias)
-    self.v_proj = f.linear(hidden, kv_heads * head_dim, spec.qkv_bias)
+    self.sizes = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+    fused = spec.fused_projections
+    self.qkv_proj = f.linear(hidden, sum(self.sizes), spec.qkv_bias) if fused else None
+    self.q_proj, self.k_proj, self.v_proj = (
+        (None,) * 3 if fused else (f.linear(hidden, n, spec.qkv_bias) for n in self.sizes))
     self.o_proj = f.linear(heads * head_dim, hidden, spec.o_bias)
     self.q_norm = spec.norm(f, head_dim) if spec.qk_norm else None
     self.k_norm = spec.norm(f, head_dim) if spec.qk_norm else None
@@ -167,9 +174,13 @@ class LlamaAttention(nnx.Module):
     the mask is ``(B, 1, T, S)`` over its slots, and ``(out, cache)`` is returned.
     """
     batch, length, _ = x.shape
-    q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+    if self.qkv_proj is None:
+      q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    else:
+      q, k, v = jnp.split(self.qkv_proj(x), np.cumsum(self.sizes[:2]), axis=-1)
+    q = q.reshape(batch, length, self.num_heads, self.head_dim)
+    k = k.reshape(batch, length, self.num_kv_heads, self.head_dim)
+    v = v.reshape(batch, length, self.num_kv_heads, self.head_dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -182,17 +193,27 @@ class LlamaAttention(nnx.Module):
 
 
 class LlamaMLP(nnx.Module):
-  """Gated MLP: ``down_proj(act(gate_proj(x)) * up_proj(x))``."""
+  """Gated MLP: ``down_proj(act(gate_proj(x)) * up_proj(x))``.
+
+  With ``fused_projections`` (Phi-3) one ``gate_up_proj`` ``kernel (hidden, 2 * intermediate)``
+  gives the gate (first half) and up (second half) outputs.
+  """
 
   def __init__(self, spec: DecoderSpec, f: LayerFactory):
-    self.gate_proj = f.linear(spec.hidden_size, spec.intermediate_size, spec.mlp_bias)
-    self.up_proj = f.linear(spec.hidden_size, spec.intermediate_size, spec.mlp_bias)
-    self.down_proj = f.linear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias)
+    hidden, inter, fused = spec.hidden_size, spec.intermediate_size, spec.fused_projections
+    self.gate_up_proj = f.linear(hidden, 2 * inter, spec.mlp_bias) if fused else None
+    self.gate_proj, self.up_proj = ((None, None) if fused else
+                                    (f.linear(hidden, inter, spec.mlp_bias) for _ in range(2)))
+    self.down_proj = f.linear(inter, hidden, spec.mlp_bias)
     self.hidden_act = spec.hidden_act
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """``x (..., hidden)`` -> ``(..., hidden)``."""
-    return self.down_proj(activation(self.hidden_act)(self.gate_proj(x)) * self.up_proj(x))
+    if self.gate_up_proj is None:
+      gate, up = self.gate_proj(x), self.up_proj(x)
+    else:
+      gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+    return self.down_proj(activation(self.hidden_act)(gate) * up)
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -326,11 +347,11 @@ class LlamaForCausalLM(CausalLM):
   # Megatron: q/k/v and gate/up column-parallel, o/down row-parallel, vocab over tp.
   sharding_rules: ClassVar[tuple[ShardingRule, ...]] = (
       (r"model/embed_tokens/embedding", ("tp", "fsdp")),
-      (r"model/layers/(\d+/)?self_attn/[qkv]_proj/kernel", ("fsdp", "tp")),
-      (r"model/layers/(\d+/)?self_attn/[qkv]_proj/bias", ("tp",)),
+      (r"model/layers/(\d+/)?self_attn/(qkv|[qkv])_proj/kernel", ("fsdp", "tp")),
+      (r"model/layers/(\d+/)?self_attn/(qkv|[qkv])_proj/bias", ("tp",)),
       (r"model/layers/(\d+/)?self_attn/o_proj/kernel", ("tp", "fsdp")),
-      (r"model/layers/(\d+/)?mlp/(gate|up)_proj/kernel", ("fsdp", "tp")),
-      (r"model/layers/(\d+/)?mlp/(gate|up)_proj/bias", ("tp",)),
+      (r"model/layers/(\d+/)?mlp/(gate_up|gate|up)_proj/kernel", ("fsdp", "tp")),
+      (r"model/layers/(\d+/)?mlp/(gate_up|gate|up)_proj/bias", ("tp",)),
       (r"model/layers/(\d+/)?mlp/down_proj/kernel", ("tp", "fsdp")),
       (r"lm_head/kernel", ("fsdp", "tp")),
   )
@@ -380,9 +401,10 @@ class LlamaForCausalLM(CausalLM):
     path = "model/layers/{i}"
     rules = (
         KeyRule("model.embed_tokens.weight", "model/embed_tokens/embedding"),
-        *linear_rules(f"{layer}.self_attn.{{p:[qkvo]_proj}}", f"{path}/self_attn/{{p}}"),
+        *linear_rules(f"{layer}.self_attn.{{p:[qkvo]_proj|qkv_proj}}", f"{path}/self_attn/{{p}}"),
         *norm_rules(f"{layer}.self_attn.{{n:[qk]_norm}}", f"{path}/self_attn/{{n}}"),
-        *linear_rules(f"{layer}.mlp.{{p:gate_proj|up_proj|down_proj}}", f"{path}/mlp/{{p}}"),
+        *linear_rules(f"{layer}.mlp.{{p:gate_proj|up_proj|down_proj|gate_up_proj}}",
+                      f"{path}/mlp/{{p}}"),
         *norm_rules(f"{layer}.{{n:input_layernorm|post_attention_layernorm|pre_feedforward_layernorm"
                     "|post_feedforward_layernorm}", f"{path}/{{n}}"),
         *norm_rules("model.norm", "model/norm"),
@@ -426,3 +448,14 @@ class Qwen3ForCausalLM(LlamaForCausalLM):
     bias = bool(hf_config.get("attention_bias", False))
     return dict(qkv_bias=bias, o_bias=bias, mlp_bias=False, qk_norm=True,
                 sliding_windows=_layer_windows(hf_config, num_layers))
+
+
+class Phi3ForCausalLM(MistralForCausalLM):
+  """Phi-3: Mistral with fused ``qkv_proj`` and ``gate_up_proj``. SMoA adapts a fused kernel as
+  one matrix (docs/design.md, "Fused projections")."""
+
+  architecture: ClassVar[str] = "Phi3ForCausalLM"
+
+  @classmethod
+  def family_flags(cls, hf_config: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    return dict(super().family_flags(hf_config, num_layers), fused_projections=True)

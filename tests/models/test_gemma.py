@@ -15,7 +15,8 @@ import transformers
 from flax import nnx
 
 import smoa_jax
-from tests.support.hf import assert_logits_match, padded_batch, randomize
+from tests.support.hf import (assert_adapted_export_reloads, assert_logits_match, padded_batch,
+                              randomize)
 
 VOCAB, LENGTH, WINDOW = 97, 11, 4  # LENGTH > WINDOW: the sliding layers see only part of it
 COMMON = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=72, num_hidden_layers=3,
@@ -102,21 +103,6 @@ def test_paths_mirror_hf_names(checkpoint):
 
 def test_adapted_merged_export_reloads_in_transformers(checkpoint, tmp_path):
   _, hf, path = checkpoint
-  model = smoa_jax.from_hf(path)
-  ids, _ = padded_batch(VOCAB, LENGTH)
-  forward = nnx.jit(lambda m, x: m(x))
-  base = np.asarray(forward(model, ids))
-  config = smoa_jax.SMoAConfig(r=4, num_blocks=2, alpha=8.0,
-                               target_modules=["q_proj", "v_proj", "down_proj"])
-  smoa_jax.apply_adapter(model, config, rngs=nnx.Rngs(0), verbose=False, show_progress=False)
-  for i, (_, layer) in enumerate(smoa_jax.adapter_layers(model)):  # as if trained: b != 0
-    b = layer.lora_b[...]
-    layer.lora_b[...] = 0.3 * np.random.default_rng(i).standard_normal(b.shape).astype(b.dtype)
-  adapted = np.asarray(forward(model, ids))
-  assert np.abs(adapted - base).max() > 1e-2  # the adapters change the function
-  smoa_jax.to_hf(smoa_jax.merge_and_unload(model), tmp_path / "out")
-  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+  reloaded = assert_adapted_export_reloads(path, tmp_path / "out", VOCAB, LENGTH,
+                                           ["q_proj", "v_proj", "down_proj"])
   assert type(reloaded) is type(hf)
-  with torch.no_grad():
-    theirs = reloaded(torch.tensor(ids)).logits.numpy()
-  np.testing.assert_allclose(theirs, adapted, atol=1e-4, rtol=0)

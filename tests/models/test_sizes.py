@@ -38,6 +38,7 @@ CONFIGS = {
                                         attention_bias=True, sliding_window=4), None),
     "gemma3_qk_norm_untied": (dict(LLAMA, architectures=["Gemma3ForCausalLM"], head_dim=16,
                                    tie_word_embeddings=False, sliding_window=4), None),
+    "phi3_fused": (dict(LLAMA, architectures=["Phi3ForCausalLM"], sliding_window=4), None),
     "gpt2_tied": (GPT2, None),
     "gpt2_untied_inner": (dict(GPT2, tie_word_embeddings=False, n_inner=24), None),
     "bert": (BERT, None),

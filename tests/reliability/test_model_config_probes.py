@@ -45,6 +45,8 @@ BASES = {
                               sliding_window=4, rope_parameters={
                                   "full_attention": {"rope_type": "linear", "factor": 8.0},
                                   "sliding_attention": {"rope_type": "default"}}),
+    "Phi3ForCausalLM": dict(LLAMA, architectures=["Phi3ForCausalLM"], model_type="phi3",
+                            sliding_window=4),
     "GPT2LMHeadModel": GPT2,
     "BertModel": BERT,
     "BertForSequenceClassification": dict(BERT, architectures=["BertForSequenceClassification"],

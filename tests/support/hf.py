@@ -55,6 +55,32 @@ def assert_logits_match(hf: torch.nn.Module, model, ids: np.ndarray, mask: np.nd
     np.testing.assert_allclose(ours[valid], ref[valid], atol=atol, rtol=0)
 
 
+def assert_adapted_export_reloads(source: Path, out: Path, vocab: int, length: int,
+                                  targets: list[str]) -> transformers.PreTrainedModel:
+  """Load ``source``, put SMoA on ``targets`` with nonzero ``lora_b`` (as if trained), merge,
+  export to ``out``: transformers reloads it with our adapted logits (atol 1e-4), which differ
+  from the base model's. Returns the reloaded model."""
+  import smoa_jax
+
+  model = smoa_jax.from_hf(source)
+  ids, _ = padded_batch(vocab, length)
+  forward = nnx.jit(lambda m, x: m(x))
+  base = np.asarray(forward(model, ids))
+  config = smoa_jax.SMoAConfig(r=4, num_blocks=2, alpha=8.0, target_modules=targets)
+  smoa_jax.apply_adapter(model, config, rngs=nnx.Rngs(0), verbose=False, show_progress=False)
+  for i, (_, layer) in enumerate(smoa_jax.adapter_layers(model)):
+    b = layer.lora_b[...]
+    layer.lora_b[...] = 0.3 * np.random.default_rng(i).standard_normal(b.shape).astype(b.dtype)
+  adapted = np.asarray(forward(model, ids))
+  assert np.abs(adapted - base).max() > 1e-2  # the adapters change the function
+  smoa_jax.to_hf(smoa_jax.merge_and_unload(model), out)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  with torch.no_grad():
+    theirs = reloaded(torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(theirs, adapted, atol=1e-4, rtol=0)
+  return reloaded
+
+
 def save_random(model_cls: type, config: transformers.PretrainedConfig, directory: Path,
                 seed: int = 0) -> Path:
   """``model_cls(config)`` initialized from ``seed``, perturbed (:func:`randomize`), saved."""
@@ -139,6 +165,8 @@ def causal_families() -> dict[str, tuple[type, type, dict]]:
           layer_types=["sliding_attention", "full_attention"], rope_parameters={
               "full_attention": dict(rope_type="default", rope_theta=1000.0),
               "sliding_attention": dict(rope_type="default", rope_theta=10.0)})),
+      "phi3": (t.Phi3Config, t.Phi3ForCausalLM, dict(
+          _LLAMA_LIKE, num_attention_heads=6, num_key_value_heads=2, sliding_window=4)),
       "gpt2": (t.GPT2Config, t.GPT2LMHeadModel, dict(
           vocab_size=CAUSAL_VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64,
           bos_token_id=None, eos_token_id=None)),

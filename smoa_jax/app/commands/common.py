@@ -16,9 +16,9 @@ from smoa_jax.io import formats, rundir
 PROG = "smoa-jax"
 METHODS = ("smoa", "lora", "hira", "full")
 TASKS = ("causal-lm", "classification")
-# The attention query/value projections of every supported family (Llama-like, BERT, GPT-2);
-# names a model does not have simply match nothing.
-DEFAULT_TARGETS = "q_proj,v_proj,query,value,c_attn"
+# The attention query/value projections of every supported family (Llama-like, BERT; fused in
+# GPT-2's c_attn and Phi-3's qkv_proj); names a model does not have simply match nothing.
+DEFAULT_TARGETS = "q_proj,v_proj,qkv_proj,query,value,c_attn"
 
 # Defaults of the flags that define a run (stored in run_config.json). argparse itself gets None,
 # so a value given on the command line can be told apart from a default: ``--resume`` takes
