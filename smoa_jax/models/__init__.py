@@ -42,15 +42,16 @@ __all__ = [
 ARCHITECTURES: dict[str, type[HFModel]] = {
     cls.architecture: cls for cls in (
         LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM,
-        Gemma3ForCausalLM, Phi3ForCausalLM, GPT2LMHeadModel, BertModel, BertForSequenceClassification)
+        Gemma3ForCausalLM, Phi3ForCausalLM, GPT2LMHeadModel, BertModel,
+        BertForSequenceClassification)
 }
 # Checkpoints of other heads whose body we load (their own heads are ignored).
 _BODY_OF = {"BertForMaskedLM": BertModel, "BertForPreTraining": BertModel}
 # config.json without ``architectures``: the class for its ``model_type``.
 _BY_MODEL_TYPE = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM,
-                  "qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM, "gemma2": Gemma2ForCausalLM,
-                  "gemma3_text": Gemma3ForCausalLM, "phi3": Phi3ForCausalLM, "gpt2": GPT2LMHeadModel,
-                  "bert": BertModel}
+                  "qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM, "phi3": Phi3ForCausalLM,
+                  "gemma2": Gemma2ForCausalLM, "gemma3_text": Gemma3ForCausalLM,
+                  "gpt2": GPT2LMHeadModel, "bert": BertModel}
 
 
 def model_class(hf_config: Mapping[str, Any], num_labels: int | None = None) -> type[HFModel]:

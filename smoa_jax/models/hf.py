@@ -337,9 +337,10 @@ def _fresh_value(path: str, shape: tuple[int, ...], dtype: Any, std: float,
 
 
 def from_hf(path: str | os.PathLike[str], dtype: Dtype = jnp.float32, *,
-            revision: str | None = None, param_dtype: Dtype | None = None, num_labels: int | None = None,
-            max_bytes: int | None = None, seed: int = 0, mesh: Mesh | None = None,
-            scan_layers: bool = False, warn_fresh: bool = True) -> HFModel:
+            revision: str | None = None, param_dtype: Dtype | None = None,
+            num_labels: int | None = None, max_bytes: int | None = None, seed: int = 0,
+            mesh: Mesh | None = None, scan_layers: bool = False,
+            warn_fresh: bool = True) -> HFModel:
   """Load a Hugging Face model (a directory or a Hub id) as an NNX model of the matching family.
 
   Args:
@@ -373,9 +374,10 @@ def from_hf(path: str | os.PathLike[str], dtype: Dtype = jnp.float32, *,
 
   Raises:
     CheckpointError: a Hub id that cannot be fetched (unknown repo or revision, offline without a
-      cached copy, no safetensors weights), missing directory/config/weights, invalid JSON, invalid config fields (wrong
-      type, out of range, inconsistent: all listed at once), corrupt or truncated files, a shard
-      index naming missing shards, unsupported architectures, an unsafe pickle, or weights that
+      cached copy, no safetensors weights), missing directory/config/weights, invalid JSON,
+      invalid config fields (wrong type, out of range, inconsistent: all listed at once), corrupt
+      or truncated files, a shard index naming missing shards, unsupported architectures, an
+      unsafe pickle, or weights that
       do not fit the config (all mismatches listed at once); also when the model would not fit
       in memory (decided from config.json alone, before anything is built).
   """

@@ -90,11 +90,10 @@ def resolve(source: str | os.PathLike[str], revision: str | None = None) -> Path
     raise CheckpointError(f"Hugging Face repo {where} has no config.json; expected a transformers "
                           "model repo (config, tokenizer and safetensors weights).")
   if not any(directory.glob("*.safetensors")):
-    raise CheckpointError(f"Hugging Face repo {where} has no safetensors weights"
-                          f"{' (only PyTorch .bin files)' if _has_bin(repo, revision, directory) else ''}"
-                          "; smoa-jax downloads safetensors only. Convert the weights "
-                          "(transformers: from_pretrained then save_pretrained) and pass that local "
-                          "directory.")
+    only_bin = " (only PyTorch .bin files)" if _has_bin(repo, revision, directory) else ""
+    raise CheckpointError(f"Hugging Face repo {where} has no safetensors weights{only_bin}; "
+                          "smoa-jax downloads safetensors only. Convert the weights (transformers: "
+                          "from_pretrained then save_pretrained) and pass that local directory.")
   return directory
 
 

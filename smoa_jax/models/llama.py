@@ -1,20 +1,23 @@
 """Llama-family causal LMs (Llama, Mistral, Qwen2, Qwen3, Phi-3) as NNX modules with HF names.
 
-One decoder serves the four families, and Gemma's (:mod:`smoa_jax.models.gemma`); they differ
+One decoder serves these families, and Gemma's (:mod:`smoa_jax.models.gemma`); they differ
 only in :class:`DecoderSpec` fields read from the HF config: which projections carry biases
-(Qwen2: q/k/v only), per-head q/k RMSNorm (Qwen3), sliding-window layers (Mistral, Qwen2/3
-``layer_types``), fused projections (Phi-3), and Gemma's norms, scales and soft-capping. Supported: grouped-query attention,
-``head_dim != hidden/heads``, RoPE of type ``default``, ``linear`` and ``llama3`` (read from
-transformers 5.x ``rope_parameters`` or 4.x ``rope_theta`` + ``rope_scaling``), tied or untied
-embeddings, causal + padding masks, and a KV cache for generation (:mod:`smoa_jax.models.cache`):
-``model.init_cache(batch, max_length)`` and ``model(ids, ..., cache=cache) -> (logits, cache)``.
+(Qwen2: q/k/v only), per-head q/k RMSNorm (Qwen3), sliding-window layers (Mistral, Phi-3, Qwen2/3
+``layer_types``), fused projections (Phi-3), and Gemma's norms, scales and soft-capping.
+Supported: grouped-query attention, ``head_dim != hidden/heads``, RoPE of type ``default``,
+``linear`` and ``llama3`` (read from transformers 5.x ``rope_parameters`` or 4.x ``rope_theta`` +
+``rope_scaling``), tied or untied embeddings, causal + padding masks, and a KV cache for
+generation (:mod:`smoa_jax.models.cache`): ``model.init_cache(batch, max_length)`` and
+``model(ids, ..., cache=cache) -> (logits, cache)``.
 
 Module paths mirror the HF state dict, so ``target_modules`` means what it means in PEFT::
 
     model/embed_tokens                      embedding (vocab, hidden)
     model/layers/3/self_attn/q_proj         kernel (hidden, heads*head_dim)   [also k/v/o_proj]
+    model/layers/3/self_attn/qkv_proj       kernel (hidden, (heads+2*kv_heads)*head_dim)  [Phi-3]
     model/layers/3/self_attn/q_norm         scale (head_dim)                  [Qwen3]
     model/layers/3/mlp/down_proj            kernel (intermediate, hidden)     [also gate/up_proj]
+    model/layers/3/mlp/gate_up_proj         kernel (hidden, 2*intermediate)   [Phi-3]
     model/layers/3/input_layernorm          scale (hidden)
     model/norm, lm_head                     lm_head absent when embeddings are tied
 
@@ -45,8 +48,8 @@ from smoa_jax.models.keymap import KeyMap, KeyRule, linear_rules, norm_rules
 from smoa_jax.parallel.sharding import constrain_batch
 
 __all__ = [
-    "DecoderSpec", "LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM", "rope_inv_freq", "apply_rope",
+    "DecoderSpec", "LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM",
+    "Qwen2ForCausalLM", "Qwen3ForCausalLM", "rope_inv_freq", "apply_rope",
 ]
 
 ROPE_TYPES = tuple(config_schema.ROPE_TYPES)
@@ -117,10 +120,10 @@ class DecoderSpec:
   sliding_windows: tuple[int | None, ...]  # per layer; None = full causal attention
   inv_freq: tuple[float, ...]
   initializer_range: float
+  fused_projections: bool = False  # Phi-3: one qkv_proj and one gate_up_proj
   # Gemma: RMSNorm * (1 + scale); norms after attention and MLP as well (pre_/post_feedforward_
   # layernorm); embeddings times sqrt(hidden); attention scale query_pre_attn_scalar ** -0.5 (None:
   # head_dim ** -0.5); soft-capped attention scores and final logits; RoPE of the sliding layers.
-  fused_projections: bool = False  # Phi-3: one qkv_proj and one gate_up_proj
   unit_offset_norms: bool = False
   sandwich_norms: bool = False
   embed_scale: float | None = None
@@ -405,8 +408,8 @@ class LlamaForCausalLM(CausalLM):
         *norm_rules(f"{layer}.self_attn.{{n:[qk]_norm}}", f"{path}/self_attn/{{n}}"),
         *linear_rules(f"{layer}.mlp.{{p:gate_proj|up_proj|down_proj|gate_up_proj}}",
                       f"{path}/mlp/{{p}}"),
-        *norm_rules(f"{layer}.{{n:input_layernorm|post_attention_layernorm|pre_feedforward_layernorm"
-                    "|post_feedforward_layernorm}", f"{path}/{{n}}"),
+        *norm_rules(f"{layer}.{{n:input_layernorm|post_attention_layernorm"
+                    "|pre_feedforward_layernorm|post_feedforward_layernorm}", f"{path}/{{n}}"),
         *norm_rules("model.norm", "model/norm"),
         KeyRule("lm_head.weight", "lm_head/kernel", transpose=True),
     )

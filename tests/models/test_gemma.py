@@ -82,7 +82,8 @@ def test_scanned_layers_give_the_same_logits(checkpoint):
   _, _, path = checkpoint
   ids, mask = padded_batch(VOCAB, LENGTH)
   forward = nnx.jit(lambda m, x, a: m(x, a))
-  np.testing.assert_allclose(np.asarray(forward(smoa_jax.from_hf(path, scan_layers=True), ids, mask)),
+  scanned = smoa_jax.from_hf(path, scan_layers=True)
+  np.testing.assert_allclose(np.asarray(forward(scanned, ids, mask)),
                              np.asarray(forward(smoa_jax.from_hf(path), ids, mask)), atol=1e-5)
 
 

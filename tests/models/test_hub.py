@@ -55,7 +55,8 @@ def test_a_cached_hub_id_loads_like_its_directory(hub_cache, llama_dir):
   model = smoa_jax.from_hf(REPO)
   assert Path(model.source_dir) == snapshot.resolve()
   ids = np.arange(8)[None] % 50
-  np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(smoa_jax.from_hf(llama_dir)(ids)))
+  np.testing.assert_array_equal(np.asarray(model(ids)),
+                                np.asarray(smoa_jax.from_hf(llama_dir)(ids)))
 
 
 def test_a_revision_picks_its_snapshot(hub_cache, llama_dir):
