@@ -27,27 +27,31 @@ from smoa_jax.models import config_schema
 from smoa_jax.models.base import CausalLM, HFModel
 from smoa_jax.models.keymap import KeyMap, KeyRule
 from smoa_jax.models.bert import BertForSequenceClassification, BertModel
+from smoa_jax.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from smoa_jax.models.gpt2 import GPT2LMHeadModel
-from smoa_jax.models.llama import (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
-                                   Qwen3ForCausalLM)
+from smoa_jax.models.llama import (LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM,
+                                   Qwen2ForCausalLM, Qwen3ForCausalLM)
 
 __all__ = [
     "ARCHITECTURES", "BertForSequenceClassification", "BertModel", "CausalLM", "GPT2LMHeadModel",
-    "HFModel", "KeyMap", "KeyRule", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM", "build_model", "model_class",
+    "Gemma2ForCausalLM", "Gemma3ForCausalLM", "HFModel", "KeyMap", "KeyRule", "LlamaForCausalLM",
+    "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "build_model",
+    "model_class",
 ]
 
 ARCHITECTURES: dict[str, type[HFModel]] = {
     cls.architecture: cls for cls in (
-        LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GPT2LMHeadModel,
-        BertModel, BertForSequenceClassification)
+        LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM,
+        Gemma3ForCausalLM, Phi3ForCausalLM, GPT2LMHeadModel, BertModel,
+        BertForSequenceClassification)
 }
 # Checkpoints of other heads whose body we load (their own heads are ignored).
 _BODY_OF = {"BertForMaskedLM": BertModel, "BertForPreTraining": BertModel}
 # config.json without ``architectures``: the class for its ``model_type``.
 _BY_MODEL_TYPE = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM,
-                  "qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM, "gpt2": GPT2LMHeadModel,
-                  "bert": BertModel}
+                  "qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM, "phi3": Phi3ForCausalLM,
+                  "gemma2": Gemma2ForCausalLM, "gemma3_text": Gemma3ForCausalLM,
+                  "gpt2": GPT2LMHeadModel, "bert": BertModel}
 
 
 def model_class(hf_config: Mapping[str, Any], num_labels: int | None = None) -> type[HFModel]:

@@ -12,6 +12,7 @@ import jax
 from flax import nnx
 from flax.typing import Dtype
 
+from smoa_jax.models.blocks import UnitOffsetRMSNorm, softcap
 from smoa_jax.models.cache import KVCache
 from smoa_jax.models.keymap import KeyMap
 
@@ -77,11 +78,13 @@ class CausalLM(HFModel):
   A family builds its decoder (hidden states ``(B, T, hidden)`` from ids) and sets ``lm_head`` (an
   ``nnx.Linear`` with ``kernel (hidden, vocab)``, or None when the head is tied to the input
   embedding); it names both in ``decoder_parts() -> (decoder, embedding)`` and says the cache layout
-  (``cache_layout() -> (layers, kv_heads, head_dim)``). The call and the cache are then the same
-  for every family; :mod:`smoa_jax.models.cache` holds the cache and its masks.
+  (``cache_layout() -> (layers, kv_heads, head_dim)``); ``logit_softcap`` soft-caps the logits
+  (:func:`~smoa_jax.models.blocks.softcap`). The call and the cache are then the same for every
+  family; :mod:`smoa_jax.models.cache` holds the cache and its masks.
   """
 
   lm_head: nnx.Linear | None = None
+  logit_softcap: float | None = None  # final logits soft-capped (Gemma 2): cap * tanh(z / cap)
 
   def decoder_parts(self) -> tuple[nnx.Module, nnx.Embed]:
     """The decoder and its input embedding (which a tied head reads)."""
@@ -109,7 +112,7 @@ class CausalLM(HFModel):
     if logits_to_keep is not None:
       hidden = hidden[:, -logits_to_keep:]
     head = embedding.attend if self.lm_head is None else self.lm_head
-    logits = head(hidden)
+    logits = softcap(head(hidden), self.logit_softcap)
     return logits if cache is None else (logits, cache)
 
   def init_cache(self, batch: int, max_length: int, *, dtype: Dtype | None = None) -> KVCache:
@@ -146,9 +149,12 @@ class LayerFactory:
     return nnx.Embed(num_embeddings, features, dtype=self.dtype, param_dtype=self.param_dtype,
                      embedding_init=nnx.initializers.normal(self.std), rngs=self.rngs)
 
-  def rms_norm(self, features: int, eps: float) -> nnx.RMSNorm:
-    return nnx.RMSNorm(features, epsilon=eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                       rngs=self.rngs)
+  def rms_norm(self, features: int, eps: float,
+               unit_offset: bool = False) -> nnx.RMSNorm | UnitOffsetRMSNorm:
+    """``nnx.RMSNorm`` (``scale (features,)``); ``unit_offset``: Gemma's ``* (1 + scale)``."""
+    norm = UnitOffsetRMSNorm if unit_offset else nnx.RMSNorm
+    return norm(features, epsilon=eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                rngs=self.rngs)
 
   def layer_norm(self, features: int, eps: float) -> nnx.LayerNorm:
     return nnx.LayerNorm(features, epsilon=eps, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -1,5 +1,5 @@
-"""Building blocks shared by the model families: activations, attention masks and attention,
-and stacked (scanned) layers."""
+"""Building blocks shared by the model families: activations, attention masks and attention
+(with optional logit soft-capping), Gemma's RMSNorm, and stacked (scanned) layers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from flax import nnx
 
 from smoa_jax.errors import ConfigError
 
-__all__ = ["activation", "make_attention_mask", "attention", "stack_layers", "scan_layers"]
+__all__ = ["activation", "make_attention_mask", "attention", "softcap", "UnitOffsetRMSNorm",
+           "stack_layers", "scan_layers"]
 
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -62,16 +63,59 @@ def make_attention_mask(attention_mask: jax.Array | None, query_len: int, *, cau
   return mask
 
 
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+  """``cap * tanh(x / cap)`` (Gemma 2's logit soft-capping: values kept inside ``(-cap, cap)``);
+  ``x`` itself when ``cap`` is None."""
+  return x if cap is None else cap * jnp.tanh(x / cap)
+
+
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None,
-              scale: float) -> jax.Array:
+              scale: float, logit_cap: float | None = None) -> jax.Array:
   """Softmax attention with grouped KV heads, softmax in float32.
 
   ``query (B, T, N, D)``, ``key``/``value (B, S, K, D)`` with ``N % K == 0`` (GQA: query head
   ``n`` reads KV head ``n // (N // K)``, as HF's ``repeat_kv``), ``mask`` boolean broadcastable
   to ``(B, N, T, S)`` -> ``(B, T, N, D)``. A query with no visible key gets the mean of the values
-  instead of NaN.
+  instead of NaN. ``logit_cap``: the scores ``scale * q.k`` are soft-capped (:func:`softcap`)
+  before the mask and the softmax (Gemma 2).
   """
-  return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale)
+  if logit_cap is None:
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale)
+  batch, length, heads, dim = query.shape
+  kv_heads, keys = key.shape[2], key.shape[1]
+  grouped = query.reshape(batch, length, kv_heads, heads // kv_heads, dim)
+  scores = jnp.einsum("btkgd,bskd->bkgts", grouped, key,
+                      preferred_element_type=jnp.float32) * scale
+  scores = softcap(scores, logit_cap)
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (mask.shape[0], heads, length, keys))
+    mask = mask.reshape(mask.shape[0], kv_heads, heads // kv_heads, length, keys)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", weights, value)
+  return out.reshape(batch, length, heads, dim)
+
+
+class UnitOffsetRMSNorm(nnx.Module):
+  """Gemma's RMSNorm: ``x / sqrt(mean(x^2) + eps) * (1 + scale)``, computed in float32.
+
+  ``scale (features,)`` is HF's ``weight``, stored as an offset from one (initialized to zeros).
+  The output has ``dtype`` (None: that of ``x`` and ``scale`` promoted), as ``nnx.RMSNorm``.
+  """
+
+  def __init__(self, features: int, *, epsilon: float, dtype: Any, param_dtype: Any,
+               rngs: nnx.Rngs | None = None):
+    del rngs  # zeros: nothing random
+    self.scale = nnx.Param(jnp.zeros((features,), param_dtype))
+    self.epsilon, self.dtype, self.param_dtype = epsilon, dtype, param_dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """``x (..., features)`` -> same shape."""
+    scale = self.scale[...]
+    y = x.astype(jnp.float32)
+    y = y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + self.epsilon)
+    y = y * (1.0 + scale.astype(jnp.float32))
+    return y.astype(self.dtype or jnp.promote_types(x.dtype, scale.dtype))
 
 
 # -- stacked (scanned) layers ----------------------------------------------------------------------

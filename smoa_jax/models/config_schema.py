@@ -109,11 +109,13 @@ class Rule:
 
 @dataclasses.dataclass(frozen=True)
 class Schema:
-  """The fields a family reads and its rules; ``rope``: also reads RoPE parameters."""
+  """The fields a family reads and its rules; ``rope``: also reads RoPE parameters (one set, or
+  with ``rope_per_layer_type`` one per layer type)."""
 
   fields: Mapping[str, Field]
   rules: tuple[Rule, ...] = ()
   rope: bool = False
+  rope_per_layer_type: bool = False  # Gemma 3: RoPE parameters per layer type
 
 
 def _size(default: Any = REQUIRED) -> Field:
@@ -157,6 +159,11 @@ _DECODER_RULES = (
     Rule(("head_dim",), lambda d: d % 2 == 0,
          "an even head_dim (rotary embeddings rotate pairs of dimensions)"),
 )
+_FULL_ROTARY = Rule(  # Phi-3 configs may rotate part of each head (Phi-4-mini: 0.75)
+    ("rope_parameters", "rope_scaling", "partial_rotary_factor"),
+    lambda *given: all((g if isinstance(g, (int, float)) else (g or {}).get(
+        "partial_rotary_factor", 1.0)) in (None, 1, 1.0) for g in given),
+    "partial_rotary_factor 1.0 (rotary embeddings over part of each head are not supported)")
 _SLIDING_LAYERS = {
     "use_sliding_window": _FLAG_FALSE, "sliding_window": _WINDOW,
     "max_window_layers": Field(int, 0, minimum=0),
@@ -169,6 +176,22 @@ _SLIDING_RULES = (
          lambda t, w: w is not None or "sliding_attention" not in (t or ()),
          "a sliding_window for the 'sliding_attention' layers"),
 )
+_GEMMA = {
+    **{k: f for k, f in _DECODER.items() if k != "hidden_act"},
+    "hidden_activation": Field(str, "gelu_pytorch_tanh", choices=_ACT),
+    "tie_word_embeddings": Field(bool, True), "attention_bias": _FLAG_FALSE,
+    "query_pre_attn_scalar": Field(float, 256.0, above=0),
+    "attn_logit_softcapping": Field(float, None, above=0),
+    "final_logit_softcapping": Field(float, None, above=0),
+    "sliding_window": _WINDOW, "layer_types": Field(list, None, choices=_LAYER_TYPES),
+    "use_bidirectional_attention": Field(bool, False, choices=(False,),
+                                         note="bidirectional Gemma (an encoder) is not supported"),
+}
+_GEMMA3 = {
+    **_GEMMA, "rope_theta": Field(float, 1_000_000.0, above=0),  # the global layers' (legacy)
+    "rope_local_base_freq": Field(float, 10_000.0, above=0),  # the sliding layers' (legacy)
+    "sliding_window_pattern": Field(int, 6, minimum=1),  # legacy: every n-th layer global
+}
 _GPT2 = {
     "vocab_size": _size(), "n_positions": _size(), "n_embd": _size(), "n_layer": _size(),
     "n_head": _size(),
@@ -204,6 +227,12 @@ SCHEMAS: dict[str, Schema] = {
                                rope=True),
     "Qwen3ForCausalLM": Schema({**_DECODER, **_SLIDING_LAYERS, "attention_bias": _FLAG_FALSE},
                                _DECODER_RULES + _SLIDING_RULES, rope=True),
+    "Gemma2ForCausalLM": Schema(_GEMMA, _DECODER_RULES + _SLIDING_RULES, rope=True),
+    "Gemma3ForCausalLM": Schema(_GEMMA3, _DECODER_RULES + _SLIDING_RULES, rope=True,
+                                rope_per_layer_type=True),
+    "Phi3ForCausalLM": Schema(
+        {**_DECODER, "sliding_window": _WINDOW, "partial_rotary_factor": Field(float, None)},
+        _DECODER_RULES + (_FULL_ROTARY,), rope=True),
     "GPT2LMHeadModel": Schema(_GPT2, (_divides("n_embd", "n_head"),)),
     "BertModel": Schema(_BERT, _BERT_RULES),
     "BertForSequenceClassification": Schema(
@@ -298,6 +327,33 @@ def _check_rope(values: dict[str, Any], problems: list[str]) -> None:
     values["rope_parameters"] = {"rope_type": rope_type, **fields, "rope_theta": theta}
 
 
+def _check_layer_type_ropes(values: dict[str, Any], problems: list[str]) -> None:
+  """Gemma 3: ``values["rope_parameters"]`` becomes ``{layer type: normalized parameters}``
+  (:func:`_check_rope` for each).
+
+  transformers 5 writes ``rope_parameters`` as ``{"full_attention": {...}, "sliding_attention":
+  {...}}``; older configs give the global layers' as ``rope_theta`` + ``rope_scaling`` and the
+  sliding layers' theta as ``rope_local_base_freq``.
+  """
+  if any(n not in values for n in ("rope_parameters", "rope_scaling")):
+    return  # not objects, and already reported
+  params = values["rope_parameters"] or {}
+  nested = bool(set(params) & set(_LAYER_TYPES))
+  legacy = {"full_attention": values["rope_scaling"] or params, "sliding_attention": {}}
+  thetas = {"full_attention": values["rope_theta"],
+            "sliding_attention": values["rope_local_base_freq"]}
+  ropes = {}
+  for layer_type in _LAYER_TYPES:
+    given = params.get(layer_type) if nested else legacy[layer_type]
+    if given is not None and not isinstance(given, dict):
+      problems.append(f"rope_parameters.{layer_type}={_json(given)}: expected an object")
+      continue
+    one = {"rope_parameters": given, "rope_scaling": None, "rope_theta": thetas[layer_type]}
+    _check_rope(one, problems)
+    ropes[layer_type] = one["rope_parameters"]
+  values["rope_parameters"] = ropes
+
+
 def _raise(problems: list[str], what: str, file: str | os.PathLike | None) -> None:
   where = str(file) if file is not None else f"the Hugging Face config of {what}"
   count = f"{len(problems)} invalid field{'s' if len(problems) > 1 else ''}"
@@ -330,7 +386,7 @@ def check(config: Mapping[str, Any], architecture: str, *,
   problems: list[str] = []
   values = _check_fields(config, schema, problems)
   if schema.rope:
-    _check_rope(values, problems)
+    (_check_layer_type_ropes if schema.rope_per_layer_type else _check_rope)(values, problems)
   if problems:
     _raise(problems, architecture, file)
   return values

@@ -58,7 +58,7 @@ from smoa_jax.parallel import sharding
 from smoa_jax.parallel import spmd
 from smoa_jax.errors import CheckpointError, ConfigError
 from smoa_jax.io.files import atomic_directory, read_json_object, safe_torch_load, torch_to_numpy
-from smoa_jax.models import (BertForSequenceClassification, build_model, config_schema,
+from smoa_jax.models import (BertForSequenceClassification, build_model, config_schema, hub,
                              model_class, sizes)
 from smoa_jax.models.base import HFModel
 from smoa_jax.models.keymap import KeyMap
@@ -337,15 +337,20 @@ def _fresh_value(path: str, shape: tuple[int, ...], dtype: Any, std: float,
 
 
 def from_hf(path: str | os.PathLike[str], dtype: Dtype = jnp.float32, *,
-            param_dtype: Dtype | None = None, num_labels: int | None = None,
-            max_bytes: int | None = None, seed: int = 0, mesh: Mesh | None = None,
-            scan_layers: bool = False, warn_fresh: bool = True) -> HFModel:
-  """Load a Hugging Face model directory as an NNX model of the matching family.
+            revision: str | None = None, param_dtype: Dtype | None = None,
+            num_labels: int | None = None, max_bytes: int | None = None, seed: int = 0,
+            mesh: Mesh | None = None, scan_layers: bool = False,
+            warn_fresh: bool = True) -> HFModel:
+  """Load a Hugging Face model (a directory or a Hub id) as an NNX model of the matching family.
 
   Args:
     path: directory with ``config.json`` and ``model.safetensors`` (or shards with
       ``model.safetensors.index.json``, or ``pytorch_model.bin``, read with
-      ``torch.load(weights_only=True)``; torch is then needed).
+      ``torch.load(weights_only=True)``; torch is then needed); or a Hugging Face Hub id
+      ``"org/name"`` (no local path of that name), whose config, tokenizer and safetensors files
+      are fetched into the ``huggingface_hub`` cache (:mod:`smoa_jax.models.hub`; honours
+      ``HF_HOME``, ``HF_HUB_OFFLINE`` and ``HF_TOKEN``).
+    revision: branch, tag or commit of a Hub id (default ``main``).
     dtype: compute dtype, and storage dtype unless ``param_dtype`` is given.
     param_dtype: storage dtype of the weights (checkpoint tensors are cast to it).
     num_labels: BERT only: build ``BertForSequenceClassification`` with this many classes; a
@@ -368,13 +373,15 @@ def from_hf(path: str | os.PathLike[str], dtype: Dtype = jnp.float32, *,
     and ``source_dir`` set. Causal LMs: ``model(input_ids) -> logits (B, T, vocab)``.
 
   Raises:
-    CheckpointError: missing directory/config/weights, invalid JSON, invalid config fields (wrong
-      type, out of range, inconsistent: all listed at once), corrupt or truncated files, a shard
-      index naming missing shards, unsupported architectures, an unsafe pickle, or weights that
+    CheckpointError: a Hub id that cannot be fetched (unknown repo or revision, offline without a
+      cached copy, no safetensors weights), missing directory/config/weights, invalid JSON,
+      invalid config fields (wrong type, out of range, inconsistent: all listed at once), corrupt
+      or truncated files, a shard index naming missing shards, unsupported architectures, an
+      unsafe pickle, or weights that
       do not fit the config (all mismatches listed at once); also when the model would not fit
       in memory (decided from config.json alone, before anything is built).
   """
-  directory = Path(path).expanduser()
+  directory = hub.resolve(path, revision)
   config = _read_config(directory)
   file = directory / "config.json"
   param_dtype = dtype if param_dtype is None else param_dtype

@@ -1,19 +1,23 @@
-"""Llama-family causal LMs (Llama, Mistral, Qwen2, Qwen3) as NNX modules with HF names.
+"""Llama-family causal LMs (Llama, Mistral, Qwen2, Qwen3, Phi-3) as NNX modules with HF names.
 
-One decoder serves the four families; they differ only in :class:`DecoderSpec` fields read from
-the HF config: which projections carry biases (Qwen2: q/k/v only), per-head q/k RMSNorm (Qwen3),
-sliding-window layers (Mistral, Qwen2/3 ``layer_types``). Supported: grouped-query attention,
-``head_dim != hidden/heads``, RoPE of type ``default``, ``linear`` and ``llama3`` (read from
-transformers 5.x ``rope_parameters`` or 4.x ``rope_theta`` + ``rope_scaling``), tied or untied
-embeddings, causal + padding masks, and a KV cache for generation (:mod:`smoa_jax.models.cache`):
-``model.init_cache(batch, max_length)`` and ``model(ids, ..., cache=cache) -> (logits, cache)``.
+One decoder serves these families, and Gemma's (:mod:`smoa_jax.models.gemma`); they differ
+only in :class:`DecoderSpec` fields read from the HF config: which projections carry biases
+(Qwen2: q/k/v only), per-head q/k RMSNorm (Qwen3), sliding-window layers (Mistral, Phi-3, Qwen2/3
+``layer_types``), fused projections (Phi-3), and Gemma's norms, scales and soft-capping.
+Supported: grouped-query attention, ``head_dim != hidden/heads``, RoPE of type ``default``,
+``linear`` and ``llama3`` (read from transformers 5.x ``rope_parameters`` or 4.x ``rope_theta`` +
+``rope_scaling``), tied or untied embeddings, causal + padding masks, and a KV cache for
+generation (:mod:`smoa_jax.models.cache`): ``model.init_cache(batch, max_length)`` and
+``model(ids, ..., cache=cache) -> (logits, cache)``.
 
 Module paths mirror the HF state dict, so ``target_modules`` means what it means in PEFT::
 
     model/embed_tokens                      embedding (vocab, hidden)
     model/layers/3/self_attn/q_proj         kernel (hidden, heads*head_dim)   [also k/v/o_proj]
+    model/layers/3/self_attn/qkv_proj       kernel (hidden, (heads+2*kv_heads)*head_dim)  [Phi-3]
     model/layers/3/self_attn/q_norm         scale (head_dim)                  [Qwen3]
     model/layers/3/mlp/down_proj            kernel (intermediate, hidden)     [also gate/up_proj]
+    model/layers/3/mlp/gate_up_proj         kernel (hidden, 2*intermediate)   [Phi-3]
     model/layers/3/input_layernorm          scale (hidden)
     model/norm, lm_head                     lm_head absent when embeddings are tied
 
@@ -44,8 +48,8 @@ from smoa_jax.models.keymap import KeyMap, KeyRule, linear_rules, norm_rules
 from smoa_jax.parallel.sharding import constrain_batch
 
 __all__ = [
-    "DecoderSpec", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM", "rope_inv_freq", "apply_rope",
+    "DecoderSpec", "LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM",
+    "Qwen2ForCausalLM", "Qwen3ForCausalLM", "rope_inv_freq", "apply_rope",
 ]
 
 ROPE_TYPES = tuple(config_schema.ROPE_TYPES)
@@ -116,6 +120,21 @@ class DecoderSpec:
   sliding_windows: tuple[int | None, ...]  # per layer; None = full causal attention
   inv_freq: tuple[float, ...]
   initializer_range: float
+  fused_projections: bool = False  # Phi-3: one qkv_proj and one gate_up_proj
+  # Gemma: RMSNorm * (1 + scale); norms after attention and MLP as well (pre_/post_feedforward_
+  # layernorm); embeddings times sqrt(hidden); attention scale query_pre_attn_scalar ** -0.5 (None:
+  # head_dim ** -0.5); soft-capped attention scores and final logits; RoPE of the sliding layers.
+  unit_offset_norms: bool = False
+  sandwich_norms: bool = False
+  embed_scale: float | None = None
+  query_scale: float | None = None
+  attn_softcap: float | None = None
+  final_softcap: float | None = None
+  local_inv_freq: tuple[float, ...] | None = None  # None: the sliding layers use inv_freq
+
+  def norm(self, f: LayerFactory, features: int) -> nnx.Module:
+    """The family's RMSNorm over ``features``."""
+    return f.rms_norm(features, self.rms_norm_eps, self.unit_offset_norms)
 
 
 def _layer_windows(hf_config: Mapping[str, Any], num_layers: int) -> tuple[int | None, ...]:
@@ -128,18 +147,26 @@ def _layer_windows(hf_config: Mapping[str, Any], num_layers: int) -> tuple[int |
 
 
 class LlamaAttention(nnx.Module):
-  """Self-attention with RoPE and grouped KV heads: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``."""
+  """Self-attention with RoPE and grouped KV heads: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``.
+
+  With ``fused_projections`` (Phi-3) one ``qkv_proj`` ``kernel (hidden, (heads + 2 * kv_heads) *
+  head_dim)`` holds the three, its outputs in the order q, k, v (q/k/v_proj are then None).
+  """
 
   def __init__(self, spec: DecoderSpec, f: LayerFactory):
     hidden, heads, kv_heads, head_dim = (spec.hidden_size, spec.num_heads, spec.num_kv_heads,
                                          spec.head_dim)
-    self.q_proj = f.linear(hidden, heads * head_dim, spec.qkv_bias)
-    self.k_proj = f.linear(hidden, kv_heads * head_dim, spec.qkv_bias)
-    self.v_proj = f.linear(hidden, kv_heads * head_dim, spec.qkv_bias)
+    self.sizes = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+    fused = spec.fused_projections
+    self.qkv_proj = f.linear(hidden, sum(self.sizes), spec.qkv_bias) if fused else None
+    self.q_proj, self.k_proj, self.v_proj = (
+        (None,) * 3 if fused else (f.linear(hidden, n, spec.qkv_bias) for n in self.sizes))
     self.o_proj = f.linear(heads * head_dim, hidden, spec.o_bias)
-    self.q_norm = f.rms_norm(head_dim, spec.rms_norm_eps) if spec.qk_norm else None
-    self.k_norm = f.rms_norm(head_dim, spec.rms_norm_eps) if spec.qk_norm else None
+    self.q_norm = spec.norm(f, head_dim) if spec.qk_norm else None
+    self.k_norm = spec.norm(f, head_dim) if spec.qk_norm else None
     self.num_heads, self.num_kv_heads, self.head_dim = heads, kv_heads, head_dim
+    self.scale = spec.query_scale or head_dim ** -0.5
+    self.logit_cap = spec.attn_softcap
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None,
                cache: KVCache | None = None,
@@ -150,53 +177,80 @@ class LlamaAttention(nnx.Module):
     the mask is ``(B, 1, T, S)`` over its slots, and ``(out, cache)`` is returned.
     """
     batch, length, _ = x.shape
-    q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+    if self.qkv_proj is None:
+      q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    else:
+      q, k, v = jnp.split(self.qkv_proj(x), np.cumsum(self.sizes[:2]), axis=-1)
+    q = q.reshape(batch, length, self.num_heads, self.head_dim)
+    k = k.reshape(batch, length, self.num_kv_heads, self.head_dim)
+    v = v.reshape(batch, length, self.num_kv_heads, self.head_dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache is not None:
       cache = write_layer(cache, layer, k, v)
       k, v = read_layer(cache, layer, q.dtype)
-    out = attention(q, k, v, mask, self.head_dim ** -0.5)
+    out = attention(q, k, v, mask, self.scale, self.logit_cap)
     out = self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
     return out if cache is None else (out, cache)
 
 
 class LlamaMLP(nnx.Module):
-  """Gated MLP: ``down_proj(act(gate_proj(x)) * up_proj(x))``."""
+  """Gated MLP: ``down_proj(act(gate_proj(x)) * up_proj(x))``.
+
+  With ``fused_projections`` (Phi-3) one ``gate_up_proj`` ``kernel (hidden, 2 * intermediate)``
+  gives the gate (first half) and up (second half) outputs.
+  """
 
   def __init__(self, spec: DecoderSpec, f: LayerFactory):
-    self.gate_proj = f.linear(spec.hidden_size, spec.intermediate_size, spec.mlp_bias)
-    self.up_proj = f.linear(spec.hidden_size, spec.intermediate_size, spec.mlp_bias)
-    self.down_proj = f.linear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias)
+    hidden, inter, fused = spec.hidden_size, spec.intermediate_size, spec.fused_projections
+    self.gate_up_proj = f.linear(hidden, 2 * inter, spec.mlp_bias) if fused else None
+    self.gate_proj, self.up_proj = ((None, None) if fused else
+                                    (f.linear(hidden, inter, spec.mlp_bias) for _ in range(2)))
+    self.down_proj = f.linear(inter, hidden, spec.mlp_bias)
     self.hidden_act = spec.hidden_act
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """``x (..., hidden)`` -> ``(..., hidden)``."""
-    return self.down_proj(activation(self.hidden_act)(self.gate_proj(x)) * self.up_proj(x))
+    if self.gate_up_proj is None:
+      gate, up = self.gate_proj(x), self.up_proj(x)
+    else:
+      gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+    return self.down_proj(activation(self.hidden_act)(gate) * up)
 
 
 class LlamaDecoderLayer(nnx.Module):
-  """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+  """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``.
+
+  Llama's ``post_attention_layernorm`` is the MLP's input norm. With ``sandwich_norms`` (Gemma)
+  it normalizes the attention output instead, and ``pre_feedforward_layernorm`` /
+  ``post_feedforward_layernorm`` wrap the MLP: ``x + post_attn(attn(input(x)))`` then
+  ``x + post_ff(mlp(pre_ff(x)))``.
+  """
 
   def __init__(self, spec: DecoderSpec, f: LayerFactory):
     self.self_attn = LlamaAttention(spec, f)
     self.mlp = LlamaMLP(spec, f)
-    self.input_layernorm = f.rms_norm(spec.hidden_size, spec.rms_norm_eps)
-    self.post_attention_layernorm = f.rms_norm(spec.hidden_size, spec.rms_norm_eps)
+    self.input_layernorm = spec.norm(f, spec.hidden_size)
+    self.post_attention_layernorm = spec.norm(f, spec.hidden_size)
+    sandwich = spec.sandwich_norms
+    self.pre_feedforward_layernorm = spec.norm(f, spec.hidden_size) if sandwich else None
+    self.post_feedforward_layernorm = spec.norm(f, spec.hidden_size) if sandwich else None
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None,
                cache: KVCache | None = None,
                layer: jax.Array | int = 0) -> jax.Array | tuple[jax.Array, KVCache]:
     """As :class:`LlamaAttention`: ``x`` or, with a ``cache``, ``(x, cache)``."""
-    if cache is None:
-      x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-      return x + self.mlp(self.post_attention_layernorm(x))
-    attended, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
-    x = x + attended
-    return x + self.mlp(self.post_attention_layernorm(x)), cache
+    attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+    if cache is not None:
+      attended, cache = attended
+    if self.pre_feedforward_layernorm is None:
+      x = x + attended
+      x = x + self.mlp(self.post_attention_layernorm(x))
+    else:
+      x = x + self.post_attention_layernorm(attended)
+      x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+    return x if cache is None else (x, cache)
 
 
 class LlamaModel(nnx.Module):
@@ -213,9 +267,11 @@ class LlamaModel(nnx.Module):
                                  spec.num_layers, f.rngs)
     else:
       self.layers = nnx.List([LlamaDecoderLayer(spec, f) for _ in range(spec.num_layers)])
-    self.norm = f.rms_norm(spec.hidden_size, spec.rms_norm_eps)
+    self.norm = spec.norm(f, spec.hidden_size)
     self.sliding_windows = spec.sliding_windows
     self.inv_freq = spec.inv_freq
+    self.local_inv_freq = spec.local_inv_freq
+    self.embed_scale = spec.embed_scale
     self.scan_layers = scan_layers
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
@@ -234,8 +290,14 @@ class LlamaModel(nnx.Module):
     length = input_ids.shape[1]
     if position_ids is None:
       position_ids = jnp.arange(length)[None] + (0 if cache is None else cache.index)
-    x = constrain_batch(self.embed_tokens(input_ids))
-    cos, sin = _rope_tables(position_ids, self.inv_freq, x.dtype)
+    x = self.embed_tokens(input_ids)
+    if self.embed_scale is not None:  # in the embedding's dtype, as transformers
+      x = x * jnp.asarray(self.embed_scale, x.dtype)
+    x = constrain_batch(x)
+    # RoPE tables: the global ones, and the sliding layers' own (Gemma 3), picked per layer.
+    ropes = [_rope_tables(position_ids, freq, x.dtype)
+             for freq in (self.inv_freq, self.local_inv_freq) if freq is not None]
+    rope_of = [int(w is not None and self.local_inv_freq is not None) for w in self.sliding_windows]
     windows = sorted(set(self.sliding_windows), key=lambda w: -1 if w is None else w)
     if cache is None:
       masks = [make_attention_mask(attention_mask, length, causal=True, sliding_window=w,
@@ -245,22 +307,27 @@ class LlamaModel(nnx.Module):
       masks = [cache_attention_mask(cache, length, w) for w in windows]
     which = [windows.index(w) for w in self.sliding_windows]
 
-    def block(layer, h, c, mask, index):
+    def block(layer, h, c, mask, rope, index):
       if c is None:
-        return constrain_batch(layer(h, cos, sin, mask)), None
-      h, c = layer(h, cos, sin, mask, c, index)
+        return constrain_batch(layer(h, *rope, mask)), None
+      h, c = layer(h, *rope, mask, c, index)
       return constrain_batch(h), c
 
     if self.scan_layers:
-      # One mask per distinct window, picked per layer by index: (W, B | 1, 1, T, S), (L,); a
-      # cache rides in the carry and each layer writes its own slice of it in place.
+      # One mask per distinct window and one RoPE table per kind, picked per layer by index:
+      # (W, B | 1, 1, T, S), (R, B | 1, T, D); a cache rides in the carry and each layer writes
+      # its own slice of it in place.
       table = jnp.stack(masks)
+      cos, sin = (jnp.stack(t) for t in zip(*ropes))
       x, cache = scan_layers(
-          lambda layer, carry, item: block(layer, *carry, table[item[0]], item[1]), self.layers,
-          (x, cache), (jnp.asarray(which, jnp.int32), jnp.arange(len(which))))
+          lambda layer, carry, item: block(layer, *carry, table[item[0]],
+                                           (cos[item[1]], sin[item[1]]), item[2]),
+          self.layers, (x, cache),
+          (jnp.asarray(which, jnp.int32), jnp.asarray(rope_of, jnp.int32),
+           jnp.arange(len(which))))
     else:
-      for index, (layer, i) in enumerate(zip(self.layers, which)):
-        x, cache = block(layer, x, cache, masks[i], index)
+      for index, (layer, i, r) in enumerate(zip(self.layers, which, rope_of)):
+        x, cache = block(layer, x, cache, masks[i], ropes[r], index)
     return self.norm(x) if cache is None else (self.norm(x), cache)
 
 
@@ -283,11 +350,11 @@ class LlamaForCausalLM(CausalLM):
   # Megatron: q/k/v and gate/up column-parallel, o/down row-parallel, vocab over tp.
   sharding_rules: ClassVar[tuple[ShardingRule, ...]] = (
       (r"model/embed_tokens/embedding", ("tp", "fsdp")),
-      (r"model/layers/(\d+/)?self_attn/[qkv]_proj/kernel", ("fsdp", "tp")),
-      (r"model/layers/(\d+/)?self_attn/[qkv]_proj/bias", ("tp",)),
+      (r"model/layers/(\d+/)?self_attn/(qkv|[qkv])_proj/kernel", ("fsdp", "tp")),
+      (r"model/layers/(\d+/)?self_attn/(qkv|[qkv])_proj/bias", ("tp",)),
       (r"model/layers/(\d+/)?self_attn/o_proj/kernel", ("tp", "fsdp")),
-      (r"model/layers/(\d+/)?mlp/(gate|up)_proj/kernel", ("fsdp", "tp")),
-      (r"model/layers/(\d+/)?mlp/(gate|up)_proj/bias", ("tp",)),
+      (r"model/layers/(\d+/)?mlp/(gate_up|gate|up)_proj/kernel", ("fsdp", "tp")),
+      (r"model/layers/(\d+/)?mlp/(gate_up|gate|up)_proj/bias", ("tp",)),
       (r"model/layers/(\d+/)?mlp/down_proj/kernel", ("tp", "fsdp")),
       (r"lm_head/kernel", ("fsdp", "tp")),
   )
@@ -301,6 +368,7 @@ class LlamaForCausalLM(CausalLM):
     self.scan_layers = scan_layers
     self.lm_head = (None if self.spec.tie_word_embeddings
                     else f.linear(self.spec.hidden_size, self.spec.vocab_size, False))
+    self.logit_softcap = self.spec.final_softcap
 
   @classmethod
   def family_flags(cls, hf_config: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
@@ -314,14 +382,15 @@ class LlamaForCausalLM(CausalLM):
     """Read a :class:`DecoderSpec` from an HF config dict (:mod:`smoa_jax.models.config_schema`
     checks every field first; ConfigError lists every invalid one)."""
     v = config_schema.check(hf_config, cls.architecture)
-    return DecoderSpec(
+    fields = dict(
         vocab_size=v["vocab_size"], hidden_size=v["hidden_size"],
         intermediate_size=v["intermediate_size"], num_layers=v["num_hidden_layers"],
         num_heads=v["num_attention_heads"], num_kv_heads=v["num_key_value_heads"],
-        head_dim=v["head_dim"], rms_norm_eps=v["rms_norm_eps"], hidden_act=v["hidden_act"],
+        head_dim=v["head_dim"], rms_norm_eps=v["rms_norm_eps"], hidden_act=v.get("hidden_act"),
         tie_word_embeddings=v["tie_word_embeddings"],
         inv_freq=tuple(float(f) for f in rope_inv_freq(v, v["head_dim"])),
-        initializer_range=v["initializer_range"], **cls.family_flags(v, v["num_hidden_layers"]))
+        initializer_range=v["initializer_range"])
+    return DecoderSpec(**{**fields, **cls.family_flags(v, v["num_hidden_layers"])})
 
   def decoder_parts(self) -> tuple[LlamaModel, nnx.Embed]:
     return self.model, self.model.embed_tokens
@@ -335,10 +404,12 @@ class LlamaForCausalLM(CausalLM):
     path = "model/layers/{i}"
     rules = (
         KeyRule("model.embed_tokens.weight", "model/embed_tokens/embedding"),
-        *linear_rules(f"{layer}.self_attn.{{p:[qkvo]_proj}}", f"{path}/self_attn/{{p}}"),
+        *linear_rules(f"{layer}.self_attn.{{p:[qkvo]_proj|qkv_proj}}", f"{path}/self_attn/{{p}}"),
         *norm_rules(f"{layer}.self_attn.{{n:[qk]_norm}}", f"{path}/self_attn/{{n}}"),
-        *linear_rules(f"{layer}.mlp.{{p:gate_proj|up_proj|down_proj}}", f"{path}/mlp/{{p}}"),
-        *norm_rules(f"{layer}.{{n:input_layernorm|post_attention_layernorm}}", f"{path}/{{n}}"),
+        *linear_rules(f"{layer}.mlp.{{p:gate_proj|up_proj|down_proj|gate_up_proj}}",
+                      f"{path}/mlp/{{p}}"),
+        *norm_rules(f"{layer}.{{n:input_layernorm|post_attention_layernorm"
+                    "|pre_feedforward_layernorm|post_feedforward_layernorm}", f"{path}/{{n}}"),
         *norm_rules("model.norm", "model/norm"),
         KeyRule("lm_head.weight", "lm_head/kernel", transpose=True),
     )
@@ -380,3 +451,14 @@ class Qwen3ForCausalLM(LlamaForCausalLM):
     bias = bool(hf_config.get("attention_bias", False))
     return dict(qkv_bias=bias, o_bias=bias, mlp_bias=False, qk_norm=True,
                 sliding_windows=_layer_windows(hf_config, num_layers))
+
+
+class Phi3ForCausalLM(MistralForCausalLM):
+  """Phi-3: Mistral with fused ``qkv_proj`` and ``gate_up_proj``. SMoA adapts a fused kernel as
+  one matrix (docs/design.md, "Fused projections")."""
+
+  architecture: ClassVar[str] = "Phi3ForCausalLM"
+
+  @classmethod
+  def family_flags(cls, hf_config: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    return dict(super().family_flags(hf_config, num_layers), fused_projections=True)

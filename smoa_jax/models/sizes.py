@@ -62,23 +62,31 @@ def _single(layer: _Layer) -> list[ParamSpec]:
 
 
 def _decoder(v: Mapping[str, Any], model_cls: Any, scan_layers: bool) -> list[ParamSpec]:
-  """Llama, Mistral, Qwen2, Qwen3 (smoa_jax.models.llama): biases and q/k norms per family."""
+  """Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2/3 (smoa_jax.models.llama, .gemma): biases,
+  q/k norms, fused projections and Gemma's extra norms per family."""
   hidden, inter, heads, kv, dim = (v["hidden_size"], v["intermediate_size"],
                                    v["num_attention_heads"], v["num_key_value_heads"],
                                    v["head_dim"])
   flags = model_cls.family_flags(v, 0)  # 0 layers: no per-layer windows to list
   qkv_bias, o_bias, mlp_bias = flags["qkv_bias"], flags["o_bias"], flags["mlp_bias"]
-  layer = (_linear("self_attn/q_proj", hidden, heads * dim, qkv_bias)
+  if flags.get("fused_projections"):
+    qkv = _linear("self_attn/qkv_proj", hidden, (heads + 2 * kv) * dim, qkv_bias)
+    gate_up = _linear("mlp/gate_up_proj", hidden, 2 * inter, mlp_bias)
+  else:
+    qkv = (_linear("self_attn/q_proj", hidden, heads * dim, qkv_bias)
            + _linear("self_attn/k_proj", hidden, kv * dim, qkv_bias)
-           + _linear("self_attn/v_proj", hidden, kv * dim, qkv_bias)
-           + _linear("self_attn/o_proj", heads * dim, hidden, o_bias)
+           + _linear("self_attn/v_proj", hidden, kv * dim, qkv_bias))
+    gate_up = (_linear("mlp/gate_proj", hidden, inter, mlp_bias)
+               + _linear("mlp/up_proj", hidden, inter, mlp_bias))
+  layer = (qkv + _linear("self_attn/o_proj", heads * dim, hidden, o_bias)
            + (_norm("self_attn/q_norm", dim, False) + _norm("self_attn/k_norm", dim, False)
               if flags["qk_norm"] else [])
-           + _linear("mlp/gate_proj", hidden, inter, mlp_bias)
-           + _linear("mlp/up_proj", hidden, inter, mlp_bias)
-           + _linear("mlp/down_proj", inter, hidden, mlp_bias)
+           + gate_up + _linear("mlp/down_proj", inter, hidden, mlp_bias)
            + _norm("input_layernorm", hidden, False)
-           + _norm("post_attention_layernorm", hidden, False))
+           + _norm("post_attention_layernorm", hidden, False)
+           + (_norm("pre_feedforward_layernorm", hidden, False)
+              + _norm("post_feedforward_layernorm", hidden, False)
+              if flags.get("sandwich_norms") else []))
   head = [] if v["tie_word_embeddings"] else _linear("lm_head", hidden, v["vocab_size"], False)
   return (_single(_embed("model/embed_tokens", v["vocab_size"], hidden))
           + _stack("model/layers", layer, v["num_hidden_layers"], scan_layers)

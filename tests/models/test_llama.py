@@ -5,15 +5,15 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers
 from flax import nnx
 
 import smoa_jax
-from smoa_jax.models import LlamaForCausalLM, Qwen3ForCausalLM
+from smoa_jax.models import LlamaForCausalLM, Phi3ForCausalLM, Qwen3ForCausalLM
 from smoa_jax.models.hf import from_hf
 from smoa_jax.models.llama import rope_inv_freq
-from tests.support.hf import randomize
+from tests.support.hf import (assert_adapted_export_reloads, assert_logits_match, padded_batch,
+                              randomize)
 
 VOCAB, LENGTH = 97, 11
 COMMON = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
@@ -37,16 +37,18 @@ CASES = {
     "qwen3_qk_norm_head_dim": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(
         num_attention_heads=4, num_key_value_heads=2, head_dim=14, attention_bias=True,
         tie_word_embeddings=False)),
+    "phi3_fused_sliding_window": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(
+        num_attention_heads=6, num_key_value_heads=2, sliding_window=4, pad_token_id=0)),
 }
 
 
-def inputs(batch: int = 3) -> tuple[np.ndarray, np.ndarray]:
-  """Token ids and a mask with right padding (row 1) and left padding (row 2)."""
-  ids = np.random.RandomState(0).randint(0, VOCAB, (batch, LENGTH))
-  mask = np.ones((batch, LENGTH), np.int64)
-  mask[1, 7:] = 0
-  mask[2, :3] = 0
-  return ids, mask
+def test_fused_kernels_adapt_merge_and_export(tmp_path):
+  """Phi-3's fused qkv_proj / gate_up_proj take SMoA as one matrix each and export folded."""
+  config_cls, model_cls, overrides = CASES["phi3_fused_sliding_window"]
+  hf = randomize(model_cls(config_cls(**COMMON, **overrides)))
+  hf.save_pretrained(tmp_path / "src")
+  assert_adapted_export_reloads(tmp_path / "src", tmp_path / "out", VOCAB, LENGTH,
+                                ["qkv_proj", "gate_up_proj"])
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -60,31 +62,25 @@ def checkpoint(request, tmp_path_factory):
 
 def test_logits_match_transformers(checkpoint):
   _, hf, path = checkpoint
-  model = from_hf(path)
-  ids, mask = inputs()
-  with torch.no_grad():
-    ref = hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-    ref_unmasked = hf(torch.tensor(ids)).logits.numpy()
-  forward = nnx.jit(lambda m, x, a: m(x, a))
-  ours = np.asarray(forward(model, jnp.asarray(ids), jnp.asarray(mask)))
-  valid = mask.astype(bool)  # padded query positions are undefined in both
-  np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-4, rtol=0)
-  ours_unmasked = np.asarray(forward(model, jnp.asarray(ids), jnp.ones_like(mask)))
-  np.testing.assert_allclose(ours_unmasked, ref_unmasked, atol=1e-4, rtol=0)
+  assert_logits_match(hf, from_hf(path), *padded_batch(VOCAB, LENGTH))
 
 
 def test_paths_mirror_hf_names(checkpoint):
   name, hf, path = checkpoint
   model = from_hf(path)
   cfg = hf.config
-  q_proj = model.model.layers[1].self_attn.q_proj
+  fused = name.startswith("phi3")  # one qkv_proj (q, k, v outputs) and one gate_up_proj
+  attn = model.model.layers[1].self_attn
+  q_proj = attn.qkv_proj if fused else attn.q_proj
   assert type(q_proj) is nnx.Linear
-  assert q_proj.kernel.shape == (cfg.hidden_size, cfg.num_attention_heads * model.spec.head_dim)
+  heads = cfg.num_attention_heads + (2 * cfg.num_key_value_heads if fused else 0)
+  assert q_proj.kernel.shape == (cfg.hidden_size, heads * model.spec.head_dim)
   assert type(model.model.layers[0].mlp.down_proj) is nnx.Linear
   assert (model.lm_head is None) == cfg.tie_word_embeddings
   assert (model.model.layers[0].self_attn.q_norm is not None) == name.startswith("qwen3")
   paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  assert "model/layers/1/self_attn/q_proj/kernel" in paths
+  assert f"model/layers/1/self_attn/{'qkv' if fused else 'q'}_proj/kernel" in paths
+  assert f"model/layers/0/mlp/{'gate_up' if fused else 'gate'}_proj/kernel" in paths
   assert "model/layers/0/mlp/down_proj/kernel" in paths
   hf_names = set(hf.state_dict())
   key_map = model.key_map()
@@ -116,6 +112,12 @@ def test_legacy_rope_fields_are_read():
 def test_unsupported_rope_type_is_refused():
   with pytest.raises(smoa_jax.ConfigError, match="rope type 'yarn' is not supported"):
     rope_inv_freq({"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}, 16)
+
+
+def test_partial_rotary_embeddings_are_refused():
+  rope = dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.75)  # Phi-4-mini
+  with pytest.raises(smoa_jax.ConfigError, match="expected partial_rotary_factor 1.0"):
+    Phi3ForCausalLM(dict(COMMON, num_attention_heads=4, rope_parameters=rope), rngs=nnx.Rngs(0))
 
 
 def test_bad_gqa_is_refused():

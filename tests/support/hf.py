@@ -9,8 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+import jax.numpy as jnp
+import numpy as np
 import torch
 import transformers
+from flax import nnx
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")  # ids 0, 1, 2, 3
@@ -27,6 +30,55 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     for p in model.parameters():
       p.add_(0.05 * torch.randn_like(p))
   return model.eval()
+
+
+def padded_batch(vocab: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Three rows of token ids ``(3, length)`` and a mask with right padding (row 1) and left
+  padding (row 2)."""
+  ids = np.random.RandomState(0).randint(0, vocab, (3, length))
+  mask = np.ones((3, length), np.int64)
+  mask[1, length - 4:] = 0
+  mask[2, :3] = 0
+  return ids, mask
+
+
+def assert_logits_match(hf: torch.nn.Module, model, ids: np.ndarray, mask: np.ndarray,
+                        atol: float = 1e-4) -> None:
+  """Our ``model``'s logits equal transformers' ``hf``'s on ``ids (B, T)`` with the padding
+  ``mask`` (at real tokens: padded query positions are undefined in both) and without it."""
+  forward = nnx.jit(lambda m, x, a: m(x, a))
+  for attention_mask in (mask, np.ones_like(mask)):
+    with torch.no_grad():
+      ref = hf(torch.tensor(ids), attention_mask=torch.tensor(attention_mask)).logits.numpy()
+    ours = np.asarray(forward(model, jnp.asarray(ids), jnp.asarray(attention_mask)))
+    valid = attention_mask.astype(bool)
+    np.testing.assert_allclose(ours[valid], ref[valid], atol=atol, rtol=0)
+
+
+def assert_adapted_export_reloads(source: Path, out: Path, vocab: int, length: int,
+                                  targets: list[str]) -> transformers.PreTrainedModel:
+  """Load ``source``, put SMoA on ``targets`` with nonzero ``lora_b`` (as if trained), merge,
+  export to ``out``: transformers reloads it with our adapted logits (atol 1e-4), which differ
+  from the base model's. Returns the reloaded model."""
+  import smoa_jax
+
+  model = smoa_jax.from_hf(source)
+  ids, _ = padded_batch(vocab, length)
+  forward = nnx.jit(lambda m, x: m(x))
+  base = np.asarray(forward(model, ids))
+  config = smoa_jax.SMoAConfig(r=4, num_blocks=2, alpha=8.0, target_modules=targets)
+  smoa_jax.apply_adapter(model, config, rngs=nnx.Rngs(0), verbose=False, show_progress=False)
+  for i, (_, layer) in enumerate(smoa_jax.adapter_layers(model)):
+    b = layer.lora_b[...]
+    layer.lora_b[...] = 0.3 * np.random.default_rng(i).standard_normal(b.shape).astype(b.dtype)
+  adapted = np.asarray(forward(model, ids))
+  assert np.abs(adapted - base).max() > 1e-2  # the adapters change the function
+  smoa_jax.to_hf(smoa_jax.merge_and_unload(model), out)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  with torch.no_grad():
+    theirs = reloaded(torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(theirs, adapted, atol=1e-4, rtol=0)
+  return reloaded
 
 
 def save_random(model_cls: type, config: transformers.PretrainedConfig, directory: Path,
@@ -80,7 +132,7 @@ def word_bert(directory: Path, vocabulary: Iterable[str]) -> Path:
 
 
 # Tiny random causal LMs of every family that generates (odd sizes, GQA, biases, tied and untied
-# embeddings, sliding windows), without BOS/EOS so that generation never stops early.
+# embeddings, sliding windows, soft-capping), without BOS/EOS so that generation never stops early.
 CAUSAL_VOCAB = 97
 _LLAMA_LIKE = dict(vocab_size=CAUSAL_VOCAB, hidden_size=48, intermediate_size=72,
                    num_hidden_layers=2, max_position_embeddings=64, bos_token_id=None,
@@ -103,6 +155,18 @@ def causal_families() -> dict[str, tuple[type, type, dict]]:
       "qwen3": (t.Qwen3Config, t.Qwen3ForCausalLM, dict(
           _LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=2, head_dim=14,
           tie_word_embeddings=False)),
+      "gemma2": (t.Gemma2Config, t.Gemma2ForCausalLM, dict(
+          _LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+          sliding_window=4, query_pre_attn_scalar=20, final_logit_softcapping=3.0,
+          attn_logit_softcapping=2.0)),
+      "gemma3": (t.Gemma3TextConfig, t.Gemma3ForCausalLM, dict(
+          _LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=1, head_dim=12,
+          sliding_window=4, query_pre_attn_scalar=12, tie_word_embeddings=False,
+          layer_types=["sliding_attention", "full_attention"], rope_parameters={
+              "full_attention": dict(rope_type="default", rope_theta=1000.0),
+              "sliding_attention": dict(rope_type="default", rope_theta=10.0)})),
+      "phi3": (t.Phi3Config, t.Phi3ForCausalLM, dict(
+          _LLAMA_LIKE, num_attention_heads=6, num_key_value_heads=2, sliding_window=4)),
       "gpt2": (t.GPT2Config, t.GPT2LMHeadModel, dict(
           vocab_size=CAUSAL_VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64,
           bos_token_id=None, eos_token_id=None)),

@@ -16,9 +16,9 @@ from smoa_jax.io import formats, rundir
 PROG = "smoa-jax"
 METHODS = ("smoa", "lora", "hira", "full")
 TASKS = ("causal-lm", "classification")
-# The attention query/value projections of every supported family (Llama-like, BERT, GPT-2);
-# names a model does not have simply match nothing.
-DEFAULT_TARGETS = "q_proj,v_proj,query,value,c_attn"
+# The attention query/value projections of every supported family (Llama-like, BERT; fused in
+# GPT-2's c_attn and Phi-3's qkv_proj); names a model does not have simply match nothing.
+DEFAULT_TARGETS = "q_proj,v_proj,qkv_proj,query,value,c_attn"
 
 # Defaults of the flags that define a run (stored in run_config.json). argparse itself gets None,
 # so a value given on the command line can be told apart from a default: ``--resume`` takes
@@ -86,10 +86,19 @@ def add_adapter_flags(parser: argparse.ArgumentParser) -> None:
   run_flag(parser, "--exclude", "module names (or 're:REGEX') to leave alone")
 
 
+def model_source(text: str) -> str:
+  """``--model``: a Hub id ``org/name`` stays as it is (no local path of that name exists), a
+  directory becomes absolute."""
+  from smoa_jax.models import hub
+
+  return text if hub.is_hub_id(text) else absolute_path(text)
+
+
 def add_model_flags(parser: argparse.ArgumentParser, default: str) -> None:
-  parser.add_argument("--model", type=absolute_path,
-                      help=f"Hugging Face model directory (config.json, weights, tokenizer); "
-                      f"{default}")
+  parser.add_argument("--model", type=model_source,
+                      help=f"Hugging Face model directory (config.json, weights, tokenizer), or "
+                      f"a Hub id org/name (fetched into the Hugging Face cache; HF_HUB_OFFLINE=1 "
+                      f"uses the cache only); {default}")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                       help="weight and compute dtype (default: the run's, else float32)")
 
@@ -145,9 +154,13 @@ def adapter_config(flags: dict[str, Any]):
 
 
 def load_tokenizer(model_dir: str):
-  """The tokenizer stored with the model (``AutoTokenizer``), with one clear error."""
+  """The tokenizer stored with the model (``AutoTokenizer``; a Hub id is fetched first), with
+  one clear error."""
   import transformers
 
+  from smoa_jax.models import hub
+
+  model_dir = str(hub.resolve(model_dir))
   if not Path(model_dir).is_dir():
     raise CheckpointError(f"model directory {model_dir} does not exist.")
   try:
