@@ -66,6 +66,8 @@ def test_generate_chat_records_keep_their_fields(chat_dir, chat_model, tmp_path,
                           for i, (c, g) in enumerate(zip(conversations, expected))]
 
 
+# Slow: a run's adapter loads through the same flag as named adapters (tested by default below).
+@pytest.mark.slow
 def test_generate_with_a_runs_adapter(cli_files, cli_lm_run, capsys):
   model = ours_with_adapter(cli_files["llama"], cli_lm_run)
   tokenizer = transformers.AutoTokenizer.from_pretrained(cli_files["llama"])

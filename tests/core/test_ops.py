@@ -142,7 +142,7 @@ def test_folded_and_unfolded_paths_agree_in_value_and_gradient():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("fold", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_gradients_match_finite_differences(fold):
   w, blocks, factors = _case(m=9, n=7, k=2, ranks=(2, 1))
   layout = ops.BlockLayout(blocks.in_sizes, blocks.out_sizes, (2, 1))

@@ -162,6 +162,8 @@ def test_an_adapter_with_a_head_needs_a_model_of_its_own(tmp_path):
   np.testing.assert_array_equal(_logits(other), second)
 
 
+# Slow: scanned compiles; named adapters on unrolled layers run by default above.
+@pytest.mark.slow
 def test_scanned_layers_hold_named_adapters_and_convert_to_lora(tmp_path):
   from tests.support.hf import adapter_base_lm
 

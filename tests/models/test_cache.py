@@ -10,12 +10,13 @@ import pytest
 
 import smoa_jax
 from smoa_jax.models.cache import KVCache
-from tests.support.hf import CAUSAL_VOCAB, causal_families, tiny_causal_lm
+from tests.support.hf import CAUSAL_VOCAB, family_params, tiny_causal_lm
 
 LENGTH = 11  # longer than the sliding windows (4) of mistral and qwen2
 
 
-@pytest.fixture(scope="module", params=sorted(causal_families()))
+# By default GPT-2 and Gemma 2 (alternating sliding windows, soft-capping); the rest with -m slow.
+@pytest.fixture(scope="module", params=family_params(("gemma2", "gpt2")))
 def checkpoint(request, tmp_path_factory):
   path = tmp_path_factory.mktemp(request.param)
   tiny_causal_lm(request.param, path)

@@ -44,8 +44,10 @@ def test_segment_mask_blocks_other_examples_and_padding():
 
 
 # Stacked layers: the per-layer mask table (Qwen2's mixed windows) and the plain scan (GPT-2).
-@pytest.mark.parametrize("case,scan", [(c, False) for c in sorted(CASES)]
-                         + [("qwen2_sliding_layers", True), ("gpt2", True)])
+# By default Llama unrolled, and Qwen2's mixed windows and GPT-2 scanned; the rest with -m slow.
+@pytest.mark.parametrize("case,scan", [
+    (c, False) if c == "llama" else pytest.param(c, False, marks=pytest.mark.slow)
+    for c in sorted(CASES)] + [("qwen2_sliding_layers", True), ("gpt2", True)])
 def test_packed_row_gives_each_example_its_own_logits(case, scan):
   model = CASES[case](scan)
   rng = np.random.default_rng(0)

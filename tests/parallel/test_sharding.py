@@ -73,7 +73,8 @@ def _llama(scan_layers: bool = False):
                                      rngs=nnx.Rngs(0), scan_layers=scan_layers)
 
 
-@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
+@pytest.mark.parametrize("scan_layers", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["unrolled", "scanned"])
 def test_llama_plan_megatron_and_adapter_factors(scan_layers):
   model = _llama(scan_layers)
   # Spectral blocks given (identity order): the plan is about shapes, no SVD needed here.

@@ -159,6 +159,7 @@ def test_a_lock_from_another_host_is_not_taken_over(cli_files, tmp_path, capsys)
 @probe("runs", "`export --output DIR` while another export writes DIR",
        "exit 1, one line naming the other export's pid; that export completes")
 @pytest.mark.subprocess
+@pytest.mark.slow  # the same lock as a second writer (default run); here the export entry
 def test_a_second_export_to_one_directory_is_refused(cli_lm_run, tmp_path, capsys):
   merged = tmp_path / "merged"
   first, go = _holding("to_hf", ["export", "--run", cli_lm_run, "--output", merged], tmp_path)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import transformers
 from flax import nnx
@@ -171,6 +172,15 @@ def causal_families() -> dict[str, tuple[type, type, dict]]:
           vocab_size=CAUSAL_VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64,
           bos_token_id=None, eos_token_id=None)),
   }
+
+
+def family_params(default: Iterable[str]) -> list:
+  """Every causal family as a pytest param; those outside ``default`` are marked slow, so the
+  default run covers a few families and ``-m slow`` the rest."""
+  default = set(default)
+  assert default <= set(causal_families()), default
+  return [pytest.param(name, marks=() if name in default else pytest.mark.slow)
+          for name in sorted(causal_families())]
 
 
 def tiny_causal_lm(name: str, directory: Path, seed: int = 0) -> torch.nn.Module:

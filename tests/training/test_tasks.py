@@ -55,8 +55,11 @@ def mean_loss_and_grads(model, arrays):
   return float(loss), float(weight), grads
 
 
-@pytest.mark.parametrize("family,kind", [("llama", "prompt-completion"), ("llama", "messages"),
-                                         ("llama", "text"), ("gpt2", "prompt-completion")])
+# Chat messages on Llama by default; the other record kinds and GPT-2 with -m slow.
+@pytest.mark.parametrize("family,kind", [
+    pytest.param("llama", "prompt-completion", marks=pytest.mark.slow), ("llama", "messages"),
+    pytest.param("llama", "text", marks=pytest.mark.slow),
+    pytest.param("gpt2", "prompt-completion", marks=pytest.mark.slow)])
 def test_packed_loss_and_gradients_equal_the_unpacked_ones(tok, family, kind):
   model = tiny(family, len(tok))
   plain = data.tokenize(records(kind), tok, 24, add_eos=True)
