@@ -223,6 +223,28 @@ def test_resume_refuses_to_change_what_defines_the_run(cli_lm_run, tmp_path, cap
   assert tree_digest(run) == before  # nothing written, nothing removed
 
 
+def test_remat_trains_to_the_same_adapter_and_may_change_on_resume(cli_lm_run, tmp_path, capsys,
+                                                                    monkeypatch):
+  seen = []
+  train = smoa_jax.train
+  monkeypatch.setattr(smoa_jax, "train", lambda model, task, data, config, **kw: (
+      seen.append(config.remat), train(model, task, data, config, **kw))[1])
+  runs = {}
+  for remat in ("none", "full"):  # one more step of the finished run, with and without remat
+    runs[remat] = copy_of(cli_lm_run, tmp_path, remat)
+    code, _, err = run_cli(capsys, "finetune", "--output", runs[remat], "--resume", "--steps", 5,
+                           "--remat", remat, "--no-progress")
+    assert code == 0, err
+  assert seen == ["none", "full"]
+  assert json.loads((runs["full"] / "run_config.json").read_text())["flags"]["remat"] == "full"
+  plain, remat = adapter_tensors(runs["none"]), adapter_tensors(runs["full"])
+  for key in plain:
+    np.testing.assert_allclose(remat[key], plain[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  code, _, err = run_cli(capsys, "finetune", "--output", runs["full"], "--resume", "--remat",
+                         "partial")
+  assert code == 2 and "'none', 'full', 'dots'" in err
+
+
 def test_overwrite_replaces_a_run_but_never_foreign_files(cli_lm_run, cli_files, tmp_path, capsys):
   run = copy_of(cli_lm_run, tmp_path, "run")
   (run / "notes.txt").write_text("mine")

@@ -30,6 +30,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "seq_len": 128, "lr": None, "warmup_steps": 0, "schedule": "cosine", "weight_decay": 0.0,
     "seed": 0, "save_every": 100, "eval_every": None, "log_every": 10, "mesh": None,
     "model": None, "dtype": "float32", "train_on_prompt": False, "packing": False,
+    "remat": "none",
 }
 # What --data takes, for the help texts.
 DATA_KINDS = ("JSONL, one kind of record per file: {\"text\": ...} (causal-lm on every token; "
