@@ -37,6 +37,7 @@ from smoa_jax.layers.inject import (AdapterReport, active_adapter, adapt_modules
 from smoa_jax.layers.sites import adapter_layers
 from smoa_jax.layers.variables import SMoAParam, SpectralIndex, TrainableParam
 from smoa_jax.layers.partition import freeze_base, masked_recipe, trainable_labels, trainable_mask
+from smoa_jax.models.blocks import set_remat
 from smoa_jax.models.hf import from_hf, to_hf
 from smoa_jax.parallel.sharding import (initialize_distributed, is_main_process, make_mesh,
                                         parse_mesh)
@@ -60,6 +61,7 @@ __all__ = [
     "linen", "list_adapters", "load_adapter", "load_authors_adapter", "load_peft_adapter",
     "make_mesh", "mark_trainable", "masked_recipe", "merge_adapters", "merge_and_unload",
     "parse_mesh", "save_adapter", "save_authors_adapter", "save_peft_adapter", "set_adapter",
+    "set_remat",
     "shard_model", "sharding_plan", "spectral_blocks", "spectral_blocks_batched",
     "spectral_orders", "to_hf", "to_lora", "train", "trainable_labels", "trainable_mask",
     "unmerge_adapters",

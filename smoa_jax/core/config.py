@@ -92,8 +92,12 @@ class AdapterConfig:
     exclude_modules: same forms as ``target_modules``; matching modules are skipped.
     layers_to_transform: only adapt modules whose path holds one of these layer indices
       (the integer component after ``layers``/``layer``/``h``/``blocks``).
-    param_dtype: dtype in which the trainable factors are stored.
-    adapter_dtype: dtype in which the adapter update is computed (float32 unless you choose).
+    param_dtype: dtype in which the trainable factors are stored (the optimizer state follows
+      them); None (the default): ``adapter_dtype``.
+    adapter_dtype: dtype in which the adapter update is computed, and the factors stored unless
+      ``param_dtype`` says otherwise. float32 by default, also on a bfloat16 base model (mixed
+      precision: the frozen base in bfloat16, factors, their updates and AdamW state in float32);
+      ``"bfloat16"`` makes the factors and the optimizer state bfloat16 as well.
   """
 
   method: ClassVar[str] = "base"
@@ -109,7 +113,7 @@ class AdapterConfig:
   target_modules: tuple[str, ...] | str = DEFAULT_TARGETS
   exclude_modules: tuple[str, ...] | str | None = None
   layers_to_transform: tuple[int, ...] | None = None
-  param_dtype: str = "float32"
+  param_dtype: str | None = None
   adapter_dtype: str = "float32"
 
   def __post_init__(self):
@@ -131,8 +135,9 @@ class AdapterConfig:
         raise _fail(name, "layers_to_transform", self.layers_to_transform,
                     "None, a non-negative int or a non-empty list of non-negative ints")
       self._set("layers_to_transform", tuple(int(i) for i in layers))
-    self._set("param_dtype", _canonical_dtype(name, "param_dtype", self.param_dtype))
     self._set("adapter_dtype", _canonical_dtype(name, "adapter_dtype", self.adapter_dtype))
+    self._set("param_dtype", self.adapter_dtype if self.param_dtype is None else
+              _canonical_dtype(name, "param_dtype", self.param_dtype))
 
   def __init_subclass__(cls, **kwargs: Any):
     super().__init_subclass__(**kwargs)

@@ -9,6 +9,7 @@ import json
 from typing import Any, ClassVar, Mapping
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype
 
@@ -78,9 +79,7 @@ class CausalLM(HFModel):
   A family builds its decoder (hidden states ``(B, T, hidden)`` from ids) and sets ``lm_head`` (an
   ``nnx.Linear`` with ``kernel (hidden, vocab)``, or None when the head is tied to the input
   embedding); it names both in ``decoder_parts() -> (decoder, embedding)`` and says the cache layout
-  (``cache_layout() -> (layers, kv_heads, head_dim)``); ``logit_softcap`` soft-caps the logits
-  (:func:`~smoa_jax.models.blocks.softcap`). The call and the cache are then the same for every
-  family; :mod:`smoa_jax.models.cache` holds the cache and its masks.
+    logits = softcap(self.logits(hidden, embedding), self.logit_softcap)
   """
 
   lm_head: nnx.Linear | None = None
@@ -98,7 +97,7 @@ class CausalLM(HFModel):
                segment_ids: jax.Array | None = None, cache: KVCache | None = None,
                logits_to_keep: int | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
     """``input_ids (B, T)`` int, ``attention_mask (B, T)`` 1 = token / 0 = padding, optional
-    ``position_ids (B | 1, T)`` (default ``0..T-1``) -> logits ``(B, T, vocab)``.
+    ``position_ids (B | 1, T)`` (default ``0..T-1``) -> logits ``(B, T, vocab)`` float32.
 
     Packed sequences (:func:`smoa_jax.data.pack`) pass ``segment_ids (B, T)`` (1, 2, ... per
     example, 0 for padding: no attention across examples) and ``position_ids`` restarting at 0
@@ -111,9 +110,30 @@ class CausalLM(HFModel):
     hidden, cache = body if cache is not None else (body, None)
     if logits_to_keep is not None:
       hidden = hidden[:, -logits_to_keep:]
-    head = embedding.attend if self.lm_head is None else self.lm_head
-    logits = softcap(head(hidden), self.logit_softcap)
+    logits = softcap(self.logits(hidden, embedding), self.logit_softcap)
     return logits if cache is None else (logits, cache)
+
+  def logits(self, hidden: jax.Array, embedding: nnx.Embed) -> jax.Array:
+    """The LM head on ``hidden (B, T, hidden)`` -> ``(B, T, vocab)`` float32.
+
+    The head multiplies in its compute dtype and accumulates and returns float32
+    (``preferred_element_type``): bfloat16 logits (8 bits of mantissa) would be off by about
+    0.03-0.1 at the usual magnitudes of 4-30, which the softmax and the loss would inherit. A
+    tied head reads ``embedding (vocab, hidden)``; a head holding an adapter computes as its
+    layer does and is cast.
+    """
+    head = self.lm_head
+    if head is None:
+      table = embedding.embedding[...]
+      dtype = compute_dtype(embedding)
+      return jnp.einsum("...h,vh->...v", hidden.astype(dtype), table.astype(dtype),
+                        preferred_element_type=jnp.float32)
+    if type(head) is not nnx.Linear:
+      return head(hidden).astype(jnp.float32)
+    dtype = compute_dtype(head)
+    logits = jnp.matmul(hidden.astype(dtype), head.kernel[...].astype(dtype),
+                        preferred_element_type=jnp.float32)
+    return logits if head.bias is None else logits + head.bias[...].astype(jnp.float32)
 
   def init_cache(self, batch: int, max_length: int, *, dtype: Dtype | None = None) -> KVCache:
     """An empty :class:`~smoa_jax.models.cache.KVCache` of ``max_length`` slots for ``batch``

@@ -34,7 +34,8 @@ from flax.typing import Dtype
 
 from smoa_jax.models import config_schema
 from smoa_jax.models.base import HFModel, LayerFactory, ShardingRule
-from smoa_jax.models.blocks import activation, attention, make_attention_mask, scan_layers, stack_layers
+from smoa_jax.models.blocks import (LayerStack, activation, attention, make_attention_mask,
+                                    scan_layers, stack_layers)
 from smoa_jax.models.keymap import KeyMap, KeyRule, linear_rules, norm_rules, prefixed
 from smoa_jax.parallel.sharding import constrain_batch
 
@@ -135,7 +136,7 @@ class BertLayer(nnx.Module):
     return self.output(self.intermediate(x), x)
 
 
-class BertEncoder(nnx.Module):
+class BertEncoder(LayerStack):
   """The ``layer`` stack: an ``nnx.List``, or with ``scan_layers`` one stacked layer under ``nnx.scan``."""
 
   def __init__(self, config: Mapping[str, Any], f: LayerFactory, scan_layers: bool = False):
@@ -149,10 +150,11 @@ class BertEncoder(nnx.Module):
   def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
     """``x (B, T, hidden)``, ``mask (B, 1, 1, T)`` -> ``(B, T, hidden)``."""
     x = constrain_batch(x)
+    step = self.layer_call(lambda layer, h: constrain_batch(layer(h, mask)))
     if self.scan_layers:
-      return scan_layers(lambda layer, h, _: constrain_batch(layer(h, mask)), self.layer, x)
+      return scan_layers(lambda layer, h, _: step(layer, h), self.layer, x)
     for layer in self.layer:
-      x = constrain_batch(layer(x, mask))
+      x = step(layer, x)
     return x
 
 

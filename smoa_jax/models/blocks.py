@@ -1,5 +1,6 @@
 """Building blocks shared by the model families: activations, attention masks and attention
-(with optional logit soft-capping), Gemma's RMSNorm, and stacked (scanned) layers."""
+(with optional logit soft-capping), Gemma's RMSNorm, stacked (scanned) layers, and
+rematerialisation of the layers (:class:`LayerStack`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from flax import nnx
 from smoa_jax.errors import ConfigError
 
 __all__ = ["activation", "make_attention_mask", "attention", "softcap", "UnitOffsetRMSNorm",
-           "stack_layers", "scan_layers"]
+           "stack_layers", "scan_layers", "REMAT_POLICIES", "check_remat", "LayerStack",
+           "set_remat"]
 
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -146,3 +148,78 @@ def scan_layers(step: Callable[[nnx.Module, jax.Array, Any], jax.Array], layers:
     return step(layer, carry, item)
 
   return body(x, layers, per_layer)
+
+
+# -- rematerialisation -----------------------------------------------------------------------------
+# What the backward pass may keep of a layer's forward pass; anything else is recomputed.
+#   "none": no remat; every intermediate of every layer stays alive until the backward pass.
+#   "full": only each layer's input is kept; the layer's forward pass runs again in the backward.
+#   "dots": the outputs of the weight matmuls (q/k/v/o, gate/up/down: dots without batch
+#           dimensions) are kept; the attention scores (a batched dot, (B, N, T, T)), the softmax,
+#           norms and activations are recomputed. Costs about one activation per projection and
+#           little recompute (no matmul with a weight is redone).
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat(policy: str, where: str = "remat") -> str:
+  """``policy`` if it names one of :data:`REMAT_POLICIES`, else ConfigError naming them."""
+  if not isinstance(policy, str) or policy not in REMAT_POLICIES:
+    raise ConfigError(f"{where}={policy!r} is not a rematerialisation policy; expected one of "
+                      f"{', '.join(repr(p) for p in REMAT_POLICIES)}.")
+  return policy
+
+
+class LayerStack(nnx.Module):
+  """Base of a module that runs a family's layers (Llama's ``model``, GPT-2's ``transformer``,
+  BERT's ``encoder``): it holds the rematerialisation policy ``remat`` (one of
+  :data:`REMAT_POLICIES`, ``"none"`` unless :func:`set_remat` says otherwise) and wraps the
+  per-layer call in it (:meth:`layer_call`), with or without ``scan_layers``.
+  """
+
+  remat: str = "none"
+  scan_layers: bool = False
+
+  def layer_call(self, step: Callable[..., Any]) -> Callable[..., Any]:
+    """``step(layer, *args)`` (one layer's forward pass, ``layer`` an nnx Module) under
+    ``nnx.remat`` with the policy of :attr:`remat`; ``step`` itself when it is ``"none"``.
+
+    Called inside the body of :func:`scan_layers`, the remat sits inside the scanned body, so the
+    backward pass of the scan keeps one carry per layer (plus what the policy saves).
+    """
+    if self.remat == "none":
+      return step
+    # Under scan the loop already keeps XLA from merging the recomputation into the forward pass.
+    return nnx.remat(step, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers,
+                     graph_updates=False)
+
+
+def set_remat(model: nnx.Module, policy: str) -> str:
+  """Rematerialise every layer of ``model`` by ``policy`` (:data:`REMAT_POLICIES`) from now on;
+  returns the policy it had before (``"none"`` for a fresh model).
+
+  The policy is a static attribute of each :class:`LayerStack`, so it is part of the graphdef:
+  set it before ``nnx.split`` / ``nnx.jit`` traces the model. :func:`smoa_jax.train` sets it
+  from ``TrainConfig.remat`` for the run (and restores it afterwards); forward passes without a
+  gradient compute the same values either way.
+
+  Raises:
+    ConfigError: ``policy`` is not one of :data:`REMAT_POLICIES`, or it is not ``"none"`` and
+      ``model`` has no :class:`LayerStack` (a model not built by :mod:`smoa_jax.models`: wrap its
+      blocks in ``nnx.remat`` yourself).
+  """
+  check_remat(policy)
+  stacks = [m for _, m in nnx.iter_graph(model) if isinstance(m, LayerStack)]
+  if not stacks:
+    if policy != "none":
+      raise ConfigError(f"remat={policy!r} needs a model from smoa_jax.models (its layers run "
+                        f"through a LayerStack); {type(model).__name__} has none. Wrap its "
+                        "blocks in flax.nnx.remat yourself, or use remat='none'.")
+    return "none"
+  before = stacks[0].remat
+  for stack in stacks:
+    stack.remat = policy
+  return before

@@ -33,7 +33,8 @@ from flax.typing import Dtype
 from smoa_jax.errors import ConfigError
 from smoa_jax.models import config_schema
 from smoa_jax.models.base import CausalLM, LayerFactory, ShardingRule
-from smoa_jax.models.blocks import activation, attention, make_attention_mask, scan_layers, stack_layers
+from smoa_jax.models.blocks import (LayerStack, activation, attention, make_attention_mask,
+                                    scan_layers, stack_layers)
 from smoa_jax.models.cache import (KVCache, cache_attention_mask, read_layer,
                                    write_layer)
 from smoa_jax.models.keymap import KeyMap, KeyRule, linear_rules, norm_rules
@@ -103,7 +104,7 @@ class GPT2Block(nnx.Module):
     return x + self.mlp(self.ln_2(x)), cache
 
 
-class GPT2Model(nnx.Module):
+class GPT2Model(LayerStack):
   """``wte`` + ``wpe`` embeddings, the ``h`` blocks and ``ln_f``.
 
   ``h`` is an ``nnx.List``, or with ``scan_layers`` one block with stacked ``(n_layer, ...)``
@@ -148,6 +149,7 @@ class GPT2Model(nnx.Module):
         return constrain_batch(layer(h, mask)), None
       h, c = layer(h, mask, c, index)
       return constrain_batch(h), c
+    block = self.layer_call(block)
 
     if self.scan_layers:  # a cache rides in the carry, each block writes its slice in place
       x, cache = scan_layers(lambda layer, carry, index: block(layer, *carry, index), self.h,

@@ -41,7 +41,8 @@ from flax.typing import Dtype
 from smoa_jax.errors import ConfigError
 from smoa_jax.models import config_schema
 from smoa_jax.models.base import CausalLM, LayerFactory, ShardingRule
-from smoa_jax.models.blocks import activation, attention, make_attention_mask, scan_layers, stack_layers
+from smoa_jax.models.blocks import (LayerStack, activation, attention, make_attention_mask,
+                                    scan_layers, stack_layers)
 from smoa_jax.models.cache import (KVCache, cache_attention_mask, read_layer,
                                    write_layer)
 from smoa_jax.models.keymap import KeyMap, KeyRule, linear_rules, norm_rules
@@ -253,7 +254,7 @@ class LlamaDecoderLayer(nnx.Module):
     return x if cache is None else (x, cache)
 
 
-class LlamaModel(nnx.Module):
+class LlamaModel(LayerStack):
   """The decoder stack: ``embed_tokens``, ``layers``, final ``norm``.
 
   ``layers`` is an ``nnx.List`` of decoder layers, or with ``scan_layers`` one decoder layer whose
@@ -312,6 +313,7 @@ class LlamaModel(nnx.Module):
         return constrain_batch(layer(h, *rope, mask)), None
       h, c = layer(h, *rope, mask, c, index)
       return constrain_batch(h), c
+    block = self.layer_call(block)
 
     if self.scan_layers:
       # One mask per distinct window and one RoPE table per kind, picked per layer by index:

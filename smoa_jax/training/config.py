@@ -9,6 +9,7 @@ import optax
 from flax import nnx
 
 from smoa_jax.errors import ConfigError
+from smoa_jax.models.blocks import check_remat
 from smoa_jax.training import data as data_lib
 
 __all__ = ["TrainConfig", "make_optimizer", "resolve_learning_rate"]
@@ -29,6 +30,14 @@ class TrainConfig:
       eval always happen when an output directory / eval data is given).
     keep_checkpoints: how many orbax checkpoints to keep.
     progress: show a progress bar.
+    remat: rematerialisation of the model's layers during the run (:func:`smoa_jax.set_remat`,
+      applied per decoder layer, inside the scanned body with ``scan_layers=True``):
+      ``"none"`` keeps every activation for the backward pass; ``"full"`` keeps only each
+      layer's input and recomputes the layer in the backward pass (about one more forward pass,
+      activation memory of one layer plus one ``(B, T, hidden)`` per layer); ``"dots"`` also
+      keeps the outputs of the weight matmuls (``jax.checkpoint_policies.
+      dots_with_no_batch_dims_saveable``): attention scores, softmax, norms and activations are
+      recomputed, no weight matmul is. Losses and gradients equal those of ``"none"``.
   """
 
   steps: int | None = None
@@ -46,6 +55,7 @@ class TrainConfig:
   save_every: int | None = None
   keep_checkpoints: int = 3
   progress: bool = True
+  remat: str = "none"
 
   def __post_init__(self):
     def bad(field, expected):
@@ -80,6 +90,7 @@ class TrainConfig:
         bad(field, "None or an int >= 1")
     if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:
       bad("keep_checkpoints", "an int >= 1")
+    check_remat(self.remat, "TrainConfig.remat")
 
   def total_steps(self, num_examples: int) -> int:
     if self.steps is not None:

@@ -37,6 +37,7 @@ from smoa_jax.errors import ConfigError, NonFiniteLossError
 from smoa_jax.io import rundir
 from smoa_jax.io.checkpoint import TrainCheckpointer
 from smoa_jax.layers.variables import SpectralIndex, TrainableParam
+from smoa_jax.models.blocks import set_remat
 from smoa_jax.parallel import sharding, spmd
 from smoa_jax.training import data as data_lib
 from smoa_jax.training.config import TrainConfig, make_optimizer, resolve_learning_rate
@@ -395,7 +396,8 @@ def train(model: nnx.Module, task: Task, train_data: dict[str, np.ndarray], conf
       :func:`smoa_jax.data.tokenize` (``.arrays``); every array goes to the task (instruction
       data's ``loss_mask``, packed data's ``segment_ids`` and ``position_ids``), and tokens/s
       counts the real tokens (``attention_mask``).
-    config: :class:`TrainConfig`.
+    config: :class:`TrainConfig`; its ``remat`` policy is set on the model's layers for the run
+      (:func:`smoa_jax.set_remat`) and the model's own setting is restored afterwards.
     output_dir: where ``metrics.jsonl`` and ``checkpoints/`` go (``None``: nothing written;
       the layout is :mod:`smoa_jax.io.rundir`'s).
     resume: continue from the latest checkpoint in ``output_dir``.
@@ -412,4 +414,8 @@ def train(model: nnx.Module, task: Task, train_data: dict[str, np.ndarray], conf
       checkpoint, which is left intact.
   """
   output = Path(output_dir) if output_dir is not None else None
-  return _Run(model, task, train_data, config, eval_data, output, resume, on_save, mesh).loop()
+  before = set_remat(model, config.remat)
+  try:
+    return _Run(model, task, train_data, config, eval_data, output, resume, on_save, mesh).loop()
+  finally:
+    set_remat(model, before)

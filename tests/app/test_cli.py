@@ -15,10 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 import smoa_jax
 from smoa_jax.app import assets
@@ -221,6 +223,43 @@ def test_resume_refuses_to_change_what_defines_the_run(cli_lm_run, tmp_path, cap
   code, _, err = run_cli(capsys, "finetune", "--output", run, "--resume", "--data", changed)
   assert code == 1 and "--resume cannot change --data" in err
   assert tree_digest(run) == before  # nothing written, nothing removed
+
+
+def test_remat_trains_to_the_same_adapter_and_may_change_on_resume(cli_lm_run, tmp_path, capsys,
+                                                                    monkeypatch):
+  seen = []
+  train = smoa_jax.train
+  monkeypatch.setattr(smoa_jax, "train", lambda model, task, data, config, **kw: (
+      seen.append(config.remat), train(model, task, data, config, **kw))[1])
+  runs = {}
+  for remat in ("none", "full"):  # one more step of the finished run, with and without remat
+    runs[remat] = copy_of(cli_lm_run, tmp_path, remat)
+    code, _, err = run_cli(capsys, "finetune", "--output", runs[remat], "--resume", "--steps", 5,
+                           "--remat", remat, "--no-progress")
+    assert code == 0, err
+  assert seen == ["none", "full"]
+  assert json.loads((runs["full"] / "run_config.json").read_text())["flags"]["remat"] == "full"
+  plain, remat = adapter_tensors(runs["none"]), adapter_tensors(runs["full"])
+  for key in plain:
+    np.testing.assert_allclose(remat[key], plain[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  code, _, err = run_cli(capsys, "finetune", "--output", runs["full"], "--resume", "--remat",
+                         "partial")
+  assert code == 2 and "'none', 'full', 'dots'" in err
+
+
+def test_bfloat16_base_trains_float32_adapters_unless_told(cli_files, tmp_path, capsys):
+  for extra, expected in (((), "float32"), (("--adapter-dtype", "bfloat16"), "bfloat16")):
+    run = tmp_path / expected
+    argv = finetune_argv(cli_files, run, "causal-lm", "--dtype", "bfloat16", *extra)
+    argv[argv.index("--steps") + 1] = 1
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    config = json.loads((run / "run_config.json").read_text())
+    assert config["flags"]["dtype"] == "bfloat16"
+    assert config["adapter_config"]["param_dtype"] == config["adapter_config"]["adapter_dtype"] == expected
+    model = smoa_jax.from_hf(cli_files["llama"], dtype="bfloat16")
+    smoa_jax.load_adapter(model, run / "adapter")
+    assert {v.dtype.name for v in jax.tree.leaves(nnx.state(model, smoa_jax.TrainableParam))} == {expected}
 
 
 def test_overwrite_replaces_a_run_but_never_foreign_files(cli_lm_run, cli_files, tmp_path, capsys):

@@ -136,7 +136,7 @@ def test_dtypes_follow_arguments(cls):
   assert {v.dtype for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))} == {
       jnp.dtype(jnp.bfloat16)}
   logits = nnx.eval_shape(lambda m: m(ids), model)
-  assert logits.dtype == jnp.bfloat16 and logits.shape == (1, 5, VOCAB)
+  assert logits.dtype == jnp.float32 and logits.shape == (1, 5, VOCAB)  # the head accumulates f32
   mixed = nnx.eval_shape(lambda: cls(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
   assert mixed.model.norm.scale.dtype == jnp.float32  # float32 storage, bfloat16 compute
-  assert nnx.eval_shape(lambda m: m(ids), mixed).dtype == jnp.bfloat16
+  assert nnx.eval_shape(lambda m: m(ids), mixed).dtype == jnp.float32

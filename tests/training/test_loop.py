@@ -119,6 +119,7 @@ def test_classification_with_a_trainable_head():
     (dict(steps=5, learning_rate=-1.0), "learning_rate"),
     (dict(steps=5, schedule="step"), "schedule"),
     (dict(steps=5, save_every=0), "save_every"),
+    (dict(steps=5, remat="partial"), "TrainConfig.remat='partial'.*'none', 'full', 'dots'"),
 ])
 def test_train_config_validation(kwargs, match):
   with pytest.raises(smoa_jax.ConfigError, match=match):

@@ -30,6 +30,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "seq_len": 128, "lr": None, "warmup_steps": 0, "schedule": "cosine", "weight_decay": 0.0,
     "seed": 0, "save_every": 100, "eval_every": None, "log_every": 10, "mesh": None,
     "model": None, "dtype": "float32", "train_on_prompt": False, "packing": False,
+    "remat": "none", "adapter_dtype": "float32",
 }
 # What --data takes, for the help texts.
 DATA_KINDS = ("JSONL, one kind of record per file: {\"text\": ...} (causal-lm on every token; "
@@ -84,6 +85,9 @@ def add_adapter_flags(parser: argparse.ArgumentParser) -> None:
            "comma-separated module names to adapt (last path components, e.g. "
            "q_proj,k_proj,v_proj,up_proj,down_proj), or 're:REGEX' full-matched against paths")
   run_flag(parser, "--exclude", "module names (or 're:REGEX') to leave alone")
+  run_flag(parser, "--adapter-dtype", "dtype of the adapter factors, their update and their "
+           "optimizer state (with --dtype bfloat16 the base is bfloat16 and these stay float32 "
+           "unless set here)", choices=("float32", "bfloat16"))
 
 
 def model_source(text: str) -> str:
@@ -139,7 +143,8 @@ def patterns(text: str | None) -> tuple[str, ...] | str | None:
 
 
 def adapter_config(flags: dict[str, Any]):
-  """The adapter config of resolved ``flags`` (method, r, num_blocks, alpha, dropout, targets)."""
+  """The adapter config of resolved ``flags`` (method, r, num_blocks, alpha, dropout, targets,
+  adapter dtype)."""
   import smoa_jax
 
   common = {"target_modules": patterns(flags["targets"]),
@@ -147,7 +152,8 @@ def adapter_config(flags: dict[str, Any]):
   method = flags["method"]
   if method == "full":
     return smoa_jax.FullFineTuneConfig(**common)
-  common |= {"r": flags["r"], "alpha": flags["alpha"], "dropout": flags["dropout"]}
+  common |= {"r": flags["r"], "alpha": flags["alpha"], "dropout": flags["dropout"],
+             "adapter_dtype": flags["adapter_dtype"]}
   if method == "smoa":
     return smoa_jax.SMoAConfig(num_blocks=flags["num_blocks"], **common)
   return {"lora": smoa_jax.LoRAConfig, "hira": smoa_jax.HiRAConfig}[method](**common)

@@ -16,9 +16,11 @@ from smoa_jax.app.commands import common
 from smoa_jax.app.commands.common import TASKS, UsageError, positive_int, run_flag
 from smoa_jax.errors import CheckpointError, ConfigError, DataError
 from smoa_jax.io import rundir
+from smoa_jax.models.blocks import REMAT_POLICIES
 
 # Flags that may differ when a run is resumed (everything else must match the run).
-RESUMABLE = ("steps", "epochs", "eval_data", "eval_every", "save_every", "log_every", "mesh")
+RESUMABLE = ("steps", "epochs", "eval_data", "eval_every", "save_every", "log_every", "mesh",
+             "remat")
 
 
 def register(add: common.AddCommand) -> None:
@@ -63,6 +65,10 @@ def _add_optimizer_flags(parser: argparse.ArgumentParser) -> None:
   run_flag(parser, "--batch-size", "examples per step", type=positive_int)
   run_flag(parser, "--grad-accum", "micro-batches per step (must divide the batch size)",
            type=positive_int)
+  run_flag(parser, "--remat", "rematerialise each decoder layer in the backward pass: 'full' "
+           "keeps only the layer inputs (least memory, about one more forward pass), 'dots' also "
+           "keeps the weight-matmul outputs (less recompute); same losses either way",
+           choices=tuple(REMAT_POLICIES))
   run_flag(parser, "--lr", "peak learning rate (AdamW); default: the method's (SMoA 0.03, HiRA "
            "0.02, LoRA 0.005, full 0.0003; chosen on validation data, see benchmarks/RESULTS.md)",
            type=float)
@@ -120,7 +126,7 @@ def _train_config(flags: dict[str, Any], progress: bool):
       warmup_steps=flags["warmup_steps"], schedule=flags["schedule"],
       weight_decay=flags["weight_decay"], seed=flags["seed"], log_every=flags["log_every"],
       eval_every=flags["eval_every"] or flags["save_every"], save_every=flags["save_every"],
-      progress=progress)
+      progress=progress, remat=flags["remat"])
 
 
 def _sha256(path: str) -> str:

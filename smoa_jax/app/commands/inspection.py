@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     config = smoa_jax.config_from_dict(run_config["adapter_config"])
   else:
     flags = {k: v if (v := getattr(args, k)) is not None else RUN_DEFAULTS[k]
-             for k in ("method", "r", "num_blocks", "alpha", "dropout", "targets", "exclude")}
+             for k in ("method", "r", "num_blocks", "alpha", "dropout", "targets", "exclude",
+                       "adapter_dtype")}
     config = common.adapter_config(flags)
     task = "classification" if args.num_labels else "causal-lm"
     model = common.model_with_adapter(args, {"flags": {}}, task, args.num_labels)
