@@ -113,11 +113,15 @@ def test_bfloat16_weights_generate(qwen2):
   assert all(0 <= t < CAUSAL_VOCAB for row in out for t in row)
 
 
+def sampler(qwen2):
+  """The qwen2 model and ``sample(prompts, **kw)``: its ids at temperature 1.5."""
+  model = smoa_jax.from_hf(qwen2[1])
+  return model, lambda prompts, **kw: smoa_jax.generate_ids(model, prompts, max_new_tokens=NEW,
+                                                            temperature=1.5, **kw)
+
+
 def test_sampling_is_reproducible_and_top_k_1_is_greedy(qwen2):
-  _, path = qwen2
-  model = smoa_jax.from_hf(path)
-  sample = lambda prompts, **kw: smoa_jax.generate_ids(model, prompts, max_new_tokens=NEW,
-                                                       temperature=1.5, **kw)
+  model, sample = sampler(qwen2)
   first = sample(PROMPTS, seed=3)
   assert sample(PROMPTS, seed=3) == first
   assert sample(PROMPTS, seed=4) != first
@@ -127,10 +131,7 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy(qwen2):
 
 @pytest.mark.slow  # one program per sampling setting; the default run checks seeds and top_k=1
 def test_sampling_draws_per_row_and_top_p_limits_reduce_to_greedy(qwen2):
-  _, path = qwen2
-  model = smoa_jax.from_hf(path)
-  sample = lambda prompts, **kw: smoa_jax.generate_ids(model, prompts, max_new_tokens=NEW,
-                                                       temperature=1.5, **kw)
+  model, sample = sampler(qwen2)
   first = sample(PROMPTS, seed=3)
   # A row's draws depend on the seed and its row, not on the other prompts of the batch.
   assert sample([PROMPTS[0], [40, 41], PROMPTS[2]], seed=3)[0] == first[0]
