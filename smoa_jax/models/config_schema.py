@@ -340,8 +340,9 @@ def _check_layer_type_ropes(values: dict[str, Any], problems: list[str]) -> None
   params = values["rope_parameters"] or {}
   nested = bool(set(params) & set(_LAYER_TYPES))
   legacy = {"full_attention": values["rope_scaling"] or params, "sliding_attention": {}}
-  thetas = {"full_attention": values["rope_theta"],
-            "sliding_attention": values["rope_local_base_freq"]}
+  # .get: a theta that failed its own check is already reported and absent from values.
+  thetas = {"full_attention": values.get("rope_theta"),
+            "sliding_attention": values.get("rope_local_base_freq")}
   ropes = {}
   for layer_type in _LAYER_TYPES:
     given = params.get(layer_type) if nested else legacy[layer_type]
