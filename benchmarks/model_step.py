@@ -57,29 +57,31 @@ candidates have measured persistently slower (see RESULTS.md), so both runs are 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 from flax import nnx
 
 import smoa_jax
-from benchmarks import _budgets, _common, _models
-from benchmarks.authors_torch import AuthorsSMoALinear, peak_live_bytes
+from benchmarks import _budgets, _common, _models, _procs
 from smoa_jax.training.config import make_optimizer
 
 SECTION = "model_step"
 MODULE = "benchmarks.model_step"
 TARGETS = _models.LLAMA_TARGETS
-SMOA_LORA_TARGET = 1.10  # SMoA / LoRA step time on the whole model
+SMOA_LORA_TARGET = 1.10  # SMoA / LoRA step time on the whole model (both smoa-jax)
+PEFT_TARGET = 1.5  # SMoA K=2 tokens/s / PEFT LoRA tokens/s (SMoA and LoRA at the same rank)
 AUTHORS_TARGET = 2.0  # authors / SMoA step time
-SETTLE_SECONDS = 1.0  # pause after each runtime's group; cheap next to multi-second steps
+MERGED_NOISE = 0.02  # merged/base within noise: 1 in the per-round quartiles, or |ratio - 1| <=
+SETTLE_SECONDS = 1.0  # pause after each process's round; cheap next to multi-second steps
 LEARNING_RATE = 1e-5  # small: the timed steps keep updating the same arrays
 FROZEN_PATTERN = r"model/layers/0/input_layernorm/.*"
 
@@ -118,6 +120,8 @@ class JaxStep:
   optimizer_bytes: int
   resident_bytes: int
   step_bytes: int
+  xla_flops: float  # XLA's cost analysis of the compiled step
+  xla_bytes: float
 
 
 def jax_step(model: nnx.Module, batch: dict[str, jax.Array]) -> JaxStep:
@@ -133,9 +137,12 @@ def jax_step(model: nnx.Module, batch: dict[str, jax.Array]) -> JaxStep:
     state[0], state[1], loss = compiled(state[0], state[1], rest, batch)
     return jax.block_until_ready((state[0], state[1], loss))
 
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # one dict per program in old jax
   return JaxStep(run, _common.tree_size(params), _common.tree_nbytes(opt_state),
                  compiled.memory_analysis().argument_size_in_bytes,
-                 _common.allocated_bytes(compiled))
+                 _common.allocated_bytes(compiled), float(cost.get("flops", 0.0)),
+                 float(cost.get("bytes accessed", 0.0)))
 
 
 def jax_forward(model: nnx.Module, batch: dict[str, jax.Array]) -> Callable[[], Any]:
@@ -145,67 +152,6 @@ def jax_forward(model: nnx.Module, batch: dict[str, jax.Array]) -> Callable[[], 
   compiled = _common.aot_compile(
       lambda state, ids, mask: nnx.merge(graphdef, state)(ids, attention_mask=mask), *args)
   return _common.blocking_call(compiled, *args)
-
-
-# -- PyTorch ---------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class TorchStep:
-  run: Callable[[], Any]
-  model: torch.nn.Module
-  optimizer: torch.optim.Optimizer
-  trainable: int
-
-
-def torch_step(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> TorchStep:
-  """Forward (transformers' shifted cross-entropy) + backward + clip + AdamW, like the JAX step."""
-  params = [p for p in model.parameters() if p.requires_grad]
-  optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)
-  model.train()
-
-  def run():
-    optimizer.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    return loss
-
-  return TorchStep(run, model, optimizer, sum(p.numel() for p in params))
-
-
-def authors_model(model_dir: Path, jax_model: nnx.Module) -> torch.nn.Module:
-  """The transformers model with every target replaced by the authors' layer (same blocks, factors)."""
-  import transformers
-
-  model = transformers.LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-  model.requires_grad_(False)
-  for path, layer in smoa_jax.adapter_layers(jax_model):
-    parts = path.split("/")  # model/layers/3/self_attn/q_proj
-    parent = model.get_submodule(".".join(parts[:-1]))
-    setattr(parent, parts[-1], AuthorsSMoALinear.from_smoa_dense(layer))
-  return model
-
-
-def frozen_torch_model(model_dir: Path) -> torch.nn.Module:
-  import transformers
-
-  model = transformers.LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-  model.requires_grad_(False)
-  model.model.layers[0].input_layernorm.weight.requires_grad_(True)
-  return model
-
-
-def torch_resident_bytes(step: TorchStep) -> tuple[int, int]:
-  """``(parameters + buffers + optimizer state, optimizer state)`` bytes (after a first step)."""
-  tensors = list(step.model.parameters()) + list(step.model.buffers())
-  optimizer = _common.tree_nbytes(list(step.optimizer.state.values()))
-  return _common.tree_nbytes(tensors) + optimizer, optimizer
-
-
-def torch_peak_bytes(step: TorchStep) -> int:
-  """Peak of live bytes torch allocates during one step, gradients cleared first."""
-  step.optimizer.zero_grad(set_to_none=True)
-  return peak_live_bytes(step.run)
 
 
 # -- cost model ------------------------------------------------------------------------------------
@@ -315,84 +261,80 @@ def model_directory(quick: bool, workdir: Path) -> tuple[Path, str]:
 class Measured:
   """Everything the report needs."""
 
-  names: list[str]
-  torch_names: list[str]
+  names: list[str]  # JAX steps
+  torch_names: list[str]  # PyTorch steps
   timings: _common.Timings
-  jax: dict[str, JaxStep]
-  torch_memory: dict[str, tuple[int, int, int]]  # name -> (resident, optimizer, step)
-  torch_trainable: dict[str, int]
+  info: dict[str, dict[str, float]]  # name -> trainable, resident, optimizer, step (+ xla_*)
   predicted: dict[str, float]  # name -> step flops of the cost model
   flops: Flops
   tokens: int
   model: str
 
 
+def torch_predicted(cost: Flops, r: int, ks: Sequence[int]) -> dict[str, float]:
+  """Cost-model flops of the PyTorch candidates (PEFT's HiRA does SMoA's work with K = 1)."""
+  out = {f"authors K={k} r={r}": cost.authors for k in ks}
+  out.update({f"PEFT LoRA r={r}": cost.lora(r), f"PEFT HiRA r={r}": cost.smoa(1),
+              "torch frozen": cost.frozen})
+  return out
+
+
 def measure(args: argparse.Namespace, log: Callable[[str], None]) -> Measured:
-  _common.set_torch_threads()
+  """Build the candidates in one worker process per framework, then time interleaved rounds."""
+  threads = _common.num_cores()
   with tempfile.TemporaryDirectory(prefix="smoa-model-step-") as workdir:
     model_dir, description = model_directory(args.quick, Path(workdir))
     config = json.loads((model_dir / "config.json").read_text())
-    rng = np.random.default_rng(args.seed)
-    ids = rng.integers(0, config["vocab_size"], (args.batch, args.seq), dtype=np.int32)
-    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones_like(jnp.asarray(ids))}
-    base = smoa_jax.from_hf(model_dir)
-    log(f"model: {description}; batch {args.batch} x {args.seq}")
+    ids = np.random.default_rng(args.seed).integers(0, config["vocab_size"],
+                                                    (args.batch, args.seq), dtype=np.int32)
     cost = flops(config, args.batch, args.seq)
-    predicted: dict[str, float] = {"torch frozen": cost.frozen}
-    steps: dict[str, JaxStep] = {}
-    adapted: dict[str, nnx.Module] = {}
-    blocks: dict[int, dict[str, Any]] = {}  # K -> spectral blocks by module path (computed once)
-    for cand in candidates(args.p, args.r, args.ks):
-      model = nnx.clone(base)
-      if cand.config is None:
-        smoa_jax.mark_trainable(model, FROZEN_PATTERN)
-      else:
-        k = getattr(cand.config, "num_blocks", None)
-        smoa_jax.apply_adapter(model, cand.config, rngs=nnx.Rngs(args.seed), verbose=False,
-                               show_progress=False, blocks=blocks.get(k))
-        if isinstance(cand.config, smoa_jax.SMoAConfig) and k not in blocks:
-          blocks[k] = {path: layer.blocks for path, layer in smoa_jax.adapter_layers(model)}
-        _models.randomize_lora_b(model, args.seed + 1)
-      adapted[cand.name] = model
-      steps[cand.name] = jax_step(model, batch)
-      predicted[cand.name] = cost.of(cand.config)
-      log(f"compiled {cand.name}")
-    merged_from = f"SMoA K=2 r={args.r}"
-    merged = smoa_jax.merge_and_unload(nnx.clone(adapted[merged_from]))
-    jax_group: dict[str, Callable[[], Any]] = {name: s.run for name, s in steps.items()}
-    jax_group["merged fwd"] = jax_forward(merged, batch)
-    jax_group["base fwd"] = jax_forward(base, batch)
-    torch_group: dict[str, Callable[[], Any]] = {}
-    torch_steps: dict[str, TorchStep] = {}
-    if not args.no_torch:
-      ids_t = torch.from_numpy(ids.astype(np.int64))
-      mask_t = torch.ones_like(ids_t)
-      for k in args.ks:
-        name = f"authors K={k} r={args.r}"
-        predicted[name] = cost.authors
-        torch_steps[name] = torch_step(authors_model(model_dir, adapted[f"SMoA K={k} r={args.r}"]),
-                                       ids_t, mask_t)
-      torch_steps["torch frozen"] = torch_step(frozen_torch_model(model_dir), ids_t, mask_t)
-      torch_group = {name: s.run for name, s in torch_steps.items()}
-      log("built the PyTorch models")
-    del adapted
-    log(f"timing {len(jax_group) + len(torch_group)} candidates, {args.rounds} interleaved rounds")
-    groups = [jax_group] + ([torch_group] if torch_group else [])
-    timings = _common.time_interleaved(*groups, rounds=args.rounds, max_seconds=args.max_seconds,
-                                       settle_seconds=SETTLE_SECONDS)
-    torch_memory = {}
-    for name, step in torch_steps.items():
-      resident, optimizer = torch_resident_bytes(step)
-      torch_memory[name] = (resident, optimizer, torch_peak_bytes(step))
-    return Measured(list(steps), list(torch_steps), timings, steps, torch_memory,
-                    {n: s.trainable for n, s in torch_steps.items()}, predicted, cost,
-                    args.batch * args.seq, description)
+    predicted = {c.name: cost.of(c.config) for c in candidates(args.p, args.r, args.ks)}
+    log(f"model: {description}; batch {args.batch} x {args.seq}")
+    with contextlib.ExitStack() as stack:
+      jax_worker = stack.enter_context(_procs.Worker("benchmarks._step_jax"))
+      info = jax_worker.call("build", model_dir=str(model_dir), workdir=workdir,
+                             ids=ids.tolist(), r=args.r, p=args.p, ks=list(args.ks),
+                             seed=args.seed, quick=args.quick)
+      names = [n for n in info if n != "imported"]
+      _check_imports(info.pop("imported"), "benchmarks._step_jax", "torch")
+      log(f"JAX worker (pid {jax_worker.process.pid}) compiled {len(names)} steps")
+      workers = [jax_worker]
+      torch_names: list[str] = []
+      if not args.no_torch:
+        torch_worker = stack.enter_context(_procs.Worker("benchmarks._step_torch"))
+        torch_info = torch_worker.call("build", model_dir=str(model_dir), workdir=workdir,
+                                       ids=ids.tolist(), r=args.r, ks=list(args.ks),
+                                       targets=list(TARGETS), learning_rate=LEARNING_RATE,
+                                       threads=threads)
+        _check_imports(torch_info.pop("imported"), "benchmarks._step_torch", "jax")
+        torch_names = list(torch_info)
+        info.update(torch_info)
+        predicted.update(torch_predicted(cost, args.r, args.ks))
+        workers.append(torch_worker)
+        log(f"PyTorch worker (pid {torch_worker.process.pid}) built {len(torch_names)} steps")
+      log(f"timing {len(names) + 2 + len(torch_names)} candidates in {len(workers)} processes, "
+          f"up to {args.rounds} interleaved rounds")
+      timings = _common.time_rounds(
+          [w.round for w in workers], rounds=args.rounds, max_seconds=args.max_seconds,
+          settle_seconds=SETTLE_SECONDS, on_round=lambda n: log(f"round {n} done"))
+      if torch_names:
+        for name, memory in torch_worker.call("memory").items():
+          info[name].update(memory)
+  return Measured(names, torch_names, timings, info, predicted, cost, args.batch * args.seq,
+                  description)
+
+
+def _check_imports(imported: list[str], module: str, forbidden: str) -> None:
+  """The process split is the point: a worker that imported the other runtime is an error."""
+  if forbidden in imported:
+    raise _procs.WorkerError(f"{module} imported {forbidden}; each framework must stay in its "
+                             "own process (see benchmarks/model_step.py).")
 
 
 def render(m: Measured, args: argparse.Namespace, threads: int) -> str:
-  """The markdown body: speed and cost model, memory, and the targets' verdicts."""
+  """The markdown body: speed and cost model, memory, and the goals' verdicts."""
   t, f, r, p = m.timings, m.flops, args.r, args.p
-  lora = f"LoRA r={r}"
+  lora, peft_lora, smoa2 = f"LoRA r={r}", f"PEFT LoRA r={r}", f"SMoA K=2 r={r}"
 
   def tokens_s(name: str) -> str:
     return f"{m.tokens / t.median(name):,.0f}"
@@ -401,72 +343,104 @@ def render(m: Measured, args: argparse.Namespace, threads: int) -> str:
     """Measured and predicted (flops) ratio of two candidates."""
     return f"{t.ratio(name, reference):.3f}", f"{m.predicted[name] / m.predicted[reference]:.3f}"
 
+  def speedup(name: str) -> str:
+    """Tokens/s against PEFT LoRA's, per round (> 1: faster)."""
+    return f"{t.ratio(peft_lora, name):.2f}" if peft_lora in t.samples else "-"
+
   speed, memory = [], []
   for name in m.names + m.torch_names:
     is_torch = name in m.torch_names
-    frozen = "torch frozen" if is_torch else "frozen"
+    info = m.info[name]
     label = f"{name} (torch)" if is_torch else name
-    trainable = m.torch_trainable[name] if is_torch else m.jax[name].trainable
-    speed.append([label, f"{trainable:,}", f"{m.predicted[name] / 1e9:.3g}",
-                  f"{t.median(name):.3g}", tokens_s(name),
-                  *(("-", "-") if is_torch else vs(name, lora)), *vs(name, frozen)])
-    if is_torch:
-      resident, optimizer, step = m.torch_memory[name]
-    else:
-      s = m.jax[name]
-      resident, optimizer, step = s.resident_bytes, s.optimizer_bytes, s.step_bytes
-    memory.append([label, *map(_common.format_mib, (optimizer, resident, step, resident + step))])
+    xla = (("-", "-") if is_torch else
+           (f"{info['xla_flops'] / 1e9:.3g}", f"{info['xla_bytes'] / 1e9:.3g}"))
+    speed.append([label, f"{int(info['trainable']):,}", f"{m.predicted[name] / 1e9:.3g}", *xla,
+                  f"{t.median(name):.3g}", tokens_s(name), speedup(name),
+                  *(("-", "-") if is_torch else vs(name, lora)),
+                  *vs(name, "torch frozen" if is_torch else "frozen")])
+    memory.append([label, *(_common.format_mib(int(info[k])) for k in
+                            ("optimizer", "resident", "step")),
+                   _common.format_mib(int(info["resident"] + info["step"]))])
+  processes = ("two worker processes, one per framework (the JAX one never imports torch, the "
+               "PyTorch one never imports JAX), each asked in turn for one round over a pipe "
+               f"with a {SETTLE_SECONDS:g} s pause after each" if m.torch_names
+               else "one JAX worker process")
   parts = [
       f"A full training step (forward + backward + clip + AdamW) of {m.model}, batch "
       f"{args.batch} x {args.seq} = {m.tokens:,} tokens, float32, targets {', '.join(TARGETS)} of "
-      f"every layer. All candidates were timed in one interleaved run ({t.rounds} rounds; ratios "
-      "are medians of per-round ratios). What is measured and how: the docstring of "
-      f"`benchmarks/model_step.py`. JAX uses {threads} CPU threads, torch "
-      f"`set_num_threads({threads})`. `GFLOP` and `pred.` come from the cost model in docs/design.md "
-      "section 4 (frozen step + LoRA's 6 T r (d_in + d_out), SMoA's 2 T d_in d_out / K, HiRA's "
-      "and full FT's 2 T d_in d_out, the authors' 6 T d_in d_out per target); "
-      f"`/ frozen` is against the frozen step of the same framework.",
-      _common.markdown_table(["candidate", "trainable", "GFLOP", "step s", "tokens/s",
-                              f"/ {lora}", "pred.", "/ frozen", "pred."], speed),
+      f"every layer. All candidates were timed in interleaved rounds ({t.rounds} rounds; ratios "
+      f"are medians of per-round ratios) in {processes}. What is measured and how: the docstring "
+      f"of `benchmarks/model_step.py`. JAX uses {threads} CPU threads, torch "
+      f"`set_num_threads({threads})`. `GFLOP` and `pred.` come from the cost model in "
+      "docs/design.md section 4 (frozen step + LoRA's 6 T r (d_in + d_out), SMoA's 2 T d_in "
+      "d_out / K, HiRA's and full FT's 2 T d_in d_out, the authors' 6 T d_in d_out per target); "
+      "`XLA GFLOP` and `XLA GB` are XLA's cost analysis of the compiled step (flops, bytes "
+      f"accessed); `x {peft_lora}` is tokens/s against PEFT LoRA's in the same round; `/ frozen` "
+      "is against the frozen step of the same framework.",
+      _common.markdown_table(["candidate", "trainable", "GFLOP", "XLA GFLOP", "XLA GB",
+                              "step s", "tokens/s", f"x {peft_lora}", f"/ {lora}", "pred.",
+                              "/ frozen", "pred."], speed),
       "Memory (MiB): `resident` = what the step keeps between calls (frozen weights, trainable "
       "arrays, optimizer state; torch: parameters + buffers incl. anchor copies + optimizer "
       "state); `step` = what one step allocates on top (JAX: XLA temp + output - donated alias "
       "bytes; torch: peak live bytes created during the step); `peak` = their sum.",
       _common.markdown_table(["candidate", "optimizer state", "resident", "step", "peak"], memory),
   ]
-  smoa2 = f"SMoA K=2 r={r}"
   ratio = t.ratio(smoa2, lora)
   budget = _budgets.EqualBudget(p, num_blocks=2)
   budget_smoa = f"SMoA K={budget.num_blocks} r={budget.smoa_rank}"
   budget_lora = f"LoRA r={budget.lora_rank}"
-  verdicts = [
-      f"- {smoa2} / {lora} = {ratio:.3f} (target <= {SMOA_LORA_TARGET:.2f}: "
+  merged = t.ratio("merged fwd", "base fwd")
+  q1, q3 = t.ratio_quartiles("merged fwd", "base fwd")
+  merged_met = q1 <= 1.0 <= q3 or abs(merged - 1.0) <= MERGED_NOISE
+  verdicts = []
+  if m.torch_names:
+    peft_speedup = t.ratio(peft_lora, smoa2)
+    verdicts.append(
+        f"- Goal 1: {smoa2} tokens/s / {peft_lora} (torch) tokens/s = {peft_speedup:.2f} "
+        f"({tokens_s(smoa2)} vs {tokens_s(peft_lora)}; target >= {PEFT_TARGET:g}: "
+        f"**{'MET' if peft_speedup >= PEFT_TARGET else 'MISSED'}**). Same rank, same targets; "
+        f"the frameworks alone (frozen steps): torch frozen / frozen = "
+        f"{t.ratio('torch frozen', 'frozen'):.2f}; PEFT LoRA over its frozen step "
+        f"{t.ratio(peft_lora, 'torch frozen'):.3f} (predicted "
+        f"{m.predicted[peft_lora] / f.frozen:.3f}), smoa-jax SMoA over its frozen step "
+        f"{t.ratio(smoa2, 'frozen'):.3f} (predicted {f.smoa(2) / f.frozen:.3f}).")
+  for k in args.ks:
+    name = f"authors K={k} r={r}"
+    if name in m.torch_names:
+      ratio_a = t.ratio(name, f"SMoA K={k} r={r}")
+      verdicts.append(
+          f"- {'Goal 2: ' if k == 2 else ''}{name} (torch) / smoa-jax SMoA K={k} r={r} = "
+          f"{ratio_a:.2f} (target >= {AUTHORS_TARGET:g}: "
+          f"**{'MET' if ratio_a >= AUTHORS_TARGET else 'MISSED'}**; flops ratio "
+          f"{f.authors / f.smoa(k):.2f}). Algorithm alone, each against its own framework's "
+          f"frozen step: authors {t.ratio(name, 'torch frozen'):.2f} (predicted "
+          f"{f.authors / f.frozen:.2f}), smoa-jax {t.ratio(f'SMoA K={k} r={r}', 'frozen'):.2f} "
+          f"(predicted {f.smoa(k) / f.frozen:.2f}).")
+  verdicts += [
+      f"- {'Goal 3: m' if m.torch_names else 'M'}erged inference (forward only): {smoa2} after "
+      f"`merge_and_unload` / base = {merged:.3f}, per-round quartiles {q1:.3f}-{q3:.3f} (target "
+      f"1 within noise: 1 inside the quartiles or within {MERGED_NOISE:g}: "
+      f"**{'MET' if merged_met else 'MISSED'}**; {tokens_s('merged fwd')} vs "
+      f"{tokens_s('base fwd')} tokens/s).",
+      f"- {smoa2} / {lora} (both smoa-jax) = {ratio:.3f} (target <= {SMOA_LORA_TARGET:.2f}: "
       f"**{'MET' if ratio <= SMOA_LORA_TARGET else 'MISSED'}**); the cost model predicts "
       f"1 + (A / 2K) / F_lora = {f.smoa(2) / f.lora(r):.3f} with A = {f.adapted / 1e9:,.0f} GFLOP "
-      f"of targeted frozen-layer work in F_lora = {f.lora(r) / 1e9:,.0f} GFLOP.",
+      f"of targeted frozen-layer work in F_lora = {f.lora(r) / 1e9:,.0f} GFLOP; XLA counts "
+      f"{m.info[smoa2]['xla_flops'] / m.info[lora]['xla_flops']:.3f}x the flops and "
+      f"{m.info[smoa2]['xla_bytes'] / m.info[lora]['xla_bytes']:.3f}x the bytes.",
       *(f"- SMoA K={k} r={r} / {lora} = {t.ratio(f'SMoA K={k} r={r}', lora):.3f} (predicted "
         f"{f.smoa(k) / f.lora(r):.3f})." for k in args.ks if k != 2),
       f"- Equal trainable parameters: {budget_smoa} / {budget_lora} = "
       f"{t.ratio(budget_smoa, budget_lora):.3f} (predicted "
       f"{f.smoa(budget.num_blocks) / f.lora(budget.lora_rank):.3f}).",
-      f"- Merged inference (forward only): SMoA K=2 r={r} after `merge_and_unload` / base = "
-      f"{t.ratio('merged fwd', 'base fwd'):.3f} (target 1.00; {tokens_s('merged fwd')} vs "
-      f"{tokens_s('base fwd')} tokens/s).",
   ]
-  for k in args.ks:
-    name = f"authors K={k} r={r}"
-    if name in m.torch_names:
-      ratio = t.ratio(name, f"SMoA K={k} r={r}")
-      verdicts.append(
-          f"- {name} (torch) / smoa-jax SMoA K={k} r={r} = {ratio:.2f} (target >= "
-          f"{AUTHORS_TARGET:g}: **{'MET' if ratio >= AUTHORS_TARGET else 'MISSED'}**; flops "
-          f"ratio {f.authors / f.smoa(k):.2f}). Algorithm alone, each against its own framework's "
-          f"frozen step: authors {t.ratio(name, 'torch frozen'):.2f} (predicted "
-          f"{f.authors / f.frozen:.2f}), smoa-jax {t.ratio(f'SMoA K={k} r={r}', 'frozen'):.2f} "
-          f"(predicted {f.smoa(k) / f.frozen:.2f}).")
   if m.torch_names:
-    verdicts.append(f"- Frameworks on the same frozen step: torch / JAX = "
-                    f"{t.ratio('torch frozen', 'frozen'):.2f}.")
+    peft_hira = f"PEFT HiRA r={r}"
+    verdicts.append(
+        f"- PEFT against smoa-jax at the same method: {peft_lora} / {lora} = "
+        f"{t.ratio(peft_lora, lora):.2f}, {peft_hira} / HiRA r={r} = "
+        f"{t.ratio(peft_hira, f'HiRA r={r}'):.2f}.")
   parts.append("\n".join(verdicts))
   return "\n\n".join(parts)
 
@@ -476,12 +450,7 @@ def main(argv: Sequence[str] | None = None) -> str:
   argv = _common.cli_argv(argv)
   args = parse_args(argv)
   load_at_start = _common.load_average()
-
-  def log(text: str) -> None:
-    print(text, flush=True)
-
-  with _models.fast_compile(args.quick):
-    measured = measure(args, log)
+  measured = measure(args, _common.minutes_log(time.perf_counter()))
   threads = _common.num_cores()
   body = render(measured, args, threads)
   # A JAX-only run gets its own section: it does not replace the run that includes PyTorch.
