@@ -19,7 +19,7 @@ from flax import nnx
 
 import smoa_jax
 from benchmarks import _models, _procs
-from benchmarks.model_step import (FROZEN_PATTERN, JaxStep, candidates, jax_forward, jax_step)
+from benchmarks.model_step import FROZEN_PATTERN, JaxStep, candidates, jax_forward, jax_step
 
 
 def export_specs(model: nnx.Module, path: Path) -> None:
@@ -32,7 +32,9 @@ def export_specs(model: nnx.Module, path: Path) -> None:
 def build(handlers: dict[str, Callable[..., Any]], *, model_dir: str, workdir: str,
           ids: list[list[int]], r: int, p: int, ks: Sequence[int], seed: int,
           quick: bool) -> dict[str, Any]:
-  log = lambda text: print(f"[jax] {text}", file=sys.stderr, flush=True)  # noqa: E731
+  def log(text: str) -> None:
+    print(f"[jax] {text}", file=sys.stderr, flush=True)
+
   with _models.fast_compile(quick):
     tokens = jnp.asarray(np.array(ids, dtype=np.int32))
     data = {"input_ids": tokens, "attention_mask": jnp.ones_like(tokens)}

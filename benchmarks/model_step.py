@@ -1,4 +1,4 @@
-"""Benchmark: a full training step of SmolLM2-135M with every adapter, and the authors' algorithm.
+"""Benchmark: a training step of SmolLM2-135M with every adapter, PEFT, and the authors' algorithm.
 
 What one **step** is, for every candidate: the forward pass of the whole causal LM on a batch of
 ``B x S`` tokens (default 4 x 256 = 1,024 tokens), the mean next-token cross-entropy, the backward
@@ -18,27 +18,38 @@ built from ONE loaded model (``nnx.clone`` shares the frozen arrays) with the op
   backward pass still runs through every layer (input gradients only): the floor any adapter
   pays. Adapters' ``b`` factors are set to small random values first, as after some training.
 
-PyTorch candidates (item 3), with ``torch.set_num_threads`` = the cores XLA uses: the
-transformers ``LlamaForCausalLM`` on the same weights, every target ``nn.Linear`` replaced by
+PyTorch candidates, with ``torch.set_num_threads`` = the cores XLA uses, on the transformers
+``LlamaForCausalLM`` with the same weights (:mod:`benchmarks._step_torch`): ``PEFT LoRA r=8`` and
+``PEFT HiRA r=8`` (``peft.get_peft_model`` with ``LoraConfig`` / ``HiraConfig``, the adapters
+users would pick instead; ``peft`` is pinned in the ``test`` extra); ``authors K=2 r=8`` and
+``authors K=4 r=8``: every target ``nn.Linear`` replaced by
 :class:`benchmarks.authors_torch.AuthorsSMoALinear` (the authors' per-forward algorithm: full
-``dW`` built every forward, a second full matmul, anchor copies of the blocks), built from the
-JAX SMoA layers (same blocks and factors) -- ``authors K=2 r=8`` and ``authors K=4 r=8`` -- and
-``torch frozen``: the unmodified model with only the first input-norm weight trainable (the
-PyTorch twin of ``frozen``), so ``authors / torch frozen`` is the algorithm's own cost and
-``torch frozen / frozen`` the frameworks' speed difference. Same loss (transformers' shifted
-cross-entropy), clipping and AdamW.
+``dW`` built every forward, a second full matmul, anchor copies of the blocks) with the blocks and
+factors of the JAX SMoA layers; and ``torch frozen``: the unmodified model with only the first
+input-norm weight trainable (the PyTorch twin of ``frozen``), so ``authors / torch frozen`` is
+the algorithm's own cost and ``torch frozen / frozen`` the frameworks' speed difference. Same
+loss (transformers' shifted cross-entropy), clipping and AdamW.
 
-Timing: all candidates in ONE interleaved run (:func:`benchmarks._common.time_interleaved`),
-JAX and torch in separate groups with a pause after each; ratios are medians of per-round
-ratios. Tokens/s = ``B * S`` / median step time. **Merged inference**: forward only, the SMoA
-K=2 r=8 model after ``merge_and_unload`` vs the base model (the same group, same run).
+Processes. Each framework runs in its own long-lived worker process (:mod:`benchmarks._procs`):
+``benchmarks._step_jax`` never imports torch, ``benchmarks._step_torch`` never imports JAX (the
+parent checks both). The parent asks each worker in turn for one round (every candidate once,
+the start rotating, :func:`benchmarks._timing.run_round`), with a pause after each
+(:func:`benchmarks._timing.time_rounds`); ratios are medians of per-round ratios, so a slow spell
+of the shared machine hits both frameworks alike. Tokens/s = ``B * S`` / median step time.
+**Merged inference**: forward only, the SMoA K=2 r=8 model after ``merge_and_unload`` vs the base
+model (same worker, same rounds); it is "within noise" when 1 lies between the quartiles of the
+per-round ratios, or the median is within :data:`MERGED_NOISE` of 1.
+
+Why separate processes. Until 2026-11 every candidate lived in ONE process, and with the PyTorch
+models in it some JAX candidates measured persistently slower (SMoA K=2 r=8 / LoRA r=8 1.475, the
+merged forward 1.13x the base one) than in a JAX-only run (0.940). CAUSE_PARAGRAPH
 
 Memory. JAX, from XLA's buffer assignment of the compiled step (``compiled.memory_analysis()``):
 ``resident`` = argument bytes (frozen weights + trainable arrays + optimizer state + batch) and
 ``step`` = ``temp + output - alias`` bytes (what one step allocates beyond its donated inputs:
 activations kept for the backward pass, gradients, logits). Their sum is the step's peak. We do
-not use the process RSS: every candidate lives in the same process, so RSS is the union of all of
-them. Torch: ``resident`` = parameters + buffers (incl. the anchor copies) + optimizer state, and
+not use the process RSS: all candidates of a framework share one worker process, so RSS is the
+union of all of them. Torch: ``resident`` = parameters + buffers (incl. the anchor copies) + optimizer state, and
 ``step`` = the peak of live bytes created during one step (profiler memory timeline).
 ``optimizer state`` = the AdamW moments (plus counters).
 
@@ -49,9 +60,8 @@ SMoA/LoRA ~ ``1 + (A / 2K) / F_lora`` (HiRA and full FT: K = 1) and authors/torc
 ``1 + 1.5 A / F_frozen`` (their extra ``6 T d_in d_out`` per target).
 
 Run from the repository root: ``python -m benchmarks.model_step`` (``--quick``: a tiny random
-Llama, 2 rounds; a smoke test). ``--no-torch`` times the JAX candidates alone and writes its own
-section (``model_step_jax_only``): in a process that also holds the PyTorch models, some JAX
-candidates have measured persistently slower (see RESULTS.md), so both runs are kept.
+Llama, 2 rounds; a smoke test). ``--no-torch`` times the JAX candidates alone (one worker) and
+writes its own section (``model_step_jax_only``).
 """
 
 from __future__ import annotations
