@@ -31,7 +31,7 @@ def export_specs(model: nnx.Module, path: Path) -> None:
 
 def build(handlers: dict[str, Callable[..., Any]], *, model_dir: str, workdir: str,
           ids: list[list[int]], r: int, p: int, ks: Sequence[int], seed: int,
-          quick: bool) -> dict[str, Any]:
+          quick: bool, goals_only: bool) -> dict[str, Any]:
   def log(text: str) -> None:
     print(f"[jax] {text}", file=sys.stderr, flush=True)
 
@@ -42,7 +42,7 @@ def build(handlers: dict[str, Callable[..., Any]], *, model_dir: str, workdir: s
     steps: dict[str, JaxStep] = {}
     blocks: dict[int, dict[str, Any]] = {}  # K -> spectral blocks by module path (computed once)
     merged = None
-    for cand in candidates(p, r, ks):
+    for cand in candidates(p, r, ks, goals_only):
       model = nnx.clone(base)
       if cand.config is None:
         smoa_jax.mark_trainable(model, FROZEN_PATTERN)
