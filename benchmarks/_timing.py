@@ -81,7 +81,8 @@ def run_round(group: Mapping[str, Callable[[], Any]], i: int) -> dict[str, float
 
 def time_rounds(round_fns: Sequence[RoundFn], *, rounds: int, warmup: int = 1,
                 max_seconds: float | None = None, min_rounds: int = 3,
-                settle_seconds: float = 0.0, on_round: Callable[[int], None] | None = None
+                settle_seconds: float = 0.0,
+               on_round: Callable[[int, dict[str, float]], None] | None = None
                 ) -> Timings:
   """Run ``round_fns`` in order, once per round (``fn(i)`` times one group in round ``i``).
 
@@ -94,7 +95,8 @@ def time_rounds(round_fns: Sequence[RoundFn], *, rounds: int, warmup: int = 1,
     settle_seconds: pause after each group. Runtimes whose worker threads spin-wait after a
       parallel region (libgomp under PyTorch, XLA's pool) otherwise steal cores from whatever
       runs next, in this process or another one on the same cores.
-    on_round: called with the number of rounds done after each timed round (progress).
+    on_round: called after each timed round with the number of rounds done and that round's
+      ``{name: seconds}`` (progress, and partial numbers should a long run be stopped).
   """
   samples: dict[str, list[float]] = {}
 
@@ -119,7 +121,7 @@ def time_rounds(round_fns: Sequence[RoundFn], *, rounds: int, warmup: int = 1,
       one(i, record=True)
       gc.collect()
       if on_round is not None:
-        on_round(i + 1)
+        on_round(i + 1, {name: seconds[-1] for name, seconds in samples.items()})
       if (max_seconds is not None and i + 1 >= min_rounds
           and time.perf_counter() - start > max_seconds):
         break

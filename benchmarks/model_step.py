@@ -337,7 +337,9 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> Measured:
           f"up to {args.rounds} interleaved rounds")
       timings = _common.time_rounds(
           [w.round for w in workers], rounds=args.rounds, max_seconds=args.max_seconds,
-          settle_seconds=SETTLE_SECONDS, on_round=lambda n: log(f"round {n} done"))
+          settle_seconds=SETTLE_SECONDS,
+          on_round=lambda n, seconds: log(f"round {n}: " + ", ".join(
+              f"{name} {s:.3g} s" for name, s in seconds.items())))
       if torch_names:
         for name, memory in torch_worker.call("memory").items():
           info[name].update(memory)
