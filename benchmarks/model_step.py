@@ -42,15 +42,32 @@ per-round ratios, or the median is within :data:`MERGED_NOISE` of 1.
 
 Why separate processes. Until 2026-11 every candidate lived in ONE process, and with the PyTorch
 models in it some JAX candidates measured persistently slower (SMoA K=2 r=8 / LoRA r=8 1.475, the
-merged forward 1.13x the base one) than in a JAX-only run (0.940). CAUSE_PARAGRAPH
+merged forward 1.13x the base one) than in a JAX-only run (0.940). We measured the suspects in
+one process (2026-11-30, a 4-layer Llama of SmolLM2's widths, batch 4 x 256, SMoA K=2 r=8 and
+LoRA r=8 steps before, between and after torch training steps; per call: wall, user and system
+CPU, minor page faults, and CPU per thread from ``/proc/self/task``): (1) torch's OpenMP threads
+(GNU libgomp; ``KMP_BLOCKTIME`` is Intel's and does not apply) used no measurable CPU in the
+0.2 s and the 1 s after a torch step, and at most 0.04 s during the JAX step that followed with
+no pause at all, so they do not spin on XLA's cores; (2) each JAX step did the same work with or
+without torch: 5.4-6.2 s user and 0.6-1.0 s system CPU, and exactly as many page faults as XLA's
+temporary buffer has 4 KiB pages (187,335 for SMoA = 731.8 MiB, 180,575 for LoRA = 705.4 MiB:
+XLA maps that buffer afresh every call, torch or not), so torch's allocator does not change
+XLA's; (3) SMoA / LoRA was 1.05 with JAX alone, 0.88-1.00 right after torch steps and 1.01 with
+the torch model loaded and idle (3 rounds each at a load average of 19-22 from other sessions,
+so every wall time was about 5x the CPU time). So at that depth the slowdown did not reproduce,
+and none of the suspects (spinning threads, thread counts, allocator) is it; what slowed one
+candidate of the full model in the shared process stays unexplained. Separate processes remove
+every interaction between the two runtimes by construction (threads, allocator, the memory
+layout of one big process), which is why the benchmark now runs that way.
 
 Memory. JAX, from XLA's buffer assignment of the compiled step (``compiled.memory_analysis()``):
 ``resident`` = argument bytes (frozen weights + trainable arrays + optimizer state + batch) and
 ``step`` = ``temp + output - alias`` bytes (what one step allocates beyond its donated inputs:
 activations kept for the backward pass, gradients, logits). Their sum is the step's peak. We do
 not use the process RSS: all candidates of a framework share one worker process, so RSS is the
-union of all of them. Torch: ``resident`` = parameters + buffers (incl. the anchor copies) + optimizer state, and
-``step`` = the peak of live bytes created during one step (profiler memory timeline).
+union of all of them. Torch: ``resident`` = parameters + buffers (incl. the anchor copies) +
+optimizer state, and ``step`` = the peak of live bytes created during one step (profiler memory
+timeline).
 ``optimizer state`` = the AdamW moments (plus counters).
 
 Cost model (docs/design.md, section 4), printed next to the measurement: with ``F_frozen`` the flops of the
