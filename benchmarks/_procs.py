@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 
 from benchmarks._timing import paused_gc, run_round
 
-__all__ = ["Worker", "WorkerError", "serve", "round_handler"]
+__all__ = ["Worker", "WorkerError", "serve", "run_worker", "round_handler", "imported_runtimes"]
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root: ``benchmarks`` is importable
 
@@ -114,3 +114,22 @@ def serve(handlers: Mapping[str, Callable[..., Any]]) -> None:
       raise
     answers.write(json.dumps(answer) + "\n")
     answers.flush()
+
+
+def imported_runtimes() -> list[str]:
+  """Which of ``jax`` and ``torch`` this process has imported (the parent checks the split)."""
+  return sorted(m for m in ("jax", "torch") if m in sys.modules)
+
+
+def run_worker(build: Callable[..., Mapping[str, Any]]) -> None:
+  """The main loop of a benchmark worker: ``build(handlers, **arguments)`` answers the ``build``
+  command and adds the other commands (``round``, ...) to ``handlers``; its answer gets an
+  ``"imported"`` entry, :func:`imported_runtimes` after building."""
+  handlers: dict[str, Callable[..., Any]] = {}
+
+  def handle_build(**arguments: Any) -> dict[str, Any]:
+    answer = dict(build(handlers, **arguments))
+    return {"imported": imported_runtimes(), **answer}
+
+  handlers["build"] = handle_build
+  serve(handlers)

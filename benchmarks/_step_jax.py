@@ -63,17 +63,10 @@ def build(handlers: dict[str, Callable[..., Any]], *, model_dir: str, workdir: s
     group["merged fwd"] = jax_forward(merged, data)
     group["base fwd"] = jax_forward(base, data)
   handlers["round"] = _procs.round_handler(group)
-  answer: dict[str, Any] = {"imported": sorted(m for m in ("torch", "jax") if m in sys.modules)}
-  return answer | {name: {"trainable": s.trainable, "optimizer": s.optimizer_bytes,
+  return {name: {"trainable": s.trainable, "optimizer": s.optimizer_bytes,
                  "resident": s.resident_bytes, "step": s.step_bytes, "xla_flops": s.xla_flops,
                  "xla_bytes": s.xla_bytes} for name, s in steps.items()}
 
 
-def main() -> None:
-  handlers: dict[str, Callable[..., Any]] = {}
-  handlers["build"] = lambda **kw: build(handlers, **kw)
-  _procs.serve(handlers)
-
-
 if __name__ == "__main__":
-  main()
+  _procs.run_worker(build)

@@ -124,15 +124,8 @@ def build(handlers: dict[str, Callable[..., Any]], *, model_dir: str, workdir: s
   print(f"[torch] built {', '.join(steps)}", file=sys.stderr, flush=True)
   handlers["round"] = _procs.round_handler({name: s.run for name, s in steps.items()})
   handlers["memory"] = lambda: {name: memory(s) for name, s in steps.items()}
-  answer: dict[str, Any] = {"imported": sorted(m for m in ("torch", "jax") if m in sys.modules)}
-  return answer | {name: {"trainable": s.trainable} for name, s in steps.items()}
-
-
-def main() -> None:
-  handlers: dict[str, Callable[..., Any]] = {}
-  handlers["build"] = lambda **kw: build(handlers, **kw)
-  _procs.serve(handlers)
+  return {name: {"trainable": s.trainable} for name, s in steps.items()}
 
 
 if __name__ == "__main__":
-  main()
+  _procs.run_worker(build)

@@ -1,26 +1,24 @@
-"""Subprocess of tests/test_benchmarks.py: a benchmark worker (:mod:`benchmarks._procs`) with two
-instant candidates, a command that fails, and one that says which runtimes it imported.
+"""Subprocess of tests/test_benchmarks.py: a benchmark worker (:mod:`benchmarks._procs`) whose
+``build`` adds two instant candidates (``round``), a command that lists the calls so far, and
+one that fails.
 
 Usage: ``benchmarks._procs.Worker("tests.support.bench_worker")``.
 """
 
 from __future__ import annotations
 
-import sys
+from typing import Any, Callable
 
 from benchmarks import _procs
 
 
-def main() -> None:
+def build(handlers: dict[str, Callable[..., Any]], *, names: list[str]) -> dict[str, Any]:
   calls: list[str] = []
-  group = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
-  _procs.serve({
-      "round": _procs.round_handler(group),
-      "calls": lambda: calls,
-      "imported": lambda: sorted(m for m in ("jax", "torch") if m in sys.modules),
-      "fail": lambda: 1 / 0,
-  })
+  group = {name: (lambda name=name: calls.append(name)) for name in names}
+  handlers.update({"round": _procs.round_handler(group), "calls": lambda: calls,
+                   "fail": lambda: 1 / 0})
+  return {name: {} for name in names}
 
 
 if __name__ == "__main__":
-  main()
+  _procs.run_worker(build)
