@@ -6,9 +6,11 @@ Timing on a noisy, shared machine
     spell (another process, thermal or frequency change) then hits all candidates of that round
     alike. :meth:`Timings.median` is the per-candidate median over rounds, and
     :meth:`Timings.ratio` the median over rounds of the *paired* per-round ratio, so ratios are
-    always taken side by side within one run, never across runs. Candidates of different
-    runtimes (JAX, PyTorch) go in separate groups with a pause between them, because one
-    runtime's spinning worker threads slow down the other's next call.
+    always taken side by side within one run, never across runs. Both live in
+    :mod:`benchmarks._timing` (no JAX import), re-exported here. Candidates of different
+    runtimes (JAX, PyTorch) run in separate processes (:mod:`benchmarks._procs`) with rounds
+    interleaved across them: in one process, the other runtime's threads and allocator state
+    slow some candidates down (benchmarks/model_step.py says how).
 
 Compiling and sizing
     Every JAX candidate is compiled ahead of time (:func:`aot_compile`, never timed) and run
@@ -28,23 +30,22 @@ RESULTS.md
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
-import gc
 import importlib.metadata
 import os
 import platform
 import re
 import shlex
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+
+from benchmarks._timing import Timings, time_interleaved, time_rounds
 
 __all__ = [
     "RESULTS_PATH",
@@ -53,6 +54,7 @@ __all__ = [
     "GIB",
     "Timings",
     "time_interleaved",
+    "time_rounds",
     "aot_compile",
     "blocking_call",
     "allocated_bytes",
@@ -91,82 +93,6 @@ GIB = 2**30
 # Environment variables that change what a benchmark measures; recorded with the command.
 _RELEVANT_ENV = ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_ENABLE_X64", "OMP_NUM_THREADS",
                  "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-
-
-@dataclasses.dataclass(frozen=True)
-class Timings:
-  """Per-candidate wall times in seconds, one sample per round (same length for all candidates)."""
-
-  samples: dict[str, list[float]]
-
-  @property
-  def rounds(self) -> int:
-    return len(next(iter(self.samples.values())))
-
-  def median(self, name: str) -> float:
-    """Median seconds per call of ``name``."""
-    return statistics.median(self.samples[name])
-
-  def ratio(self, numerator: str, denominator: str) -> float:
-    """Median over rounds of ``t[numerator] / t[denominator]`` measured in the same round."""
-    return statistics.median(n / d for n, d in zip(self.samples[numerator],
-                                                   self.samples[denominator]))
-
-
-def time_interleaved(*groups: Mapping[str, Callable[[], Any]], rounds: int, warmup: int = 1,
-                     max_seconds: float | None = None, min_rounds: int = 3,
-                     settle_seconds: float = 0.0) -> Timings:
-  """Time candidates round-robin; each callable must block until its work is done.
-
-  Args:
-    groups: one or more mappings name -> zero-argument callable running one complete call
-      (e.g. ending in ``jax.block_until_ready``). Names must be unique across groups. Every
-      round runs the groups in order, each group's candidates round-robin with a start that
-      rotates from round to round.
-    rounds: number of timed rounds (one call of every candidate per round).
-    warmup: untimed rounds first (first-call allocation, caches, lazy initialisation).
-    max_seconds: stop early once the timed rounds have taken this long, after ``min_rounds``.
-    min_rounds: rounds always run, whatever ``max_seconds`` says.
-    settle_seconds: pause after each group. Runtimes whose worker threads spin-wait after a
-      parallel region (libgomp under PyTorch, XLA's pool) otherwise steal cores from whatever
-      runs next: on 2 cores a JAX call right after a torch call measured ~1.5x slower. Put each
-      runtime in its own group and settle (0.2 s is enough) so that no candidate pays for
-      another's threads.
-  """
-  names = [name for group in groups for name in group]
-  if len(set(names)) != len(names):
-    raise ValueError(f"candidate names must be unique across groups, got {names}")
-  samples: dict[str, list[float]] = {name: [] for name in names}
-
-  def run_round(i: int, record: bool) -> None:
-    for group in groups:
-      order = list(group)
-      shift = i % len(order)
-      for name in order[shift:] + order[:shift]:
-        t0 = time.perf_counter()
-        group[name]()
-        if record:
-          samples[name].append(time.perf_counter() - t0)
-      if settle_seconds:
-        time.sleep(settle_seconds)
-
-  for i in range(warmup):
-    run_round(i, record=False)
-  start = time.perf_counter()
-  gc_was_enabled = gc.isenabled()
-  gc.collect()
-  gc.disable()  # a collection inside one candidate's call would bias that sample only
-  try:
-    for i in range(rounds):
-      run_round(i, record=True)
-      gc.collect()
-      if (max_seconds is not None and i + 1 >= min_rounds
-          and time.perf_counter() - start > max_seconds):
-        break
-  finally:
-    if gc_was_enabled:
-      gc.enable()
-  return Timings(samples)
 
 
 # -- compiling and sizing --------------------------------------------------------------------------

@@ -15,6 +15,11 @@ Training
     :func:`train_step` is the step :func:`smoa_jax.train` runs, without its extras (micro-batches,
     dropout keys, sharding): loss, gradients of the trainable arrays, optimizer update.
     :func:`randomize_lora_b` gives every adapter a non-zero update first, as after some training.
+
+The authors' algorithm
+    :func:`authors_spec` writes an SMoA layer's blocks and factors as NumPy arrays in the
+    authors' torch layout, from which :class:`benchmarks.authors_torch.AuthorsSMoALinear` is
+    built in a process without JAX.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ __all__ = [
     "fast_compile",
     "randomize_lora_b",
     "train_step",
+    "authors_spec",
 ]
 
 # The SMoA targets of the benchmarks' Llama runs, and all seven projections of a Llama layer.
@@ -155,3 +161,19 @@ def train_step(model: nnx.Module, task: Any, tx: optax.GradientTransformation
     return optax.apply_updates(params, updates), opt_state, loss
 
   return step, params, rest
+
+
+def authors_spec(layer: smoa_jax.SMoADense) -> dict[str, np.ndarray]:
+  """An unmerged smoa_jax layer's blocks and current factors in the authors' (torch) layout, as
+  NumPy arrays (``np.savez``-able): ``row_order``/``col_order`` (our ``out_perm``/``in_perm``),
+  ``row_sizes``/``col_sizes``/``ranks`` per block, ``alpha``, ``dropout``, and
+  ``lora_A_k (r_k, |C_k|)``/``lora_B_k (|R_k|, r_k)`` for each block k."""
+  layout = layer.op.layout
+  spec = {"row_order": np.array(layer.out_perm[...]), "col_order": np.array(layer.in_perm[...]),
+          "row_sizes": np.array(layout.out_sizes), "col_sizes": np.array(layout.in_sizes),
+          "ranks": np.array(layout.ranks), "alpha": np.array(layer.config.alpha),
+          "dropout": np.array(layer.config.dropout)}
+  for k, (a_k, b_k) in enumerate(layer.op.factor_blocks(layer.lora_a[...], layer.lora_b[...])):
+    spec[f"lora_A_{k}"] = np.array(a_k).T
+    spec[f"lora_B_{k}"] = np.array(b_k).T
+  return spec

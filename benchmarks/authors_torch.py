@@ -18,24 +18,26 @@ Conversion from smoa_jax (Flax layout ``(in, out)``): the torch weight is ``kern
 ``in_perm`` is their column order (``C_k`` indexes columns), our ``out_perm`` their row order;
 ``lora_A[k] = a_k.T`` and ``lora_B[k] = b_k.T``. :func:`compare_with_smoa_jax` checks that
 both compute the same outputs and gradients for the same weights (used by the smoke test).
+:func:`benchmarks._models.authors_spec` writes a layer's blocks and factors as NumPy arrays and
+:meth:`AuthorsSMoALinear.from_spec` builds the layer from them, so that a process without JAX
+(benchmarks/model_step.py's PyTorch worker) can rebuild the model a JAX process adapted. This
+module imports JAX only inside the functions that read smoa_jax layers.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flax import nnx
 from torch import nn
 
-import smoa_jax
+if TYPE_CHECKING:
+  import smoa_jax
 
-__all__ = ["AuthorsSMoALinear", "compare_with_smoa_jax"]
+__all__ = ["AuthorsSMoALinear", "compare_with_smoa_jax", "peak_live_bytes"]
 
 
 def _pieces(order: Sequence[int], sizes: Sequence[int]) -> list[torch.Tensor]:
@@ -81,20 +83,29 @@ class AuthorsSMoALinear(nn.Module):
       self.lora_B.append(nn.Parameter(torch.zeros(len(rows_k), r_k)))
 
   @classmethod
+  def from_spec(cls, weight: torch.Tensor, bias: torch.Tensor | None,
+                spec: Mapping[str, np.ndarray]) -> "AuthorsSMoALinear":
+    """The layer for a frozen ``(out, in)`` weight and the
+    :func:`benchmarks._models.authors_spec` of the same layer."""
+    ranks = [int(v) for v in spec["ranks"]]
+    module = cls(weight, bias, row_order=spec["row_order"], col_order=spec["col_order"],
+                 row_sizes=[int(v) for v in spec["row_sizes"]],
+                 col_sizes=[int(v) for v in spec["col_sizes"]], ranks=ranks,
+                 alpha=float(spec["alpha"]), dropout=float(spec["dropout"]))
+    with torch.no_grad():
+      for k in range(len(ranks)):
+        module.lora_A[k].copy_(torch.from_numpy(np.asarray(spec[f"lora_A_{k}"])))
+        module.lora_B[k].copy_(torch.from_numpy(np.asarray(spec[f"lora_B_{k}"])))
+    return module
+
+  @classmethod
   def from_smoa_dense(cls, layer: smoa_jax.SMoADense) -> "AuthorsSMoALinear":
     """The same frozen weights, blocks and current factors as an unmerged smoa_jax layer."""
-    layout = layer.op.layout
+    from benchmarks._models import authors_spec
+
     bias = None if layer.bias is None else torch.from_numpy(np.array(layer.bias[...]))
-    module = cls(torch.from_numpy(np.array(layer.kernel[...]).T), bias,
-                 row_order=np.array(layer.out_perm[...]), col_order=np.array(layer.in_perm[...]),
-                 row_sizes=layout.out_sizes, col_sizes=layout.in_sizes, ranks=layout.ranks,
-                 alpha=layer.config.alpha, dropout=layer.config.dropout)
-    with torch.no_grad():
-      for k, (a_k, b_k) in enumerate(layer.op.factor_blocks(layer.lora_a[...],
-                                                            layer.lora_b[...])):
-        module.lora_A[k].copy_(torch.from_numpy(np.array(a_k).T))
-        module.lora_B[k].copy_(torch.from_numpy(np.array(b_k).T))
-    return module
+    return cls.from_spec(torch.from_numpy(np.array(layer.kernel[...]).T), bias,
+                         authors_spec(layer))
 
   def delta_weight(self) -> torch.Tensor:
     """Dense ``dW (out, in)``: the K scaled, anchored blocks scattered into zeros."""
@@ -118,6 +129,12 @@ def compare_with_smoa_jax(layer: smoa_jax.SMoADense, x: np.ndarray,
   and returns the largest absolute difference of ``y``, ``dx``, and the factor gradients
   (``a``/``b`` against ``lora_A.T``/``lora_B.T``, block by block).
   """
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  import smoa_jax
+
   graphdef, params, rest = nnx.split(layer, smoa_jax.TrainableParam, ...)
 
   @jax.jit

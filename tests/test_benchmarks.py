@@ -162,3 +162,21 @@ def test_randomize_lora_b_makes_the_update_nonzero_and_repeatable():
   assert np.any(layer.delta_weight()) and 0 < np.abs(first).max() < 0.1
   _models.randomize_lora_b(layer, seed=5)
   np.testing.assert_array_equal(layer.lora_b[...], first)
+
+
+def test_worker_process_rounds_and_errors():
+  # benchmarks/model_step.py times each framework in its own process, one round per request.
+  from benchmarks import _procs
+
+  with _procs.Worker("tests.support.bench_worker") as worker:
+    answer = worker.call("build", names=["a", "b"])
+    assert answer == {"imported": [], "a": {}, "b": {}}  # the protocol imports neither runtime
+    timings = _common.time_rounds([worker.round], rounds=2, warmup=1)
+    assert timings.rounds == 2 and set(timings.samples) == {"a", "b"}
+    # The start rotates from round to round inside the worker, as in one process.
+    assert worker.call("calls") == ["a", "b"] + ["a", "b", "b", "a"]  # warmup first
+    with pytest.raises(_procs.WorkerError, match="ZeroDivisionError"):
+      worker.call("fail")
+    with pytest.raises(_procs.WorkerError, match="ended"):
+      worker.call("calls")
+  assert worker.process.returncode not in (None, 0)

@@ -46,11 +46,17 @@ def _snapshot() -> tuple[str | None, list[str]]:
 
 def test_model_step_quick_runs_and_does_not_write():
   before = _snapshot()
+  # main() raises if the JAX worker imported torch or the PyTorch worker JAX: the process split.
   body = model_step.main(["--quick", "--no-write"])
   for text in ("SMoA K=2 r=4", "LoRA r=4", "HiRA r=4", "LoRA r=2", "full FT", "frozen",
-               "authors K=2 r=4 (torch)", "torch frozen (torch)", "Merged inference",
-               "pred.", "peak", "Equal trainable parameters", "Frameworks"):
+               "authors K=2 r=4 (torch)", "PEFT LoRA r=4 (torch)", "PEFT HiRA r=4 (torch)",
+               "torch frozen (torch)", "erged inference", "pred.", "XLA GFLOP", "peak",
+               "Equal trainable parameters", "Goal 1", "Goal 2", "Goal 3",
+               "two worker processes, one per framework"):
     assert text in body, text
+  # Every candidate was timed: a number in each row's step time, none missing.
+  rows = [line for line in body.splitlines() if line.startswith("| PEFT ")]
+  assert len(rows) == 2 * 2  # PEFT LoRA and HiRA, in the speed and memory tables
   assert _snapshot() == before
 
 
