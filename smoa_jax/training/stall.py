@@ -9,9 +9,18 @@ median over adapter layers of
     rho = ||dW||_F / ||W||_F
 
 at the first step after the warmup (at least :data:`MIN_CHECK_STEP`), and warns when ``rho`` is
-below :data:`STALL_RATIO`. The threshold sits between what working and stalled runs reach (see
-``docs/design.md``, "Learning rates"): MiniLM on sentiment after 8 warmup steps, SMoA at its
-default 3e-2 reaches rho ~ 1e-2, LoRA at 5e-3 ~ 2e-2, while SMoA at 1e-4 stays near 1e-4.
+below :data:`STALL_RATIO`. The threshold sits between what working and stalled runs reach. MiniLM
+on movie-review sentiment (SMoA K=2 r=8 on query/value, batch 16, 8 warmup steps, then 32 more):
+
+=============  ==================  ======================
+learning rate  rho after warmup    validation accuracy
+=============  ==================  ======================
+3e-2 (default) 6.2e-3              70.7%
+1e-3           1.7e-4              46.5% (no learning)
+1e-4           1.7e-5              49.2% (no learning)
+=============  ==================  ======================
+
+rho grows in proportion to the learning rate, so the warning fires for SMoA below about 5e-3.
 """
 
 from __future__ import annotations
