@@ -20,7 +20,9 @@ learning rate  rho after warmup    validation accuracy
 1e-4           1.7e-5              49.2% (no learning)
 =============  ==================  ======================
 
-rho grows in proportion to the learning rate, so the warning fires for SMoA below about 5e-3.
+LoRA r=4 on the same task at its default 5e-3 reaches rho = 1.2e-2 (73.8%). rho grows in
+proportion to the learning rate, so here the warning fires for SMoA below about 5e-3 and for
+LoRA below about 4e-4.
 """
 
 from __future__ import annotations
