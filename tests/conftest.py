@@ -9,7 +9,11 @@ later tests see.
 
 from __future__ import annotations
 
-import types
+from tests.support import xla
+
+xla.compile_fast()  # before anything starts JAX: the workers and subprocesses inherit it
+
+import types  # noqa: E402
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 

@@ -12,7 +12,9 @@ weight (tokens for causal LM, examples for classification), so it equals the big
 The optimizer is AdamW (+ global-norm clipping) under a warmup + cosine/linear/constant schedule;
 its state exists only for ``params``. Metrics go to ``metrics.jsonl`` (one JSON object per line,
 ``step``/``split``/``loss``/...), a progress bar shows loss and tokens/s, and orbax checkpoints
-make the run resumable exactly. A non-finite loss stops training with
+make the run resumable exactly. Once, after the warmup, the size of the adapters' update is
+measured and a learning rate too small to move them is warned about (:mod:`.stall`). A non-finite
+loss stops training with
 :class:`~smoa_jax.errors.NonFiniteLossError`; the last checkpoint (taken before it) stays valid.
 """
 
@@ -23,6 +25,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,6 +43,7 @@ from smoa_jax.layers.variables import SpectralIndex, TrainableParam
 from smoa_jax.models.blocks import set_remat
 from smoa_jax.parallel import sharding, spmd
 from smoa_jax.training import data as data_lib
+from smoa_jax.training import stall
 from smoa_jax.training.config import TrainConfig, make_optimizer, resolve_learning_rate
 from smoa_jax.training.tasks import CausalLMTask, ClassificationTask, Task
 
@@ -49,13 +53,19 @@ __all__ = ["TrainConfig", "Task", "CausalLMTask", "ClassificationTask", "TrainRe
 
 @dataclasses.dataclass
 class TrainResult:
-  """What :func:`train` returns: final step, last train/eval metrics, and the metrics file."""
+  """What :func:`train` returns: final step, last train/eval metrics, and the metrics file.
+
+  ``adapter_update_ratio`` is the median ``||dW|| / ||W||`` over adapter layers measured once
+  after the warmup (:mod:`smoa_jax.training.stall`; ``None`` when the run was too short, resumed
+  past that step, or has no adapter layer).
+  """
 
   step: int
   train_metrics: dict[str, float]
   eval_metrics: dict[str, float] | None
   metrics_path: Path | None
   history: list[dict[str, Any]]
+  adapter_update_ratio: float | None = None
 
 
 def _split(model: nnx.Module):
@@ -311,14 +321,16 @@ class _Run:
     model.eval()
     self.eval_step = _under_mesh(_make_eval_step(task, nnx.graphdef(model)), mesh)
     model.train()
-    graphdef, self.state = _initial_state(model, tx, mesh)
+    self.graphdef, self.state = _initial_state(model, tx, mesh)
     if resume:
       _restore(self.state, self.checkpointer, config.seed)
+    self.stall_check = stall.check_step(config.warmup_steps, self.total)
+    self.adapter_update_ratio: float | None = None
     self.log = _MetricsLog(output / rundir.METRICS_NAME if output is not None else None,
                            self.state.step if resume else None)
     if output is not None:
       output.mkdir(parents=True, exist_ok=True)
-    self.step_fn = _make_train_step(task, graphdef, tx, self.state, mesh)
+    self.step_fn = _make_train_step(task, self.graphdef, tx, self.state, mesh)
     self.last_saved = self.checkpointer.latest_step() if self.checkpointer is not None else None
     self.monitor = _Monitor(task, self._last_saved_text)
     self.eval_metrics: dict[str, float] | None = None
@@ -345,6 +357,8 @@ class _Run:
         self.monitor.add(step, sums, weight, int(host_batch["attention_mask"].sum())
                          if "attention_mask" in host_batch else 0)
         bar.update(1)
+        if step == self.stall_check:
+          self._check_stall(step)
         if _due(config.log_every, step, last):
           record = self.monitor.window_record(step, float(self.schedule(step - 1)), epoch)
           self.log.write(record)
@@ -360,7 +374,20 @@ class _Run:
         self.checkpointer.close()
     nnx.update(self.model, state.params, state.rng, state.spectral)
     return TrainResult(state.step, self.monitor.train_metrics, self.eval_metrics, self.log.path,
-                       self.log.history)
+                       self.log.history, self.adapter_update_ratio)
+
+  def _check_stall(self, step: int) -> None:
+    """Warn once, after the warmup, when the adapters have barely moved (:mod:`.stall`)."""
+    state = self.state
+    view = nnx.merge(self.graphdef, state.params, state.rng, state.spectral, state.rest)
+    measured = stall.update_ratio(view)
+    if measured is None:
+      return
+    self.adapter_update_ratio = measured[0]
+    message = stall.stall_message(step, *measured, self.config.learning_rate,
+                                  self.learning_rate_source, view)
+    if message is not None:
+      warnings.warn(message, stacklevel=4)
 
   def _evaluate(self, step: int) -> None:
     self.eval_metrics = _evaluate(self.eval_step, self.task, self.state.arrays(), self.eval_data,

@@ -26,6 +26,7 @@ import smoa_jax
 from smoa_jax.app import assets
 from smoa_jax.app.commands import common
 from tests.support.cli import LM_RUN_EXTRA, adapter_tensors, finetune_argv, ours_with_adapter, run_cli
+from tests.support import xla
 from tests.support.files import copy_of, tree_digest, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -205,7 +206,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(cli_files, tmp_path, c
 def test_data_parallel_mesh_on_two_simulated_devices(cli_lm_run, cli_files, tmp_path):
   run = tmp_path / "run"
   argv = finetune_argv(cli_files, run, "causal-lm", *LM_RUN_EXTRA, "--mesh", "data=2")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = {**os.environ, "XLA_FLAGS": xla.with_devices(2)}
   proc = subprocess.run([sys.executable, "-m", "smoa_jax", *map(str, argv)], env=env, cwd=ROOT,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]

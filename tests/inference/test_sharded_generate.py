@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import xla
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -18,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.subprocess
 def test_sharded_models_generate_the_single_device_ids():
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+         "XLA_FLAGS": xla.with_devices(8)}
   proc = subprocess.run([sys.executable, "-m", "tests.support.sharded_generate"], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=2400)
   assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]

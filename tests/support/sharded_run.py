@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import smoa_jax
+from tests.support import xla
 from tests.support.state import adapter_arrays, to_host
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,7 +65,7 @@ def start(args: list[str], devices: int, env: dict[str, str] | None = None,
   ``cache_dir``: a JAX compilation cache, so programs compiled twice in the run compile once.
   """
   env = {**os.environ, **(env or {}), "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+         "XLA_FLAGS": xla.with_devices(devices)}
   if cache_dir is not None:
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
