@@ -23,19 +23,20 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from tqdm.auto import tqdm
 
 from smoa_jax.errors import ConfigError, NonFiniteLossError
 from smoa_jax.io import rundir
 from smoa_jax.io.checkpoint import TrainCheckpointer
+from smoa_jax.io.files import as_path, is_local
 from smoa_jax.layers.variables import SpectralIndex, TrainableParam
 from smoa_jax.models.blocks import set_remat
 from smoa_jax.parallel import sharding, spmd
@@ -54,7 +55,7 @@ class TrainResult:
   step: int
   train_metrics: dict[str, float]
   eval_metrics: dict[str, float] | None
-  metrics_path: Path | None
+  metrics_path: epath.Path | None
   history: list[dict[str, Any]]
 
 
@@ -122,28 +123,41 @@ class _MetricsLog:
   """Append-only JSONL metrics; on resume, lines after the restored step are dropped first.
 
   Under multi-process JAX only process 0 touches the file (every process keeps the history).
+  Object storage (``gs://``) cannot append: there the file is written whole at every record.
   """
 
-  def __init__(self, path: Path | None, resume_step: int | None):
+  def __init__(self, path: epath.Path | None, resume_step: int | None):
     self.path = path
     self.history: list[dict[str, Any]] = []
     self._writes = path is not None and jax.process_index() == 0
+    # The file's lines, kept where it is rewritten whole (object storage); None: appended.
+    self._lines: list[str] | None = None if path is None or is_local(path) else []
     if not self._writes:
       return
     if resume_step is not None and path.exists():
-      kept = [line for line in path.read_text().splitlines()
+      kept = [line + "\n" for line in path.read_text().splitlines()
               if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-      tmp = path.with_suffix(".tmp")
-      tmp.write_text("".join(line + "\n" for line in kept))
-      os.replace(tmp, path)
+      if self._lines is not None:
+        self._lines = kept
+        path.write_text("".join(kept))
+      else:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
     elif path.exists():
       path.unlink()
 
   def write(self, record: dict[str, Any]) -> None:
     self.history.append(record)
-    if self._writes:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    if not self._writes:
+      return
+    line = json.dumps(record) + "\n"
+    if self._lines is None:
+      with self.path.open("a") as f:
+        f.write(line)
+    else:
+      self._lines.append(line)
+      self.path.write_text("".join(self._lines))
 
 
 # -- the state and the step ------------------------------------------------------------------------
@@ -399,7 +413,7 @@ def train(model: nnx.Module, task: Task, train_data: dict[str, np.ndarray], conf
     config: :class:`TrainConfig`; its ``remat`` policy is set on the model's layers for the run
       (:func:`smoa_jax.set_remat`) and the model's own setting is restored afterwards.
     output_dir: where ``metrics.jsonl`` and ``checkpoints/`` go (``None``: nothing written;
-      the layout is :mod:`smoa_jax.io.rundir`'s).
+      the layout is :mod:`smoa_jax.io.rundir`'s); local or on object storage (``gs://...``).
     resume: continue from the latest checkpoint in ``output_dir``.
     on_save: called with the step after every checkpoint (e.g. to export the adapter).
     mesh: a ``("data", "fsdp", "tp")`` mesh (:func:`smoa_jax.make_mesh`): the model is laid out
@@ -413,7 +427,7 @@ def train(model: nnx.Module, task: Task, train_data: dict[str, np.ndarray], conf
     NonFiniteLossError: the loss became NaN/Inf; the message names the step and the last good
       checkpoint, which is left intact.
   """
-  output = Path(output_dir) if output_dir is not None else None
+  output = as_path(output_dir) if output_dir is not None else None
   before = set_remat(model, config.remat)
   try:
     return _Run(model, task, train_data, config, eval_data, output, resume, on_save, mesh).loop()

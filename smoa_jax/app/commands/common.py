@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any, Callable, Iterator
 
 from smoa_jax.errors import CheckpointError, ConfigError, SMoAError
 from smoa_jax.io import formats, rundir
+from smoa_jax.io.files import as_path
 
 PROG = "smoa-jax"
 METHODS = ("smoa", "lora", "hira", "full")
@@ -72,7 +74,8 @@ def positive_int(text: str) -> int:
 
 
 def absolute_path(text: str) -> str:
-  return str(Path(text).expanduser().absolute())
+  """A local path made absolute, or a URI (``gs://bucket/run``) as it is."""
+  return str(as_path(text))
 
 
 def add_adapter_flags(parser: argparse.ArgumentParser) -> None:
@@ -123,7 +126,7 @@ def one_line(text: Any) -> str:
 
 
 @contextlib.contextmanager
-def locked(directory: Path, command: str) -> Iterator[None]:
+def locked(directory: str | os.PathLike, command: str) -> Iterator[None]:
   """Hold the lock of an output directory (:func:`smoa_jax.io.rundir.lock`) for the block; say so
   when a killed command's stale lock is taken over."""
   with rundir.lock(directory, command) as stale:
@@ -299,7 +302,7 @@ def load_named_adapter(model: Any, path: str, name: str) -> None:
   authors' or PEFT's format, told apart by its ``adapter_config.json``) as adapter ``name``."""
   import smoa_jax
 
-  directory = Path(path)
+  directory = as_path(path)
   if (directory / rundir.RUN_CONFIG).is_file():
     directory = directory / rundir.ADAPTER_DIR
   loaders = {"portable": smoa_jax.load_adapter, "authors": smoa_jax.load_authors_adapter,
@@ -316,7 +319,7 @@ def model_with_adapter(args: argparse.Namespace, run: dict[str, Any], task: str,
   model = load_model(model_dir(args, run), task, num_labels, dtype, seq_len,
                      warn_fresh=not args.run)
   if args.run:
-    adapter_dir = Path(args.run) / rundir.ADAPTER_DIR
+    adapter_dir = as_path(args.run) / rundir.ADAPTER_DIR
     smoa_jax.load_adapter(model, adapter_dir)
     # Only what neither the checkpoint nor the run's adapter holds stays untrained.
     loaded = formats.read_config(adapter_dir).get("trainable_arrays") or {}

@@ -12,10 +12,13 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from etils import epath
+
 from smoa_jax.app.commands import common
 from smoa_jax.app.commands.common import TASKS, UsageError, positive_int, run_flag
 from smoa_jax.errors import CheckpointError, ConfigError, DataError
 from smoa_jax.io import rundir
+from smoa_jax.io.files import as_path
 from smoa_jax.models.blocks import REMAT_POLICIES
 
 # Flags that may differ when a run is resumed (everything else must match the run).
@@ -173,7 +176,7 @@ def _data(flags: dict[str, Any], saved: dict[str, Any] | None):
   return train, held_out, records.num_labels, digest, summary
 
 
-def _model(flags: dict[str, Any], config: Any, num_labels: int | None, adapter_dir: Path,
+def _model(flags: dict[str, Any], config: Any, num_labels: int | None, adapter_dir: epath.Path,
            resume: bool, mesh: Any = None):
   """The model with fresh adapters (and a trainable head), or with the run's adapter on resume."""
   from flax import nnx
@@ -192,7 +195,7 @@ def _model(flags: dict[str, Any], config: Any, num_labels: int | None, adapter_d
   return model
 
 
-def _write_run_config(args: argparse.Namespace, output: Path, saved: dict[str, Any] | None,
+def _write_run_config(args: argparse.Namespace, output: epath.Path, saved: dict[str, Any] | None,
                       flags: dict[str, Any], config: Any, num_labels: int | None, digest: str,
                       summary: dict[str, Any]) -> None:
   rundir.write_json(output / rundir.RUN_CONFIG, {
@@ -207,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
   """``smoa-jax finetune``: see :mod:`smoa_jax.io.rundir` for what RUN_DIR receives."""
   from smoa_jax.parallel import sharding
 
-  output = Path(args.output)
+  output = as_path(args.output)
   saved = rundir.check_run_dir(output, resume=args.resume, overwrite=args.overwrite)
   flags = resolve_flags(args, saved)
   config = common.adapter_config(flags)  # every check that needs no data or model comes first
@@ -229,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     return _train(args, output, saved, flags, config, train_config, mesh_shape)
 
 
-def _train(args: argparse.Namespace, output: Path, saved: dict[str, Any] | None,
+def _train(args: argparse.Namespace, output: epath.Path, saved: dict[str, Any] | None,
            flags: dict[str, Any], config: Any, train_config: Any,
            mesh_shape: dict[str, int] | None) -> int:
   """Load the data and the model, train, and write RUN_DIR."""
