@@ -347,7 +347,8 @@ class _Run:
   def loop(self) -> TrainResult:
     state, config = self.state, self.config
     bar = tqdm(total=self.total, initial=state.step, desc="train", unit="step",
-               disable=not config.progress, file=sys.stderr, dynamic_ncols=True)
+               disable=not config.progress or not sharding.is_main_process(), file=sys.stderr,
+               dynamic_ncols=True)
     try:
       while state.step < self.total:
         epoch, index, host_batch = next(self.stream)
