@@ -198,8 +198,9 @@ def param_bytes(model: nnx.Module, mesh: Mesh | None = None) -> int:
 
 
 def _available_bytes() -> tuple[int | None, str]:
-  """Free memory where the weights will live: the default device's, else the host's."""
-  device = jax.devices()[0]
+  """Free memory where this process's weights will live: its first local device's, else the
+  host's (``jax.devices()[0]`` is another host's device on every process but the first)."""
+  device = jax.local_devices()[0]
   stats = device.memory_stats() if device.platform != "cpu" else None
   if stats and "bytes_limit" in stats:
     return stats["bytes_limit"] - stats.get("bytes_in_use", 0), f"free memory on {device}"
@@ -398,7 +399,7 @@ def from_hf(path: str | os.PathLike[str], dtype: Dtype = jnp.float32, *,
                                       scan_layers=scan_layers, mesh=mesh)
   except ConfigError as err:
     raise CheckpointError(f"{file}: {err}") from err
-  if mesh is not None and jax.devices()[0].platform == "cpu":
+  if mesh is not None and jax.local_devices()[0].platform == "cpu":
     needed *= len(mesh.local_devices)
   _check_size(needed, max_bytes, f"{cls.__name__} from {directory}")
   try:

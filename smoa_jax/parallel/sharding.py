@@ -43,7 +43,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from smoa_jax.errors import ConfigError
 
@@ -72,15 +72,44 @@ def parse_mesh(spec: str) -> dict[str, int]:
 def make_mesh(data: int = 1, fsdp: int = 1, tp: int = 1, *, devices: Any = None) -> Mesh:
   """A ``Mesh`` of shape ``(data, fsdp, tp)`` over ``devices`` (default: all global devices).
 
-  Devices are taken in ``jax.devices()`` order, so ``tp`` (the innermost axis, the one with the
-  most traffic) spans neighbouring devices: the chips of one host / one NVLink island.
+  Built by ``jax.make_mesh``, which knows the accelerator topology (on TPU it lays ``tp``, the
+  innermost axis with the most traffic, over neighbouring chips; elsewhere devices are taken in
+  ``jax.devices()`` order, so ``tp`` spans one host / one NVLink island), with every axis typed
+  explicitly as ``AxisType.Auto`` (XLA propagates shardings; :func:`smoa_jax.train` constrains
+  the batch).
+
+  Multislice (devices of several TPU slices, told apart by ``device.slice_index``): a hybrid
+  mesh (``mesh_utils.create_hybrid_device_mesh``) puts the slices on ``data``, the only axis
+  that should cross the slow data-centre network between slices, and ``data / slices`` x
+  ``fsdp`` x ``tp`` inside each slice; ``data`` must then be a multiple of the slice count.
   """
-  devices = np.asarray(jax.devices() if devices is None else devices)
+  devices = list(jax.devices() if devices is None else np.asarray(devices).ravel())
   wanted = data * fsdp * tp
-  if wanted != devices.size:
+  if wanted != len(devices):
     raise ConfigError(f"mesh data={data} x fsdp={fsdp} x tp={tp} = {wanted} devices, but "
-                      f"{devices.size} are available; make the product equal the device count.")
-  return Mesh(devices.reshape(data, fsdp, tp), AXES)
+                      f"{len(devices)} are available; make the product equal the device count.")
+  axis_types = (AxisType.Auto,) * len(AXES)
+  grid = _hybrid_grid((data, fsdp, tp), devices)
+  if grid is not None:
+    return Mesh(grid, AXES, axis_types=axis_types)
+  return jax.make_mesh((data, fsdp, tp), AXES, axis_types=axis_types, devices=devices)
+
+
+def _hybrid_grid(shape: tuple[int, int, int], devices: Sequence[Any]) -> np.ndarray | None:
+  """The ``(data, fsdp, tp)`` device grid of a multislice mesh, slices over ``data`` (slice
+  ``s`` holds rows ``s * data / slices`` onwards); None when the devices are one slice."""
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices == 1:
+    return None
+  data, fsdp, tp = shape
+  if data % slices:
+    raise ConfigError(f"the devices span {slices} slices, so the data axis must be a multiple of "
+                      f"{slices} (only data parallelism should cross the network between "
+                      f"slices), got data={data}; e.g. --mesh data={slices},fsdp=N,tp=M with "
+                      f"{slices} x N x M devices.")
+  from jax.experimental import mesh_utils
+
+  return mesh_utils.create_hybrid_device_mesh((data // slices, fsdp, tp), (slices, 1, 1), devices)
 
 
 def axis_size(mesh: Mesh | Any, entry: str | tuple[str, ...] | None) -> int:
