@@ -39,17 +39,19 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from smoa_jax.errors import ConfigError
+from smoa_jax.errors import ConfigError, DataError
 
 __all__ = ["to_host", "AXES", "BATCH_AXES", "Spec", "parse_mesh", "make_mesh", "axis_size", "fit_spec",
            "named", "mesh_of", "place", "replicate", "batch_sharding", "shard_batch",
-           "constrain_batch", "initialize_distributed", "is_main_process"]
+           "constrain_batch", "initialize_distributed", "is_main_process",
+           "check_same_on_all_processes"]
 
 AXES = ("data", "fsdp", "tp")
 BATCH_AXES = ("data", "fsdp")
@@ -271,6 +273,40 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                       "num_processes and process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
                       "JAX_PROCESS_ID), or launch with srun / mpirun / on a TPU pod.") from err
   return True
+
+
+_HOST_BYTES = 64  # of each host name, in a mismatch report
+
+
+def check_same_on_all_processes(what: str, digest: str, counts: Sequence[int]) -> None:
+  """Raise :class:`~smoa_jax.errors.DataError` unless every process holds the same ``what``.
+
+  Each process passes the sha256 ``digest`` (hex) and the row ``counts`` of its own copy; one
+  small all-gather compares them. A different copy would silently mix data across hosts, and a
+  different row count would hang the job at its first uneven step; the error lists every
+  process with its host, digest and counts. A no-op on a single process; otherwise a collective
+  (every process must call it, with as many counts).
+  """
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+
+  host = socket.gethostname().encode()[:_HOST_BYTES].ljust(_HOST_BYTES, b"\0")
+  facts = np.concatenate([np.frombuffer(bytes.fromhex(digest), np.uint8).astype(np.int32),
+                          np.asarray(counts, np.int32)])
+  mine = np.concatenate([facts, np.frombuffer(host, np.uint8).astype(np.int32)])
+  everyone = np.asarray(multihost_utils.process_allgather(mine))
+  compared = everyone[:, :len(facts)]  # host names differ, of course
+  if (compared == compared[0]).all():
+    return
+  lines = []
+  for i, row in enumerate(everyone):
+    name = bytes(row[len(facts):].astype(np.uint8)).rstrip(b"\0").decode(errors="replace")
+    lines.append(f"process {i} on {name}: sha256 {bytes(row[:32].astype(np.uint8)).hex()[:16]}..., "
+                 f"rows {row[32:len(facts)].tolist()}")
+  raise DataError(f"the {what} differs between processes:\n  " + "\n  ".join(lines)
+                  + f"\nEvery host must read the same {what}: give every host the same files "
+                  "(or a shared mount) and the same tokenizer.")
 
 
 def is_main_process() -> bool:

@@ -1,16 +1,20 @@
 """One voice per pod: reports and progress bars on process 0 only, and ``to_hf`` written by
-process 0 alone while every process takes part in its gathers. Other processes are simulated by
-``jax.process_index`` returning 1."""
+process 0 alone while every process takes part in its gathers; the same data on every host.
+Other processes are simulated (``jax.process_index`` returning 1, a fake all-gather)."""
 
 from __future__ import annotations
 
+import socket
+
 import jax
+import numpy as np
 import pytest
 from flax import nnx
 
 import smoa_jax
 from smoa_jax.models import hf
 from smoa_jax.parallel import sharding
+from smoa_jax.training import data as data_lib
 from tests.support.toy import SMOA, ToyLM, token_data
 
 
@@ -53,3 +57,47 @@ def test_to_hf_gathers_on_every_process_and_writes_on_process_zero(llama_dir, tm
     assert (tmp_path / "out" / "model.safetensors").is_file()
   else:
     assert list(tmp_path.iterdir()) == []
+
+
+def _other_host(monkeypatch, change):
+  """Two processes: this one, and one on host ``other`` whose gathered row ``change`` edits."""
+  from jax.experimental import multihost_utils
+
+  def allgather(mine):
+    other = np.array(mine)
+    other[-sharding._HOST_BYTES:] = 0
+    other[-sharding._HOST_BYTES:][:5] = np.frombuffer(b"other", np.uint8)
+    change(other)
+    return np.stack([mine, other])
+
+  monkeypatch.setattr(jax, "process_count", lambda *a, **k: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+
+
+def test_the_same_data_on_every_host_passes_whatever_the_host_names(monkeypatch):
+  _other_host(monkeypatch, lambda row: None)
+  sharding.check_same_on_all_processes("training data", data_lib.digest(token_data(8)), [8, 0])
+
+
+@pytest.mark.parametrize("where, match", [(0, r"process 1 on other: sha256 [0-9a-f]{16}\.\.\., "
+                                              r"rows \[8, 0\]"),
+                                          (32, r"process 1 on other: .*rows \[9, 0\]")],
+                         ids=["other_copy", "other_row_count"])
+def test_other_data_on_a_host_is_refused_naming_every_host(monkeypatch, where, match):
+  def change(row):
+    row[where] += 1
+  _other_host(monkeypatch, change)
+  digest = data_lib.digest(token_data(8))
+  with pytest.raises(smoa_jax.DataError, match=match) as caught:
+    sharding.check_same_on_all_processes("training data", digest, [8, 0])
+  assert f"process 0 on {socket.gethostname()}: sha256 {digest[:16]}..., rows [8, 0]" in str(
+      caught.value)
+
+
+def test_train_checks_the_data_of_every_host_before_the_first_step(monkeypatch):
+  _other_host(monkeypatch, lambda row: row.__setitem__(32, 7))
+  model = ToyLM(seed=0)
+  smoa_jax.apply_adapter(model, SMOA, rngs=nnx.Rngs(1), verbose=False)
+  config = smoa_jax.TrainConfig(batch_size=4, steps=1, learning_rate=1e-2)
+  with pytest.raises(smoa_jax.DataError, match="training data differs between processes"):
+    smoa_jax.train(model, smoa_jax.CausalLMTask(), token_data(8), config)
