@@ -32,7 +32,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "seq_len": 128, "lr": None, "warmup_steps": 0, "schedule": "cosine", "weight_decay": 0.0,
     "seed": 0, "save_every": 100, "eval_every": None, "log_every": 10, "mesh": None,
     "model": None, "dtype": "float32", "train_on_prompt": False, "packing": False,
-    "remat": "none", "adapter_dtype": "float32",
+    "remat": "none", "adapter_dtype": "float32", "scan_layers": False,
 }
 # What --data takes, for the help texts.
 DATA_KINDS = ("JSONL, one kind of record per file: {\"text\": ...} (causal-lm on every token; "
@@ -211,7 +211,8 @@ def data_summary(records: Any, tokens: Any) -> dict[str, Any]:
 
 
 def load_model(model_dir: str, task: str, num_labels: int | None, dtype: str | None,
-               seq_len: int | None = None, mesh: Any = None, warn_fresh: bool = True):
+               seq_len: int | None = None, mesh: Any = None, warn_fresh: bool = True,
+               scan_layers: bool = False):
   """``from_hf`` with the task's head; refuses a sequence length beyond the model's positions."""
   import jax.numpy as jnp
 
@@ -219,7 +220,7 @@ def load_model(model_dir: str, task: str, num_labels: int | None, dtype: str | N
 
   model = smoa_jax.from_hf(model_dir, dtype=jnp.dtype(dtype or "float32"),
                            num_labels=num_labels if task == "classification" else None, mesh=mesh,
-                           warn_fresh=warn_fresh)
+                           warn_fresh=warn_fresh, scan_layers=scan_layers)
   config = model.hf_config
   limit = config.get("max_position_embeddings") or config.get("n_positions")
   if seq_len is not None and limit and seq_len > limit:

@@ -72,6 +72,10 @@ def _add_optimizer_flags(parser: argparse.ArgumentParser) -> None:
            "keeps only the layer inputs (least memory, about one more forward pass), 'dots' also "
            "keeps the weight-matmul outputs (less recompute); same losses either way",
            choices=tuple(REMAT_POLICIES))
+  run_flag(parser, "--scan-layers", "stack the decoder layers and run them under nnx.scan, so the "
+           "layer body compiles once instead of once per layer (deep models); the adapter is "
+           "saved layer by layer either way, the checkpoints are not (a resumed run keeps it)",
+           action="store_true")
   run_flag(parser, "--lr", "peak learning rate (AdamW); default: the method's (SMoA 0.03, HiRA "
            "0.02, LoRA 0.005, full 0.0003; chosen on validation data, see benchmarks/RESULTS.md)",
            type=float)
@@ -92,6 +96,10 @@ def _add_host_flags(parser: argparse.ArgumentParser) -> None:
                      help="address of process 0 for jax.distributed")
   hosts.add_argument("--num-processes", type=positive_int, help="number of processes")
   hosts.add_argument("--process-id", type=int, help="this process's index, 0..N-1")
+  hosts.add_argument("--distributed", choices=("auto",),
+                     help="'auto': start the multi-process runtime and let JAX find the "
+                     "coordinator, the process count and this process's index (Cloud TPU VM "
+                     "pod slices read them from the TPU metadata server; also Slurm, Open MPI)")
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -184,7 +192,7 @@ def _model(flags: dict[str, Any], config: Any, num_labels: int | None, adapter_d
   import smoa_jax
 
   model = common.load_model(flags["model"], flags["task"], num_labels, flags["dtype"],
-                            flags["seq_len"], mesh=mesh)
+                            flags["seq_len"], mesh=mesh, scan_layers=flags["scan_layers"])
   rngs = nnx.Rngs(params=flags["seed"], dropout=flags["seed"] + 1)
   if resume:  # the layers, permutations and head come back without spectral recomputation
     smoa_jax.load_adapter(model, adapter_dir, rngs=rngs)
@@ -218,7 +226,8 @@ def run(args: argparse.Namespace) -> int:
   mesh_shape = sharding.parse_mesh(flags["mesh"]) if flags["mesh"] else None
   # Before any JAX work: joins a multi-host job from the flags, the environment or the launcher
   # (Slurm, Open MPI, Cloud TPU); a no-op on a single process.
-  sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+  sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
+                                  auto=args.distributed == "auto")
 
   import jax
 
