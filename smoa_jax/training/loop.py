@@ -45,7 +45,7 @@ from smoa_jax.training.config import TrainConfig, make_optimizer, resolve_learni
 from smoa_jax.training.tasks import CausalLMTask, ClassificationTask, Task
 
 __all__ = ["TrainConfig", "Task", "CausalLMTask", "ClassificationTask", "TrainResult", "train",
-           "evaluate", "make_optimizer"]
+           "evaluate", "make_optimizer", "lower_train_step"]
 
 
 @dataclasses.dataclass
@@ -207,10 +207,11 @@ def _restore(state: _State, checkpointer: TrainCheckpointer, seed: int) -> None:
                       f"{seed}; resuming would change the data order.")
 
 
-def _make_train_step(task: Task, graphdef, tx: optax.GradientTransformation, state: _State,
-                     mesh: jax.sharding.Mesh | None):
+def _jit_train_step(task: Task, graphdef, tx: optax.GradientTransformation, state: _State,
+                    mesh: jax.sharding.Mesh | None):
   """The jitted, donated step ``(params, opt_state, rng, spectral, rest, batch) -> (params,
-  opt_state, rng, metric sums, weight)``; batch leaves are ``(accum, micro_batch, ...)``."""
+  opt_state, rng, metric sums, weight)``; batch leaves are ``(accum, micro_batch, ...)``. Trace
+  it under ``jax.set_mesh(mesh)`` (:func:`_under_mesh`)."""
 
   def train_step(params, opt_state, rng, spectral, rest, batch):
     def micro(carry, micro_batch):
@@ -240,7 +241,28 @@ def _make_train_step(task: Task, graphdef, tx: optax.GradientTransformation, sta
     replicated = sharding.named(mesh, ())
     kept = jax.tree.map(lambda x: x.sharding, (state.params, state.opt_state, state.rng))
     out_shardings = {"out_shardings": (*kept, replicated, replicated)}
-  return _under_mesh(jax.jit(train_step, donate_argnums=(0, 1, 2), **out_shardings), mesh)
+  return jax.jit(train_step, donate_argnums=(0, 1, 2), **out_shardings)
+
+
+def lower_train_step(model: nnx.Module, task: Task, config: TrainConfig,
+                     batch: dict[str, np.ndarray], *,
+                     mesh: jax.sharding.Mesh | None = None) -> jax.stages.Lowered:
+  """The step :func:`train` runs, lowered for one host ``batch`` (``config.batch_size`` rows),
+  not run. ``.compile()`` of the result is XLA's program: ``.as_text()`` its HLO (the
+  collectives of one step, ``benchmarks/collectives.py``), ``.memory_analysis()`` its buffers.
+  With ``mesh`` the model is laid out on it first, as :func:`train` does.
+  """
+  learning_rate, _ = resolve_learning_rate(config, model)
+  config = dataclasses.replace(config, learning_rate=learning_rate)
+  tx, _ = make_optimizer(config, config.total_steps(len(next(iter(batch.values())))))
+  if mesh is not None:
+    spmd.shard_model(model, mesh)
+  model.train()
+  graphdef, state = _initial_state(model, tx, mesh)
+  step = _jit_train_step(task, graphdef, tx, state, mesh)
+  return _under_mesh(step.lower, mesh)(state.params, state.opt_state, state.rng, state.spectral,
+                                       state.rest,
+                                       _device_batch(batch, config.grad_accum_steps, mesh))
 
 
 class _Monitor:
@@ -337,7 +359,7 @@ class _Run:
                            self.state.step if resume else None)
     if output is not None:
       output.mkdir(parents=True, exist_ok=True)
-    self.step_fn = _make_train_step(task, graphdef, tx, self.state, mesh)
+    self.step_fn = _under_mesh(_jit_train_step(task, graphdef, tx, self.state, mesh), mesh)
     self.last_saved = self.checkpointer.latest_step() if self.checkpointer is not None else None
     self.monitor = _Monitor(task, self._last_saved_text)
     self.eval_metrics: dict[str, float] | None = None

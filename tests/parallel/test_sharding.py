@@ -216,3 +216,12 @@ def test_all_meshes_match_single_device(sharded_llama, tmp_path):
   assert sorted(results) == ["1x2x4", "2x2x2", "8x1x1", "resumed"]
   for result in results.values():
     _assert_matches(result, reference)
+
+
+@pytest.mark.slow  # 8 simulated devices in a subprocess
+@pytest.mark.subprocess
+def test_smoa_per_shard_backward_equals_the_unsharded_gradients(tmp_path):
+  """SMoA and HiRA on fsdp, tp over either axis, tp < K and a tuple axis, one layer and a scan:
+  outputs and gradients equal the single-device ones (tests/support/sharded_run.py, mode op)."""
+  proc = sharded_run.start(["op", "-", str(tmp_path)], devices=8, cache_dir=tmp_path / "cache")
+  sharded_run.finish([proc], timeout=900)
