@@ -383,7 +383,8 @@ def _parts(shape: tuple[int, ...], starts: tuple[Any, Any] | None
 
 def _block_gradients(op: SMoAOp, x: jax.Array, dy: jax.Array, perms: Perms, precision: Any,
                      starts: tuple[Any, Any] | None = None) -> jax.Array:
-  """``G_k = x[:, C_k]^T dy[:, R_k]`` for all blocks: ``x (T, in)``, ``dy (T, out)`` -> ``(K, max|C_k|, max|R_k|)``.
+  """``G_k = x[:, C_k]^T dy[:, R_k]`` for all blocks: ``x (T, in)``, ``dy (T, out)`` ->
+  ``(K, max|C_k|, max|R_k|)``.
 
   With ``starts``, ``x`` and ``dy`` hold the feature slices beginning there (one device's piece)
   and G holds the entries of those coordinates (zeros elsewhere).

@@ -230,7 +230,8 @@ def run_op_checks() -> None:
   kernels = jax.random.normal(jax.random.key(0), (layers, n_in, n_out))
   x = jax.random.normal(jax.random.key(1), (8, 4, n_in))
   dy = jax.random.normal(jax.random.key(2), (8, 4, n_out))
-  for config in (smoa_jax.SMoAConfig(r=6, num_blocks=3, alpha=8), smoa_jax.HiRAConfig(r=4, alpha=8)):
+  for config in (smoa_jax.SMoAConfig(r=6, num_blocks=3, alpha=8),
+                 smoa_jax.HiRAConfig(r=4, alpha=8)):
     blocks = (smoa_jax.spectral_blocks(kernels[0], config.num_blocks)
               if config.spectral_order else None)
     op = config.make_op(n_in, n_out, blocks)
@@ -251,7 +252,8 @@ def run_op_checks() -> None:
     expected = jax.jit(grads, static_argnums=4)(kernels, a, b, x, None)
     for shape, spec in OP_LAYOUTS:
       mesh = smoa_jax.make_mesh(*shape)
-      place = lambda v, s: sharding.place(v, sharding.named(mesh, sharding.fit_spec(s, v.shape, mesh)))
+      def place(v, s):
+        return sharding.place(v, sharding.named(mesh, sharding.fit_spec(s, v.shape, mesh)))
       args = (place(kernels, (None, *spec)), place(a, (None, spec[0], None)),
               place(b, (None, None, spec[1])), place(x, (sharding.BATCH_AXES, None, None)))
       with jax.set_mesh(mesh):
