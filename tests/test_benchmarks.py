@@ -180,3 +180,44 @@ def test_worker_process_rounds_and_errors():
     with pytest.raises(_procs.WorkerError, match="ended"):
       worker.call("calls")
   assert worker.process.returncode not in (None, 0)
+
+
+_HLO = """HloModule jit_step, entry_computation_layout={(f32[256]{0})->f32[2048]{0}}
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %s = f32[] add(%x, %y)
+}
+
+%body (p: (s32[], f32[1024])) -> (s32[], f32[1024]) {
+  %p = (s32[], f32[1024]{0}) parameter(0)
+  %v = f32[1024]{0} get-tuple-element(%p), index=1
+  %r = f32[1024]{0} all-reduce(%v), replica_groups=[1,8]<=[8], to_apply=%add
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %t = (s32[], f32[1024]{0}) tuple(%i, %r)
+}
+
+%cond (p: (s32[], f32[1024])) -> pred[] {
+  %p.1 = (s32[], f32[1024]{0}) parameter(0)
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (a: f32[256]) -> f32[2048] {
+  %a = f32[256]{0} parameter(0)
+  %g = f32[2048]{0} all-gather(%a), replica_groups=[1,8]<=[8], dimensions={0}
+  %one = f32[256]{0} all-reduce(%a), replica_groups=[8,1]<=[8], to_apply=%add
+  %init = (s32[], f32[1024]{0}) tuple(%z, %v0)
+  %w = (s32[], f32[1024]{0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %out = f32[2048]{0} copy(%g)
+}
+"""
+
+
+def test_collective_bytes_count_operands_times_loop_trips_and_skip_groups_of_one():
+  from benchmarks.collectives import collective_bytes
+
+  found = collective_bytes(_HLO)
+  assert found["all-gather"] == 256 * 4  # the operand, not the gathered result
+  assert found["all-reduce"] == 3 * 1024 * 4  # 3 loop trips; the 1-device groups move nothing
+  assert found["reduce-scatter"] == found["all-to-all"] == found["unknown-trip-count"] == 0

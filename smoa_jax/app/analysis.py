@@ -25,17 +25,19 @@ Three questions, each answered by a small host-side function (numpy, float64):
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 import re
 from collections import defaultdict
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from smoa_jax.core.config import AdapterConfig
+from smoa_jax.io.files import as_path
 from smoa_jax.layers.sites import adapter_layers
 from smoa_jax.layers.paths import module_path
 from smoa_jax.layers.variables import TrainableParam
@@ -305,7 +307,17 @@ def _pyplot():
   return plt
 
 
-def plot_delta_analysis(stats: Sequence[DeltaStatistics], path: str | os.PathLike) -> Path:
+def _save_png(fig: Any, path: str | os.PathLike) -> epath.Path:
+  """Write ``fig`` as a PNG to ``path`` (local or object storage) and close it."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=120)
+  _pyplot().close(fig)
+  path = as_path(path)
+  path.write_bytes(buffer.getvalue())
+  return path
+
+
+def plot_delta_analysis(stats: Sequence[DeltaStatistics], path: str | os.PathLike) -> epath.Path:
   """Two panels: dW's energy over W's singular directions, and dW's effective rank per layer.
 
   Left: per module name (``q_proj``, ``value``, ...), the mean over layers of
@@ -345,14 +357,11 @@ def plot_delta_analysis(stats: Sequence[DeltaStatistics], path: str | os.PathLik
   left.legend(fontsize=7)
   right.legend(fontsize=7)
   fig.tight_layout()
-  path = Path(path)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save_png(fig, path)
 
 
 def plot_training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike,
-                         *, title: str | None = None) -> Path:
+                         *, title: str | None = None) -> epath.Path:
   """Loss (and accuracy, when evaluated) against step for one or more runs, as a PNG.
 
   ``runs`` maps a label to its metrics records (``metrics.jsonl`` lines or
@@ -386,7 +395,4 @@ def plot_training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: 
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  path = Path(path)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save_png(fig, path)

@@ -77,8 +77,11 @@ class LoRAOp(AdapterOp):
     wide = wide_dtype(merged.dtype, self.adapter_dtype)
     return (merged.astype(wide) - self.delta(merged, a, b).astype(wide)).astype(merged.dtype)
 
-  def apply(self, x, x_adapter, kernel, a, b, perms: Perms = None, precision: Any = None):
-    """``x @ W + scaling (x_adapter @ a) @ b`` for ``x (..., in)`` (no bias)."""
+  def apply(self, x, x_adapter, kernel, a, b, perms: Perms = None, precision: Any = None,
+            kernel_spec: tuple[Any, ...] | None = None):
+    """``x @ W + scaling (x_adapter @ a) @ b`` for ``x (..., in)`` (no bias); XLA partitions it
+    well on any mesh, so ``kernel_spec`` is not needed."""
+    del kernel_spec
     x_adapter = x if x_adapter is None else x_adapter
     y = jnp.matmul(x, kernel, precision=precision)
     dt = jnp.dtype(self.adapter_dtype)

@@ -157,9 +157,12 @@ class AdapterOp:
     raise NotImplementedError
 
   def apply(self, x: jax.Array, x_adapter: jax.Array | None, kernel: jax.Array, a: jax.Array,
-            b: jax.Array, perms: Perms, precision: Any = None) -> jax.Array:
+            b: jax.Array, perms: Perms, precision: Any = None,
+            kernel_spec: tuple[Any, ...] | None = None) -> jax.Array:
     """``x @ W + x_adapter @ dW`` for ``x (..., in)`` -> ``(..., out)`` (no bias);
-    ``x_adapter=None`` means the adapter sees ``x`` itself (no dropout)."""
+    ``x_adapter=None`` means the adapter sees ``x`` itself (no dropout). ``kernel_spec`` is the
+    kernel's ``(in, out)`` partition spec on the context mesh when the layer knows it; an op may
+    use it to keep its collectives small (SMoA's backward does)."""
     raise NotImplementedError
 
   def delta(self, kernel: jax.Array, a: jax.Array, b: jax.Array, perms: Perms) -> jax.Array:

@@ -42,12 +42,12 @@ import json
 import os
 import re
 import warnings
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from safetensors.numpy import save_file
 
@@ -57,7 +57,7 @@ from smoa_jax.core.spectral import SpectralBlocks, spectral_blocks
 from smoa_jax.errors import (AdapterMismatchError, CheckpointError, ConfigError, KernelError,
                              SMoAError)
 from smoa_jax.io import formats
-from smoa_jax.io.files import atomic_directory
+from smoa_jax.io.files import as_path, atomic_directory
 from smoa_jax.layers.inject import AdapterReport, adapt_modules, loading_adapter
 from smoa_jax.layers.sites import linear_sites
 from smoa_jax.layers.variables import TrainableParam
@@ -258,7 +258,7 @@ def _exported_layers(model: HFModel) -> tuple[SMoAConfig, list[formats.HFModule]
 
 def save_authors_adapter(model: HFModel, path: str | os.PathLike, *, verify: bool = True,
                          torch_device: str = "cpu",
-                         base_model_name_or_path: str | None = None) -> Path:
+                         base_model_name_or_path: str | None = None) -> epath.Path:
   """Write the model's SMoA adapter in the authors' layout (see the module docstring).
 
   ``adapter_config.json`` lists the adapted modules by their Hugging Face names in
@@ -314,11 +314,11 @@ def save_authors_adapter(model: HFModel, path: str | os.PathLike, *, verify: boo
     with atomic_directory(path) as staged:
       (staged / formats.CONFIG_NAME).write_text(json.dumps(document, indent=2, sort_keys=True))
       save_file(tensors, str(staged / formats.SAFETENSORS_NAME), metadata={"format": "pt"})
-  return Path(path)
+  return as_path(path)
 
 
 # -- import ----------------------------------------------------------------------------------------
-def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _read(path: epath.Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """The config and the tensors (float32 numpy) of an adapter directory in the authors' layout."""
   document = formats.read_config(path)
   formats.expect_format(path, document, "authors")
@@ -327,7 +327,7 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   return {**AUTHORS_DEFAULTS, **document}, {k: np.asarray(v, np.float32) for k, v in tensors.items()}
 
 
-def _authors_config(document: dict[str, Any], path: Path) -> SMoAConfig:
+def _authors_config(document: dict[str, Any], path: epath.Path) -> SMoAConfig:
   try:
     return SMoAConfig(r=document["r"], num_blocks=document["num_blocks"],
                       alpha=document["lora_alpha"], dropout=document["lora_dropout"],
@@ -355,7 +355,7 @@ def _targeted(document: dict[str, Any], name: str) -> bool:
 
 
 def _targets(model: HFModel, document: dict[str, Any], tensors: dict[str, np.ndarray],
-             modules: dict[str, formats.HFModule], path: Path) -> list[str]:
+             modules: dict[str, formats.HFModule], path: epath.Path) -> list[str]:
   """The HF names of the modules their config targets (their matching rules)."""
   if document["target_modules"] is None:  # their saved configs list them; else take the keys'
     targets = sorted({m["module"] for k in tensors if (m := _FACTOR_KEY.fullmatch(k))
@@ -474,7 +474,7 @@ def load_authors_adapter(model: HFModel, path: str | os.PathLike, *,
       existing adapter of another structure (or merged).
   """
   formats.check_hf_model(model, "load_authors_adapter")
-  path = Path(path)
+  path = as_path(path)
   document, tensors = _read(path)
   config = _authors_config(document, path)
   modules = formats.hf_modules(model)
@@ -484,8 +484,9 @@ def load_authors_adapter(model: HFModel, path: str | os.PathLike, *,
                    verbose, name)
 
 
-def _import(model: HFModel, path: Path, document: dict[str, Any], tensors: dict[str, np.ndarray],
-            config: SMoAConfig, modules: dict[str, formats.HFModule], targets: list[str],
+def _import(model: HFModel, path: epath.Path, document: dict[str, Any],
+            tensors: dict[str, np.ndarray], config: SMoAConfig,
+            modules: dict[str, formats.HFModule], targets: list[str],
             rngs: nnx.Rngs | None, torch_device: str, verbose: bool, name: str) -> AuthorsImport:
   """:func:`load_authors_adapter` once the model's layers show adapter ``name`` (or none)."""
   problems = (_key_problems(tensors, targets, modules, config)

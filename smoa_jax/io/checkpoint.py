@@ -15,7 +15,6 @@ killed mid-save leaves the previous checkpoints valid; ``max_to_keep`` prunes ol
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -23,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from smoa_jax.errors import CheckpointError
+from smoa_jax.io.files import as_path
 
 __all__ = ["TrainCheckpointer", "flatten_tree", "unflatten_like"]
 
@@ -51,10 +51,11 @@ def _abstract(flat: dict[str, Any]) -> dict[str, Any]:
 
 
 class TrainCheckpointer:
-  """Save/restore training state under ``directory`` (one orbax step directory per save)."""
+  """Save/restore training state under ``directory`` (one orbax step directory per save), local
+  or on object storage (``gs://bucket/run/checkpoints``, through orbax's own ``etils.epath``)."""
 
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3):
-    self.directory = Path(directory).absolute()
+    self.directory = as_path(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=False)
     self._manager = ocp.CheckpointManager(self.directory, options=options)

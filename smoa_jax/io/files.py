@@ -1,5 +1,12 @@
-"""File primitives every reader and writer shares: atomic directory writes, JSON objects read
-with clear errors, and PyTorch pickles loaded safely (tensors only, never code)."""
+"""File primitives every reader and writer shares: paths on any storage, atomic directory
+writes, JSON objects read with clear errors, and PyTorch pickles loaded safely (tensors only,
+never code).
+
+Paths: run directories, metrics, checkpoints and adapters may live on a local disk or on any
+storage ``etils.epath`` reaches (``gs://bucket/run`` on Google Cloud Storage, ``s3://``, ...;
+orbax uses the same library). :func:`as_path` turns a string into such a path (local paths
+absolute, URIs kept as they are); :func:`is_local` tells them apart.
+"""
 
 from __future__ import annotations
 
@@ -14,20 +21,45 @@ from typing import Any, Iterator
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 
 from smoa_jax.errors import CheckpointError
 
-__all__ = ["atomic_directory", "read_json_object", "safe_torch_load", "torch_to_numpy"]
+__all__ = ["as_path", "is_local", "atomic_directory", "read_json_object", "safe_torch_load",
+           "torch_to_numpy"]
+
+
+def is_local(path: str | os.PathLike) -> bool:
+  """False for a URI such as ``gs://bucket/x`` (object storage), True for a file system path."""
+  return "://" not in os.fspath(path)
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+  """``path`` on whatever storage it names: a local path (``~`` expanded, made absolute) or a URI
+  (``gs://bucket/run``, ``s3://...``) kept as it is, never turned into ``<cwd>/gs:/bucket``."""
+  if is_local(path):
+    return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+  return epath.Path(path)
 
 
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
-  """Yield an empty staging directory next to ``target``; on success it replaces ``target``.
+  """Yield an empty local staging directory; on success its files replace ``target``'s.
 
-  On an exception the staging directory is removed and ``target`` is untouched, so readers see
-  the old directory or the complete new one, never a half-written one. Permissions follow the
-  umask (``mkdtemp`` would leave the directory private).
+  On an exception the staging directory is removed and ``target`` is untouched. On a file
+  system the staging directory sits next to ``target`` and is renamed into place, so readers see
+  the old directory or the complete new one, never a half-written one; permissions follow the
+  umask (``mkdtemp`` would leave the directory private). On object storage (``gs://``...), which
+  has no directory rename, the files are staged locally and uploaded one by one once all are
+  written (each object appears whole; ``.json`` files last, so a reader of a new directory
+  finds its config only once the rest is there), then files of the old directory that the new
+  one lacks are deleted.
   """
+  if not is_local(target):
+    with tempfile.TemporaryDirectory(prefix="smoa-jax-upload-") as staged:
+      yield Path(staged)
+      _upload(Path(staged), as_path(target))
+    return
   target = Path(target)
   target.parent.mkdir(parents=True, exist_ok=True)
   staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -58,10 +90,35 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     raise
 
 
+def _upload(staged: Path, target: epath.Path) -> None:
+  """Copy the files under ``staged`` into ``target`` (JSON last), then drop what it held besides."""
+  files = sorted((p for p in staged.rglob("*") if p.is_file()),
+                 key=lambda p: (p.suffix == ".json", str(p)))
+  names = {p.relative_to(staged).as_posix() for p in files}
+  target.mkdir(parents=True, exist_ok=True)
+  for file in files:
+    destination = target / file.relative_to(staged).as_posix()
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    destination.write_bytes(file.read_bytes())
+  for old in _stored_files(target, ""):
+    if old[0] not in names:
+      old[1].unlink()
+
+
+def _stored_files(directory: epath.Path, prefix: str) -> list[tuple[str, epath.Path]]:
+  """``(relative name, path)`` of every file under ``directory`` (``iterdir``, which object
+  stores list with full URIs, unlike their ``walk``)."""
+  found = []
+  for entry in directory.iterdir():
+    name = f"{prefix}{entry.name}"
+    found.extend(_stored_files(entry, f"{name}/") if entry.is_dir() else [(name, entry)])
+  return found
+
+
 def read_json_object(path: str | os.PathLike, what: str = "") -> dict[str, Any]:
   """The JSON object in ``path``; a :class:`CheckpointError` when it is missing, not JSON or not
   an object (``what`` says what the file should be, for the message)."""
-  path = Path(path)
+  path = as_path(path)
   if not path.is_file():
     raise CheckpointError(f"{path} does not exist{f'; expected {what}' if what else ''}.")
   try:

@@ -33,16 +33,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
+from etils import epath
 from safetensors import SafetensorError
-from safetensors.numpy import load_file
+from safetensors.numpy import load, load_file
 
 from smoa_jax.core.ops import AdapterOp
 from smoa_jax.errors import AdapterMismatchError, CheckpointError
-from smoa_jax.io.files import read_json_object, safe_torch_load, torch_to_numpy
+from smoa_jax.io.files import as_path, is_local, read_json_object, safe_torch_load, torch_to_numpy
 from smoa_jax.layers.sites import LinearSite, linear_sites
 from smoa_jax.models.base import HFModel
 
@@ -68,7 +68,7 @@ HIRA_NAMES = ("hira_A{k}", "hira_B{k}")
 
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
   """The ``adapter_config.json`` object of an adapter directory (clear errors when absent)."""
-  directory = Path(directory)
+  directory = as_path(directory)
   if not directory.is_dir():
     raise CheckpointError(f"adapter directory {str(directory)!r} does not exist.")
   if not (directory / CONFIG_NAME).is_file():
@@ -106,10 +106,12 @@ def expect_format(directory: str | os.PathLike, document: dict[str, Any], wanted
 def read_tensors(directory: str | os.PathLike, *, torch_bin: bool = False) -> dict[str, np.ndarray]:
   """The adapter's tensors as numpy arrays: ``adapter_model.safetensors``, or (``torch_bin``)
   ``adapter_model.bin`` read safely (tensors only) when no safetensors file is there."""
-  directory = Path(directory)
+  directory = as_path(directory)
   safetensors_file, torch_file = directory / SAFETENSORS_NAME, directory / TORCH_BIN_NAME
   if safetensors_file.is_file():
     try:
+      if not is_local(safetensors_file):  # object storage: read the bytes, then parse them
+        return load(safetensors_file.read_bytes())
       return load_file(str(safetensors_file))
     except (SafetensorError, OSError, ValueError) as err:
       raise CheckpointError(f"{safetensors_file} is unreadable as safetensors ({err}); it may be "

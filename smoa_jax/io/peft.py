@@ -45,11 +45,11 @@ import json
 import math
 import os
 import re
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 from safetensors.numpy import save_file
 
@@ -57,7 +57,7 @@ from smoa_jax.core.config import AdapterConfig
 from smoa_jax.core.methods import HiRAConfig, LoRAConfig
 from smoa_jax.errors import AdapterMismatchError, CheckpointError, ConfigError
 from smoa_jax.io import formats
-from smoa_jax.io.files import atomic_directory
+from smoa_jax.io.files import as_path, atomic_directory
 from smoa_jax.layers.inject import (AdapterReport, adapt_modules, loading_adapter, mark_trainable,
                                     using_adapter)
 from smoa_jax.layers.paths import module_path
@@ -102,13 +102,13 @@ UNSUPPORTED = {
 
 
 # -- reading a config ------------------------------------------------------------------------------
-def _field_error(path: Path, field: str, value: Any, expected: str) -> CheckpointError:
+def _field_error(path: epath.Path, field: str, value: Any, expected: str) -> CheckpointError:
   return CheckpointError(f"{path / formats.CONFIG_NAME}: {field}={value!r} is invalid: expected "
                          f"{expected}.")
 
 
-def _check_field(document: dict[str, Any], path: Path, field: str, ok: Callable[[Any], bool],
-                 expected: str) -> None:
+def _check_field(document: dict[str, Any], path: epath.Path, field: str,
+                 ok: Callable[[Any], bool], expected: str) -> None:
   if field in document and not ok(document[field]):
     raise _field_error(path, field, document[field], expected)
 
@@ -125,7 +125,7 @@ def _is_names(v: Any) -> bool:
   return isinstance(v, list) and all(isinstance(n, str) and n for n in v)
 
 
-def _unsupported(document: dict[str, Any], method: str, path: Path) -> None:
+def _unsupported(document: dict[str, Any], method: str, path: epath.Path) -> None:
   """Refuse, naming the option, whatever changes the adapter beyond plain LoRA / HiRA."""
   where = path / formats.CONFIG_NAME
   for field, what in UNSUPPORTED.items():
@@ -152,7 +152,7 @@ def _unsupported(document: dict[str, Any], method: str, path: Path) -> None:
                       "may change the adapter; refusing to guess. Remove them if they are unset.")
 
 
-def _read_spec(document: dict[str, Any], path: Path) -> tuple[str, dict[str, Any]]:
+def _read_spec(document: dict[str, Any], path: epath.Path) -> tuple[str, dict[str, Any]]:
   """``(method, fields)`` of a validated PEFT LoRA / HiRA config, every field filled in."""
   peft_type = document.get("peft_type")
   if peft_type not in PEFT_TYPES:
@@ -266,7 +266,7 @@ class PeftImport:
 
 
 def _targets(model: HFModel, spec: dict[str, Any], tensors: dict[str, np.ndarray],
-             modules: dict[str, formats.HFModule], method: str, path: Path) -> list[str]:
+             modules: dict[str, formats.HFModule], method: str, path: epath.Path) -> list[str]:
   """The HF names of the linear modules PEFT adapts under this config."""
   names = _NAMES[method]
   if spec["target_modules"] is None:  # PEFT saves the resolved list; else take the keys'
@@ -367,7 +367,7 @@ def load_peft_adapter(model: HFModel, directory: str | os.PathLike, *,
       (another base model), or an existing adapter of another structure.
   """
   formats.check_hf_model(model, "load_peft_adapter")
-  path = Path(directory)
+  path = as_path(directory)
   document = formats.read_config(path)
   formats.expect_format(path, document, "peft")
   method, spec = _read_spec(document, path)
@@ -503,7 +503,7 @@ def _module_tensors(method: str, module: formats.HFModule, host: dict[str, Any],
 
 
 def save_peft_adapter(model: HFModel, directory: str | os.PathLike, *, name: str | None = None,
-                      base_model_name_or_path: str | None = None) -> Path:
+                      base_model_name_or_path: str | None = None) -> epath.Path:
   """Write the model's active LoRA or HiRA adapter (or adapter ``name``) as a PEFT adapter.
 
   ``peft.PeftModel.from_pretrained(transformers_model, directory)`` loads it with the same
@@ -552,5 +552,5 @@ def save_peft_adapter(model: HFModel, directory: str | os.PathLike, *, name: str
     with atomic_directory(directory) as staged:
       (staged / formats.CONFIG_NAME).write_text(json.dumps(document, indent=2, sort_keys=True))
       save_file(tensors, str(staged / formats.SAFETENSORS_NAME), metadata={"format": "pt"})
-  return Path(directory)
+  return as_path(directory)
 

@@ -34,12 +34,12 @@ import json
 import os
 import re
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from safetensors.numpy import save_file
 
@@ -47,7 +47,7 @@ from smoa_jax.core.config import AdapterConfig, config_from_dict
 from smoa_jax.core.spectral import SpectralBlocks
 from smoa_jax.errors import AdapterMismatchError, CheckpointError, SMoAError
 from smoa_jax.io import formats
-from smoa_jax.io.files import atomic_directory
+from smoa_jax.io.files import as_path, atomic_directory
 from smoa_jax.layers.dense import AdaptedDense
 from smoa_jax.layers.inject import (AdapterReport, adapt_modules, loading_adapter, mark_trainable,
                                     using_adapter)
@@ -129,7 +129,7 @@ def _extra_trainables(model: nnx.Module) -> list[tuple[str, nnx.Variable]]:
 
 
 def save_adapter(model: nnx.Module, path: str | os.PathLike, *,
-                 config: AdapterConfig | None = None, name: str | None = None) -> Path:
+                 config: AdapterConfig | None = None, name: str | None = None) -> epath.Path:
   """Write the model's adapter (factors, permutations, fingerprints, config) to directory ``path``.
 
   The active adapter, or adapter ``name`` of a model holding several (the file is the same as
@@ -183,7 +183,7 @@ def save_adapter(model: nnx.Module, path: str | os.PathLike, *,
     with atomic_directory(path) as staged:
       (staged / formats.CONFIG_NAME).write_text(json.dumps(document, indent=2) + "\n")
       save_file(tensors, str(staged / formats.SAFETENSORS_NAME), metadata={"format": "smoa-jax"})
-  return Path(path)
+  return as_path(path)
 
 
 # -- load ------------------------------------------------------------------------------------------

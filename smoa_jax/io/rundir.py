@@ -13,6 +13,7 @@ Layout::
 
 A non-empty run directory is refused unless the run is resumed or overwritten; ``--overwrite``
 deletes the entries above and nothing else, and refuses a directory holding anything else.
+RUN_DIR may be local or on object storage (``gs://bucket/run``; :func:`smoa_jax.io.files.as_path`).
 
 A directory being written is locked (:func:`lock`): ``finetune --output RUN_DIR`` (fresh,
 ``--resume`` or ``--overwrite``) and ``export --output DIR`` hold the lock of their output for the
@@ -34,7 +35,8 @@ rename, and a refused command leaves nothing behind. Its design:
   file once it has stopped.
 * Release unlinks the file, then closes the descriptor; a process that opened the old file
   meanwhile sees that the path no longer names the inode it locked and tries again.
-* Where the file system has no locks at all, a warning says so and the command runs unlocked.
+* Where the file system has no locks at all, or the directory is on object storage
+  (``gs://...``, which has none), a warning says so and the command runs unlocked.
 """
 
 from __future__ import annotations
@@ -44,13 +46,13 @@ import datetime
 import errno
 import json
 import os
-import shutil
 import socket
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 from smoa_jax.errors import CheckpointError
+from smoa_jax.io.files import as_path, is_local
 
 try:
   import fcntl
@@ -75,7 +77,7 @@ RUN_ENTRIES = (ADAPTER_DIR, CHECKPOINT_DIR, METRICS_NAME, RUN_CONFIG, LOSS_PLOT,
 
 def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
   """A run directory's ``run_config.json``, with a clear error when it is not a run."""
-  file = Path(run_dir) / RUN_CONFIG
+  file = as_path(run_dir) / RUN_CONFIG
   if not file.is_file():
     raise CheckpointError(f"{run_dir} is not a smoa-jax run directory ({RUN_CONFIG} is missing); "
                           "create one with 'smoa-jax finetune --output RUN_DIR'.")
@@ -88,14 +90,16 @@ def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
   return document
 
 
-def run_entries(output: Path) -> list[str]:
+def run_entries(output: str | os.PathLike) -> list[str]:
   """The names in ``output`` (empty when it does not exist); a file there is an error."""
+  output = as_path(output)
   if output.exists() and not output.is_dir():
     raise CheckpointError(f"--output {output} is a file; give a directory.")
   return sorted(p.name for p in output.iterdir()) if output.is_dir() else []
 
 
-def check_run_dir(output: Path, *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+def check_run_dir(output: str | os.PathLike, *, resume: bool,
+                  overwrite: bool) -> dict[str, Any] | None:
   """Check RUN_DIR against resume/overwrite, deleting nothing; the run's config when resuming."""
   entries = run_entries(output)
   if resume:
@@ -114,18 +118,23 @@ def check_run_dir(output: Path, *, resume: bool, overwrite: bool) -> dict[str, A
   return None
 
 
-def clear_run_dir(output: Path) -> None:
+def clear_run_dir(output: str | os.PathLike) -> None:
   """Remove a previous run's entries (``--overwrite``, after :func:`check_run_dir` passed)."""
   for name in run_entries(output):
-    path = output / name
-    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    path = as_path(output) / name
+    path.rmtree() if path.is_dir() else path.unlink()
 
 
-def write_json(path: Path, document: dict[str, Any]) -> None:
-  """Write ``document`` as indented JSON, atomically (a temporary file renamed into place)."""
+def write_json(path: str | os.PathLike, document: dict[str, Any]) -> None:
+  """Write ``document`` as indented JSON, atomically: a temporary file renamed into place, or on
+  object storage (no rename there) the object written whole, which readers see whole or not."""
+  path, text = as_path(path), json.dumps(document, indent=2) + "\n"
+  if not is_local(path):
+    path.write_text(text)
+    return
   tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(json.dumps(document, indent=2) + "\n")
-  os.replace(tmp, path)
+  tmp.write_text(text)
+  tmp.replace(path)
 
 
 # -- the lock of a directory being written ---------------------------------------------------------
@@ -191,6 +200,12 @@ def lock(directory: str | os.PathLike, command: str) -> Iterator[str | None]:
     CheckpointError: another process holds the lock (its pid, host and start time named), or a
       holder on another host left a record whose process this host cannot check.
   """
+  if not is_local(directory):
+    warnings.warn(f"{directory} is on object storage, which has no file locks; it is written "
+                  "without a lock, so make sure no other command writes it at the same time.",
+                  stacklevel=3)
+    yield None
+    return
   path = lock_path(directory)
   created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
   path.parent.mkdir(parents=True, exist_ok=True)

@@ -242,6 +242,13 @@ class AdaptedDense(nnx.Module):
       return self.in_perm[...], self.out_perm[...]
     return None
 
+  def _kernel_spec(self) -> tuple[Any, ...] | None:
+    """The kernel's ``(in, out)`` mesh axes (the last two of a stacked kernel's), if annotated."""
+    spec = self.kernel.get_metadata("out_sharding", None)
+    if spec is None or len(spec) < 2:
+      return None
+    return tuple(tuple(e) if isinstance(e, list) else e for e in spec[-2:])
+
   @property
   def blocks(self) -> SpectralBlocks | None:
     """The layer's :class:`SpectralBlocks` (permutations and block sizes), or None when its
@@ -416,7 +423,7 @@ class AdaptedDense(nnx.Module):
           deterministic if deterministic is not None else self.dropout.deterministic)
       x_adapter = self.dropout(x, deterministic=False, rngs=rngs) if drop else None
       y = self.op.apply(x, x_adapter, kernel, self.lora_a[...], self.lora_b[...], self._perms(),
-                        self.precision)
+                        self.precision, self._kernel_spec())
     if bias is not None:
       y = y + bias
     return y

@@ -202,6 +202,7 @@ def _spectral_blocks_by_shape(targets: list[LinearSite], config: AdapterConfig,
       by_shape[site.shape].append((site.name, i, kernel))
   total = sum(len(items) for items in by_shape.values())
   show = total >= PROGRESS_MIN_TARGETS if show_progress is None else show_progress
+  show = show and sharding.is_main_process()  # one bar per job, not one per host
   found: dict[str, list[SpectralBlocks]] = defaultdict(list)
   with tqdm(total=total, desc="spectral blocks", unit="kernel", disable=not show,
             file=sys.stderr) as bar:
@@ -304,7 +305,7 @@ def adapt_modules(model: nnx.Module, config: AdapterConfig, names: list[str], *,
   if not config.trains_base_kernel:
     _activate(model, name)
   report = AdapterReport(config, tuple(entries), count_params(model))
-  if verbose:
+  if verbose and sharding.is_main_process():
     report.print()
   return report
 
@@ -319,8 +320,9 @@ def apply_adapter(model: nnx.Module, config: AdapterConfig, *, rngs: nnx.Rngs,
     model: any NNX module tree.
     config: ``SMoAConfig``, ``LoRAConfig``, ``HiRAConfig`` or ``FullFineTuneConfig``.
     rngs: initializes the factors (``params`` stream) and drives adapter dropout (``dropout``).
-    verbose: print the report table and the trainable share.
-    show_progress: progress bar for spectral preprocessing (default: from 8 SMoA targets on).
+    verbose: print the report table and the trainable share (on process 0 only).
+    show_progress: progress bar for spectral preprocessing (default: from 8 SMoA targets on;
+      on process 0 only).
     blocks: precomputed spectral blocks by module path (e.g. from a saved adapter); modules not
       in it are preprocessed as usual.
     name: name the adapter (default ``"default"``): layers that already hold other adapters

@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from flax.typing import Dtype
 from safetensors import SafetensorError, safe_open
@@ -57,7 +58,8 @@ from jax.sharding import Mesh
 from smoa_jax.parallel import sharding
 from smoa_jax.parallel import spmd
 from smoa_jax.errors import CheckpointError, ConfigError
-from smoa_jax.io.files import atomic_directory, read_json_object, safe_torch_load, torch_to_numpy
+from smoa_jax.io.files import (as_path, atomic_directory, read_json_object, safe_torch_load,
+                               torch_to_numpy)
 from smoa_jax.models import (BertForSequenceClassification, build_model, config_schema, hub,
                              model_class, sizes)
 from smoa_jax.models.base import HFModel
@@ -196,8 +198,9 @@ def param_bytes(model: nnx.Module, mesh: Mesh | None = None) -> int:
 
 
 def _available_bytes() -> tuple[int | None, str]:
-  """Free memory where the weights will live: the default device's, else the host's."""
-  device = jax.devices()[0]
+  """Free memory where this process's weights will live: its first local device's, else the
+  host's (``jax.devices()[0]`` is another host's device on every process but the first)."""
+  device = jax.local_devices()[0]
   stats = device.memory_stats() if device.platform != "cpu" else None
   if stats and "bytes_limit" in stats:
     return stats["bytes_limit"] - stats.get("bytes_in_use", 0), f"free memory on {device}"
@@ -396,7 +399,7 @@ def from_hf(path: str | os.PathLike[str], dtype: Dtype = jnp.float32, *,
                                       scan_layers=scan_layers, mesh=mesh)
   except ConfigError as err:
     raise CheckpointError(f"{file}: {err}") from err
-  if mesh is not None and jax.devices()[0].platform == "cpu":
+  if mesh is not None and jax.local_devices()[0].platform == "cpu":
     needed *= len(mesh.local_devices)
   _check_size(needed, max_bytes, f"{cls.__name__} from {directory}")
   try:
@@ -412,7 +415,7 @@ def from_hf(path: str | os.PathLike[str], dtype: Dtype = jnp.float32, *,
   with _open_checkpoint(directory) as ckpt:
     plan, fresh = _plan(model, ckpt, key_map, str(directory))
     with tqdm(total=len(plan), desc=f"loading {directory.name}", unit="tensor",
-              disable=needed < _PROGRESS_BYTES) as bar:
+              disable=needed < _PROGRESS_BYTES or not sharding.is_main_process()) as bar:
       for p, pieces in plan.items():
         params[p].set_value(_load(ckpt, params[p], pieces, mesh))
         bar.update()
@@ -517,7 +520,7 @@ def _write_shards(entries: list, directory: Path, limit: int) -> None:
     for file, shard in zip(names, shards):
       tensors = {}
       for name, _, _, getter in shard:
-        tensors[name] = np.ascontiguousarray(jax.device_get(getter()))
+        tensors[name] = np.ascontiguousarray(sharding.to_host(getter()))
         bar.update()
       save_file(tensors, str(directory / file), metadata={"format": "pt"})
       del tensors
@@ -542,10 +545,12 @@ def _copy_tokenizer(model: HFModel, tokenizer_dir: str | os.PathLike[str] | None
 
 
 def to_hf(model: HFModel, path: str | os.PathLike[str], *, max_shard_size: int | str = "2GB",
-          tokenizer_dir: str | os.PathLike[str] | None = None) -> Path:
+          tokenizer_dir: str | os.PathLike[str] | None = None) -> epath.Path:
   """Write ``model`` as a Hugging Face directory that ``transformers`` loads with equal outputs.
 
   Adapter layers are folded (``W + dW``) and their arrays dropped; weights keep their dtype.
+  Under multi-process JAX every process must call this: each tensor is gathered from the hosts
+  that hold its shards (one at a time, in the same order everywhere), and process 0 alone writes.
 
   Args:
     model: a model from :mod:`smoa_jax.models` / :func:`from_hf`, possibly with adapters.
@@ -561,12 +566,16 @@ def to_hf(model: HFModel, path: str | os.PathLike[str], *, max_shard_size: int |
   if not isinstance(model, HFModel):
     raise CheckpointError(f"to_hf exports the models of smoa_jax.models (from from_hf), got "
                           f"{type(model).__name__}.")
-  target = Path(path).expanduser()
+  target = as_path(path)
   limit = _parse_size(max_shard_size)
   _check_target(target)
   if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
     raise CheckpointError(f"tokenizer_dir={tokenizer_dir} is not a directory.")
   entries = _export_entries(model)
+  if not sharding.is_main_process():
+    for _, _, _, getter in entries:  # take part in every gather that process 0 makes
+      sharding.to_host(getter())
+    return target
   with atomic_directory(target) as staged:
     _write_shards(entries, staged, limit)
     config = model.hf_config

@@ -39,17 +39,19 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from smoa_jax.errors import ConfigError
+from smoa_jax.errors import ConfigError, DataError
 
 __all__ = ["to_host", "AXES", "BATCH_AXES", "Spec", "parse_mesh", "make_mesh", "axis_size", "fit_spec",
            "named", "mesh_of", "place", "replicate", "batch_sharding", "shard_batch",
-           "constrain_batch", "initialize_distributed", "is_main_process"]
+           "constrain_batch", "initialize_distributed", "is_main_process",
+           "check_same_on_all_processes"]
 
 AXES = ("data", "fsdp", "tp")
 BATCH_AXES = ("data", "fsdp")
@@ -72,15 +74,44 @@ def parse_mesh(spec: str) -> dict[str, int]:
 def make_mesh(data: int = 1, fsdp: int = 1, tp: int = 1, *, devices: Any = None) -> Mesh:
   """A ``Mesh`` of shape ``(data, fsdp, tp)`` over ``devices`` (default: all global devices).
 
-  Devices are taken in ``jax.devices()`` order, so ``tp`` (the innermost axis, the one with the
-  most traffic) spans neighbouring devices: the chips of one host / one NVLink island.
+  Built by ``jax.make_mesh``, which knows the accelerator topology (on TPU it lays ``tp``, the
+  innermost axis with the most traffic, over neighbouring chips; elsewhere devices are taken in
+  ``jax.devices()`` order, so ``tp`` spans one host / one NVLink island), with every axis typed
+  explicitly as ``AxisType.Auto`` (XLA propagates shardings; :func:`smoa_jax.train` constrains
+  the batch).
+
+  Multislice (devices of several TPU slices, told apart by ``device.slice_index``): a hybrid
+  mesh (``mesh_utils.create_hybrid_device_mesh``) puts the slices on ``data``, the only axis
+  that should cross the slow data-centre network between slices, and ``data / slices`` x
+  ``fsdp`` x ``tp`` inside each slice; ``data`` must then be a multiple of the slice count.
   """
-  devices = np.asarray(jax.devices() if devices is None else devices)
+  devices = list(jax.devices() if devices is None else np.asarray(devices).ravel())
   wanted = data * fsdp * tp
-  if wanted != devices.size:
+  if wanted != len(devices):
     raise ConfigError(f"mesh data={data} x fsdp={fsdp} x tp={tp} = {wanted} devices, but "
-                      f"{devices.size} are available; make the product equal the device count.")
-  return Mesh(devices.reshape(data, fsdp, tp), AXES)
+                      f"{len(devices)} are available; make the product equal the device count.")
+  axis_types = (AxisType.Auto,) * len(AXES)
+  grid = _hybrid_grid((data, fsdp, tp), devices)
+  if grid is not None:
+    return Mesh(grid, AXES, axis_types=axis_types)
+  return jax.make_mesh((data, fsdp, tp), AXES, axis_types=axis_types, devices=devices)
+
+
+def _hybrid_grid(shape: tuple[int, int, int], devices: Sequence[Any]) -> np.ndarray | None:
+  """The ``(data, fsdp, tp)`` device grid of a multislice mesh, slices over ``data`` (slice
+  ``s`` holds rows ``s * data / slices`` onwards); None when the devices are one slice."""
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices == 1:
+    return None
+  data, fsdp, tp = shape
+  if data % slices:
+    raise ConfigError(f"the devices span {slices} slices, so the data axis must be a multiple of "
+                      f"{slices} (only data parallelism should cross the network between "
+                      f"slices), got data={data}; e.g. --mesh data={slices},fsdp=N,tp=M with "
+                      f"{slices} x N x M devices.")
+  from jax.experimental import mesh_utils
+
+  return mesh_utils.create_hybrid_device_mesh((data // slices, fsdp, tp), (slices, 1, 1), devices)
 
 
 def axis_size(mesh: Mesh | Any, entry: str | tuple[str, ...] | None) -> int:
@@ -242,6 +273,40 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                       "num_processes and process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
                       "JAX_PROCESS_ID), or launch with srun / mpirun / on a TPU pod.") from err
   return True
+
+
+_HOST_BYTES = 64  # of each host name, in a mismatch report
+
+
+def check_same_on_all_processes(what: str, digest: str, counts: Sequence[int]) -> None:
+  """Raise :class:`~smoa_jax.errors.DataError` unless every process holds the same ``what``.
+
+  Each process passes the sha256 ``digest`` (hex) and the row ``counts`` of its own copy; one
+  small all-gather compares them. A different copy would silently mix data across hosts, and a
+  different row count would hang the job at its first uneven step; the error lists every
+  process with its host, digest and counts. A no-op on a single process; otherwise a collective
+  (every process must call it, with as many counts).
+  """
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+
+  host = socket.gethostname().encode()[:_HOST_BYTES].ljust(_HOST_BYTES, b"\0")
+  facts = np.concatenate([np.frombuffer(bytes.fromhex(digest), np.uint8).astype(np.int32),
+                          np.asarray(counts, np.int32)])
+  mine = np.concatenate([facts, np.frombuffer(host, np.uint8).astype(np.int32)])
+  everyone = np.asarray(multihost_utils.process_allgather(mine))
+  compared = everyone[:, :len(facts)]  # host names differ, of course
+  if (compared == compared[0]).all():
+    return
+  lines = []
+  for i, row in enumerate(everyone):
+    name = bytes(row[len(facts):].astype(np.uint8)).rstrip(b"\0").decode(errors="replace")
+    lines.append(f"process {i} on {name}: sha256 {bytes(row[:32].astype(np.uint8)).hex()[:16]}..., "
+                 f"rows {row[32:len(facts)].tolist()}")
+  raise DataError(f"the {what} differs between processes:\n  " + "\n  ".join(lines)
+                  + f"\nEvery host must read the same {what}: give every host the same files "
+                  "(or a shared mount) and the same tokenizer.")
 
 
 def is_main_process() -> bool:

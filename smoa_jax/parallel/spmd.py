@@ -96,7 +96,8 @@ def sharding_plan(model: nnx.Module, mesh: Mesh,
     parent, _, leaf = path.rpartition("/")
     if spec is None and parent in adapters and leaf in ("lora_a", "lora_b"):
       layer = adapters[parent]
-      a_spec, b_spec = factor_specs(spec_of(f"{parent}/kernel"), len(layer.lora_a.shape))
+      kernel_path = f"{parent}/kernel" if parent else "kernel"  # a layer at the model's root
+      a_spec, b_spec = factor_specs(spec_of(kernel_path), len(layer.lora_a.shape))
       spec = a_spec if leaf == "lora_a" else b_spec
     elif spec is None and isinstance(var, (SpectralIndex, nnx.RngState)):
       spec = (None,) * len(var.shape)

@@ -31,6 +31,7 @@ checkpoint stores to resume exactly.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -41,8 +42,8 @@ import numpy as np
 from smoa_jax.errors import DataError
 from smoa_jax.training import instruct
 
-__all__ = ["Records", "read_jsonl", "from_rows", "Tokenized", "tokenize", "pack", "batch_at",
-           "batches_per_epoch", "KINDS", "ROLES"]
+__all__ = ["Records", "read_jsonl", "from_rows", "Tokenized", "tokenize", "pack", "digest",
+           "batch_at", "batches_per_epoch", "KINDS", "ROLES"]
 
 TASKS = ("causal-lm", "classification")
 # Record kind -> the fields that mark it.
@@ -335,6 +336,18 @@ def pack(tokens: Tokenized, *, pad_id: int = 0) -> Tokenized:
     out["segment_ids"][row, span] = segments[row]
     out["position_ids"][row, span] = np.arange(length)
   return dataclasses.replace(tokens, arrays=out)
+
+
+def digest(*datasets: Mapping[str, np.ndarray] | None) -> str:
+  """sha256 (hex) of datasets' arrays: names, dtypes, shapes and bytes (None counts as empty)."""
+  hasher = hashlib.sha256()
+  for arrays in datasets:
+    hasher.update(b"|dataset|")
+    for name in sorted(arrays or {}):
+      value = np.ascontiguousarray(arrays[name])
+      hasher.update(f"{name}:{value.dtype.str}:{value.shape}".encode())
+      hasher.update(value.data)
+  return hasher.hexdigest()
 
 
 def batches_per_epoch(num_examples: int, batch_size: int) -> int:

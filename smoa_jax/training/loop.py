@@ -26,19 +26,20 @@ import os
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from tqdm.auto import tqdm
 
 from smoa_jax.errors import ConfigError, NonFiniteLossError
 from smoa_jax.io import rundir
 from smoa_jax.io.checkpoint import TrainCheckpointer
+from smoa_jax.io.files import as_path, is_local
 from smoa_jax.layers.variables import SpectralIndex, TrainableParam
 from smoa_jax.models.blocks import set_remat
 from smoa_jax.parallel import sharding, spmd
@@ -48,7 +49,7 @@ from smoa_jax.training.config import TrainConfig, make_optimizer, resolve_learni
 from smoa_jax.training.tasks import CausalLMTask, ClassificationTask, Task
 
 __all__ = ["TrainConfig", "Task", "CausalLMTask", "ClassificationTask", "TrainResult", "train",
-           "evaluate", "make_optimizer"]
+           "evaluate", "make_optimizer", "lower_train_step"]
 
 
 @dataclasses.dataclass
@@ -63,7 +64,7 @@ class TrainResult:
   step: int
   train_metrics: dict[str, float]
   eval_metrics: dict[str, float] | None
-  metrics_path: Path | None
+  metrics_path: epath.Path | None
   history: list[dict[str, Any]]
   adapter_update_ratio: float | None = None
 
@@ -132,28 +133,41 @@ class _MetricsLog:
   """Append-only JSONL metrics; on resume, lines after the restored step are dropped first.
 
   Under multi-process JAX only process 0 touches the file (every process keeps the history).
+  Object storage (``gs://``) cannot append: there the file is written whole at every record.
   """
 
-  def __init__(self, path: Path | None, resume_step: int | None):
+  def __init__(self, path: epath.Path | None, resume_step: int | None):
     self.path = path
     self.history: list[dict[str, Any]] = []
     self._writes = path is not None and jax.process_index() == 0
+    # The file's lines, kept where it is rewritten whole (object storage); None: appended.
+    self._lines: list[str] | None = None if path is None or is_local(path) else []
     if not self._writes:
       return
     if resume_step is not None and path.exists():
-      kept = [line for line in path.read_text().splitlines()
+      kept = [line + "\n" for line in path.read_text().splitlines()
               if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-      tmp = path.with_suffix(".tmp")
-      tmp.write_text("".join(line + "\n" for line in kept))
-      os.replace(tmp, path)
+      if self._lines is not None:
+        self._lines = kept
+        path.write_text("".join(kept))
+      else:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
     elif path.exists():
       path.unlink()
 
   def write(self, record: dict[str, Any]) -> None:
     self.history.append(record)
-    if self._writes:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    if not self._writes:
+      return
+    line = json.dumps(record) + "\n"
+    if self._lines is None:
+      with self.path.open("a") as f:
+        f.write(line)
+    else:
+      self._lines.append(line)
+      self.path.write_text("".join(self._lines))
 
 
 # -- the state and the step ------------------------------------------------------------------------
@@ -203,10 +217,11 @@ def _restore(state: _State, checkpointer: TrainCheckpointer, seed: int) -> None:
                       f"{seed}; resuming would change the data order.")
 
 
-def _make_train_step(task: Task, graphdef, tx: optax.GradientTransformation, state: _State,
-                     mesh: jax.sharding.Mesh | None):
+def _jit_train_step(task: Task, graphdef, tx: optax.GradientTransformation, state: _State,
+                    mesh: jax.sharding.Mesh | None):
   """The jitted, donated step ``(params, opt_state, rng, spectral, rest, batch) -> (params,
-  opt_state, rng, metric sums, weight)``; batch leaves are ``(accum, micro_batch, ...)``."""
+  opt_state, rng, metric sums, weight)``; batch leaves are ``(accum, micro_batch, ...)``. Trace
+  it under ``jax.set_mesh(mesh)`` (:func:`_under_mesh`)."""
 
   def train_step(params, opt_state, rng, spectral, rest, batch):
     def micro(carry, micro_batch):
@@ -236,7 +251,28 @@ def _make_train_step(task: Task, graphdef, tx: optax.GradientTransformation, sta
     replicated = sharding.named(mesh, ())
     kept = jax.tree.map(lambda x: x.sharding, (state.params, state.opt_state, state.rng))
     out_shardings = {"out_shardings": (*kept, replicated, replicated)}
-  return _under_mesh(jax.jit(train_step, donate_argnums=(0, 1, 2), **out_shardings), mesh)
+  return jax.jit(train_step, donate_argnums=(0, 1, 2), **out_shardings)
+
+
+def lower_train_step(model: nnx.Module, task: Task, config: TrainConfig,
+                     batch: dict[str, np.ndarray], *,
+                     mesh: jax.sharding.Mesh | None = None) -> jax.stages.Lowered:
+  """The step :func:`train` runs, lowered for one host ``batch`` (``config.batch_size`` rows),
+  not run. ``.compile()`` of the result is XLA's program: ``.as_text()`` its HLO (the
+  collectives of one step, ``benchmarks/collectives.py``), ``.memory_analysis()`` its buffers.
+  With ``mesh`` the model is laid out on it first, as :func:`train` does.
+  """
+  learning_rate, _ = resolve_learning_rate(config, model)
+  config = dataclasses.replace(config, learning_rate=learning_rate)
+  tx, _ = make_optimizer(config, config.total_steps(len(next(iter(batch.values())))))
+  if mesh is not None:
+    spmd.shard_model(model, mesh)
+  model.train()
+  graphdef, state = _initial_state(model, tx, mesh)
+  step = _jit_train_step(task, graphdef, tx, state, mesh)
+  return _under_mesh(step.lower, mesh)(state.params, state.opt_state, state.rng, state.spectral,
+                                       state.rest,
+                                       _device_batch(batch, config.grad_accum_steps, mesh))
 
 
 class _Monitor:
@@ -308,6 +344,11 @@ class _Run:
     self.model, self.task, self.config, self.mesh = model, task, config, mesh
     self.eval_data, self.on_save = eval_data, on_save
     num_examples = len(next(iter(train_data.values())))
+    # Every process steps through the same batches: a different copy of the data would mix
+    # silently, a different row count would hang at the first uneven step.
+    sharding.check_same_on_all_processes(
+        "training data", data_lib.digest(train_data, eval_data),
+        [num_examples, len(next(iter(eval_data.values()))) if eval_data else 0])
     self.total = config.total_steps(num_examples)
     self.per_epoch = data_lib.batches_per_epoch(num_examples, config.batch_size)
     tx, self.schedule = make_optimizer(config, self.total)
@@ -330,7 +371,7 @@ class _Run:
                            self.state.step if resume else None)
     if output is not None:
       output.mkdir(parents=True, exist_ok=True)
-    self.step_fn = _make_train_step(task, self.graphdef, tx, self.state, mesh)
+    self.step_fn = _under_mesh(_jit_train_step(task, self.graphdef, tx, self.state, mesh), mesh)
     self.last_saved = self.checkpointer.latest_step() if self.checkpointer is not None else None
     self.monitor = _Monitor(task, self._last_saved_text)
     self.eval_metrics: dict[str, float] | None = None
@@ -345,7 +386,8 @@ class _Run:
   def loop(self) -> TrainResult:
     state, config = self.state, self.config
     bar = tqdm(total=self.total, initial=state.step, desc="train", unit="step",
-               disable=not config.progress, file=sys.stderr, dynamic_ncols=True)
+               disable=not config.progress or not sharding.is_main_process(), file=sys.stderr,
+               dynamic_ncols=True)
     try:
       while state.step < self.total:
         epoch, index, host_batch = next(self.stream)
@@ -426,7 +468,7 @@ def train(model: nnx.Module, task: Task, train_data: dict[str, np.ndarray], conf
     config: :class:`TrainConfig`; its ``remat`` policy is set on the model's layers for the run
       (:func:`smoa_jax.set_remat`) and the model's own setting is restored afterwards.
     output_dir: where ``metrics.jsonl`` and ``checkpoints/`` go (``None``: nothing written;
-      the layout is :mod:`smoa_jax.io.rundir`'s).
+      the layout is :mod:`smoa_jax.io.rundir`'s); local or on object storage (``gs://...``).
     resume: continue from the latest checkpoint in ``output_dir``.
     on_save: called with the step after every checkpoint (e.g. to export the adapter).
     mesh: a ``("data", "fsdp", "tp")`` mesh (:func:`smoa_jax.make_mesh`): the model is laid out
@@ -440,7 +482,7 @@ def train(model: nnx.Module, task: Task, train_data: dict[str, np.ndarray], conf
     NonFiniteLossError: the loss became NaN/Inf; the message names the step and the last good
       checkpoint, which is left intact.
   """
-  output = Path(output_dir) if output_dir is not None else None
+  output = as_path(output_dir) if output_dir is not None else None
   before = set_remat(model, config.remat)
   try:
     return _Run(model, task, train_data, config, eval_data, output, resume, on_save, mesh).loop()

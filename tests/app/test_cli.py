@@ -248,6 +248,44 @@ def test_remat_trains_to_the_same_adapter_and_may_change_on_resume(cli_lm_run, t
   assert code == 2 and "'none', 'full', 'dots'" in err
 
 
+def test_scan_layers_trains_a_scanned_model_whose_adapter_is_saved_unrolled(
+    cli_lm_run, cli_files, tmp_path, capsys, monkeypatch):
+  seen = []
+  from_hf = smoa_jax.from_hf
+  monkeypatch.setattr(smoa_jax, "from_hf", lambda *a, **k: (seen.append(k["scan_layers"]),
+                                                            from_hf(*a, **k))[1])
+  run = tmp_path / "scanned"
+  code, _, err = run_cli(capsys, *finetune_argv(cli_files, run, "causal-lm", *LM_RUN_EXTRA,
+                                                "--scan-layers"))
+  assert code == 0, err
+  assert seen == [True]
+  assert json.loads((run / "run_config.json").read_text())["flags"]["scan_layers"] is True
+  assert sorted(adapter_tensors(run)) == sorted(adapter_tensors(cli_lm_run))  # layer by layer
+  # The unrolled model of `eval --run` with that adapter scores what the scanned run last did.
+  code, out, err = run_cli(capsys, "eval", "--run", run, "--data", cli_files["lm_eval"])
+  assert code == 0, err
+  last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+  assert seen == [True, False] and json.loads(out)["loss"] == pytest.approx(last["loss"], rel=1e-5)
+  unrolled = copy_of(cli_lm_run, tmp_path, "unrolled")  # its checkpoints hold unstacked layers
+  code, _, err = run_cli(capsys, "finetune", "--output", unrolled, "--resume", "--steps", 5,
+                         "--scan-layers")
+  assert code != 0 and "--resume cannot change --scan-layers True (the run has False)" in err
+
+
+def test_distributed_auto_lets_jax_find_every_setting(cli_files, tmp_path, capsys, monkeypatch):
+  calls = []
+
+  def initialize(*args, **kwargs):
+    calls.append((args, kwargs))
+    raise RuntimeError("no TPU metadata server here")
+
+  monkeypatch.setattr(jax.distributed, "initialize", initialize)
+  code, _, err = run_cli(capsys, *finetune_argv(cli_files, tmp_path / "run"), "--distributed",
+                         "auto")
+  assert calls == [((None, None, None), {})]
+  assert code != 0 and "no TPU metadata server here" in err
+
+
 def test_bfloat16_base_trains_float32_adapters_unless_told(cli_files, tmp_path, capsys):
   for extra, expected in (((), "float32"), (("--adapter-dtype", "bfloat16"), "bfloat16")):
     run = tmp_path / expected

@@ -3,16 +3,19 @@ in a subprocess (tests/support/sharded_run.py) against the single-device run (``
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AbstractMesh
+from jax.sharding import AbstractMesh, AxisType
 
 import smoa_jax
 from smoa_jax.errors import ConfigError
+from smoa_jax.models import hf
 from smoa_jax.parallel import sharding, spmd
 from tests.support import sharded_run
 from tests.support.toy import ToyLM
@@ -45,6 +48,42 @@ def test_make_mesh_checks_device_count():
   assert smoa_jax.make_mesh().shape == {"data": 1, "fsdp": 1, "tp": 1}
   with pytest.raises(ConfigError, match="devices"):
     smoa_jax.make_mesh(fsdp=2)
+
+
+def test_make_mesh_is_jax_make_mesh_with_auto_axes(monkeypatch):
+  calls = []
+  make = jax.make_mesh
+  monkeypatch.setattr(jax, "make_mesh", lambda *a, **k: calls.append(k) or make(*a, **k))
+  mesh = smoa_jax.make_mesh()
+  assert len(calls) == 1 and mesh.axis_names == sharding.AXES
+  assert mesh.axis_types == (AxisType.Auto,) * 3  # jax.make_mesh's default would be Explicit
+
+
+@dataclasses.dataclass(frozen=True)
+class _SliceDevice:  # what create_hybrid_device_mesh reads of a TPU device of a multislice job
+  id: int
+  slice_index: int
+  process_index: int = 0
+  platform: str = "cpu"
+  device_kind: str = "cpu"
+
+
+def test_multislice_meshes_put_the_slices_on_the_data_axis():
+  devices = [_SliceDevice(i, i // 4) for i in range(8)]  # 2 slices of 4
+  grid = sharding._hybrid_grid((4, 1, 2), devices)
+  assert grid.shape == (4, 1, 2)
+  slices = np.vectorize(lambda d: d.slice_index)(grid)
+  assert (slices == np.array([0, 0, 1, 1])[:, None, None]).all()  # fsdp and tp stay in a slice
+  assert sorted(d.id for d in grid.ravel()) == list(range(8))
+  with pytest.raises(ConfigError, match="multiple of 2"):
+    sharding._hybrid_grid((1, 4, 2), devices)
+  assert sharding._hybrid_grid((1, 4, 2), [_SliceDevice(i, 0) for i in range(8)]) is None
+
+
+def test_the_memory_check_reads_a_local_device(monkeypatch):
+  monkeypatch.setattr(jax, "devices", lambda *a: pytest.fail("jax.devices()[0] may be remote"))
+  available, where = hf._available_bytes()
+  assert available is None or available > 0
 
 
 def test_fit_spec_replicates_axes_that_do_not_divide():
@@ -177,3 +216,12 @@ def test_all_meshes_match_single_device(sharded_llama, tmp_path):
   assert sorted(results) == ["1x2x4", "2x2x2", "8x1x1", "resumed"]
   for result in results.values():
     _assert_matches(result, reference)
+
+
+@pytest.mark.slow  # 8 simulated devices in a subprocess
+@pytest.mark.subprocess
+def test_smoa_per_shard_backward_equals_the_unsharded_gradients(tmp_path):
+  """SMoA and HiRA on fsdp, tp over either axis, tp < K and a tuple axis, one layer and a scan:
+  outputs and gradients equal the single-device ones (tests/support/sharded_run.py, mode op)."""
+  proc = sharded_run.start(["op", "-", str(tmp_path)], devices=8, cache_dir=tmp_path / "cache")
+  sharded_run.finish([proc], timeout=900)

@@ -13,6 +13,9 @@ Modes:
           the second (OUT/resumed.npz).
   worker  (one of 2 processes with 4 devices each; JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
           JAX_PROCESS_ID set): the same steps on the global (2, 2, 2) mesh; process 0 writes OUT.
+  op      (8 devices; CHECKPOINT unused) the SMoA / HiRA op of one layer, and of a layer scanned
+          over a stack of kernels, under meshes and kernel layouts that take every branch of its
+          per-device forward and backward: outputs and gradients equal the unsharded ones.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -213,9 +217,61 @@ def run_worker(checkpoint: str, out: Path) -> None:
     np.savez(out / "multiprocess.npz", losses=np.asarray(losses), **arrays)
 
 
+# (mesh shape, kernel spec): fsdp only (block gradients on the gathered W), tp over the out or
+# the in axis (dense local gradients), tp=2 < K=3 (block gradients of a piece), a tuple axis.
+OP_LAYOUTS = (((1, 8, 1), ("fsdp", "tp")), ((1, 1, 8), ("fsdp", "tp")), ((1, 1, 8), ("tp", "fsdp")),
+              ((2, 2, 2), ("tp", "fsdp")), ((1, 2, 4), (("fsdp", "tp"), None)))
+
+
+def run_op_checks() -> None:
+  """See the module docstring (mode ``op``); raises on the first mismatch."""
+  from smoa_jax.parallel import sharding
+
+  n_in, n_out, layers = 64, 48, 2
+  kernels = jax.random.normal(jax.random.key(0), (layers, n_in, n_out))
+  x = jax.random.normal(jax.random.key(1), (8, 4, n_in))
+  dy = jax.random.normal(jax.random.key(2), (8, 4, n_out))
+  for config in (smoa_jax.SMoAConfig(r=6, num_blocks=3, alpha=8),
+                 smoa_jax.HiRAConfig(r=4, alpha=8)):
+    blocks = (smoa_jax.spectral_blocks(kernels[0], config.num_blocks)
+              if config.spectral_order else None)
+    op = config.make_op(n_in, n_out, blocks)
+    perms = (blocks.in_perm, blocks.out_perm) if blocks is not None else None
+    a, _ = op.init_factors(jax.random.key(3))
+    b = 0.1 * jax.random.normal(jax.random.key(4), op.b_shape)
+
+    def grads(kernels, a, b, x, spec):
+      def loss(a, b, x):
+        def layer(h, kernel):  # the layers of a scanned model: the op inside lax.scan
+          y = 0.5 * op.apply(h, None, kernel, a, b, perms, kernel_spec=spec)
+          return jnp.concatenate([y, y[..., :n_in - n_out]], axis=-1), None
+        h = jax.lax.scan(layer, x, kernels)[0]
+        y = op.apply(x, None, kernels[0], a, b, perms, kernel_spec=spec)
+        return jnp.sum(y * dy) + jnp.sum(h ** 2), y
+      return jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(a, b, x)
+
+    expected = jax.jit(grads, static_argnums=4)(kernels, a, b, x, None)
+    for shape, spec in OP_LAYOUTS:
+      mesh = smoa_jax.make_mesh(*shape)
+      def place(v, s):
+        return sharding.place(v, sharding.named(mesh, sharding.fit_spec(s, v.shape, mesh)))
+      args = (place(kernels, (None, *spec)), place(a, (None, spec[0], None)),
+              place(b, (None, None, spec[1])), place(x, (sharding.BATCH_AXES, None, None)))
+      with jax.set_mesh(mesh):
+        found = jax.jit(grads, static_argnums=4)(*args, spec)
+      for name, want, got in zip(("da", "db", "dx", "y"), jax.tree.leaves(expected),
+                                 jax.tree.leaves(found)):
+        want = np.asarray(want)  # float32 sums in another order: tolerance of the array's scale
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-6 * np.abs(want).max(),
+                                   err_msg=f"{type(config).__name__} {shape} {spec}: {name}")
+    print(f"{type(config).__name__}: {len(OP_LAYOUTS)} layouts match", flush=True)
+
+
 if __name__ == "__main__":
   mode, checkpoint, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-  if mode == "worker":
+  if mode == "op":
+    run_op_checks()
+  elif mode == "worker":
     run_worker(checkpoint, out)
   else:  # "meshes" or e.g. "meshes:2x2x2,1x2x4"
     _, _, chosen = mode.partition(":")

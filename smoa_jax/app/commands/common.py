@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any, Callable, Iterator
 
 from smoa_jax.errors import CheckpointError, ConfigError, SMoAError
 from smoa_jax.io import formats, rundir
+from smoa_jax.io.files import as_path
 
 PROG = "smoa-jax"
 METHODS = ("smoa", "lora", "hira", "full")
@@ -30,7 +32,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "seq_len": 128, "lr": None, "warmup_steps": 0, "schedule": "cosine", "weight_decay": 0.0,
     "seed": 0, "save_every": 100, "eval_every": None, "log_every": 10, "mesh": None,
     "model": None, "dtype": "float32", "train_on_prompt": False, "packing": False,
-    "remat": "none", "adapter_dtype": "float32",
+    "remat": "none", "adapter_dtype": "float32", "scan_layers": False,
 }
 # What --data takes, for the help texts.
 DATA_KINDS = ("JSONL, one kind of record per file: {\"text\": ...} (causal-lm on every token; "
@@ -72,7 +74,8 @@ def positive_int(text: str) -> int:
 
 
 def absolute_path(text: str) -> str:
-  return str(Path(text).expanduser().absolute())
+  """A local path made absolute, or a URI (``gs://bucket/run``) as it is."""
+  return str(as_path(text))
 
 
 def add_adapter_flags(parser: argparse.ArgumentParser) -> None:
@@ -123,7 +126,7 @@ def one_line(text: Any) -> str:
 
 
 @contextlib.contextmanager
-def locked(directory: Path, command: str) -> Iterator[None]:
+def locked(directory: str | os.PathLike, command: str) -> Iterator[None]:
   """Hold the lock of an output directory (:func:`smoa_jax.io.rundir.lock`) for the block; say so
   when a killed command's stale lock is taken over."""
   with rundir.lock(directory, command) as stale:
@@ -208,7 +211,8 @@ def data_summary(records: Any, tokens: Any) -> dict[str, Any]:
 
 
 def load_model(model_dir: str, task: str, num_labels: int | None, dtype: str | None,
-               seq_len: int | None = None, mesh: Any = None, warn_fresh: bool = True):
+               seq_len: int | None = None, mesh: Any = None, warn_fresh: bool = True,
+               scan_layers: bool = False):
   """``from_hf`` with the task's head; refuses a sequence length beyond the model's positions."""
   import jax.numpy as jnp
 
@@ -216,7 +220,7 @@ def load_model(model_dir: str, task: str, num_labels: int | None, dtype: str | N
 
   model = smoa_jax.from_hf(model_dir, dtype=jnp.dtype(dtype or "float32"),
                            num_labels=num_labels if task == "classification" else None, mesh=mesh,
-                           warn_fresh=warn_fresh)
+                           warn_fresh=warn_fresh, scan_layers=scan_layers)
   config = model.hf_config
   limit = config.get("max_position_embeddings") or config.get("n_positions")
   if seq_len is not None and limit and seq_len > limit:
@@ -299,7 +303,7 @@ def load_named_adapter(model: Any, path: str, name: str) -> None:
   authors' or PEFT's format, told apart by its ``adapter_config.json``) as adapter ``name``."""
   import smoa_jax
 
-  directory = Path(path)
+  directory = as_path(path)
   if (directory / rundir.RUN_CONFIG).is_file():
     directory = directory / rundir.ADAPTER_DIR
   loaders = {"portable": smoa_jax.load_adapter, "authors": smoa_jax.load_authors_adapter,
@@ -316,7 +320,7 @@ def model_with_adapter(args: argparse.Namespace, run: dict[str, Any], task: str,
   model = load_model(model_dir(args, run), task, num_labels, dtype, seq_len,
                      warn_fresh=not args.run)
   if args.run:
-    adapter_dir = Path(args.run) / rundir.ADAPTER_DIR
+    adapter_dir = as_path(args.run) / rundir.ADAPTER_DIR
     smoa_jax.load_adapter(model, adapter_dir)
     # Only what neither the checkpoint nor the run's adapter holds stays untrained.
     loaded = formats.read_config(adapter_dir).get("trainable_arrays") or {}

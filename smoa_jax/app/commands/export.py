@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-from pathlib import Path
+
+from etils import epath
 
 from smoa_jax.app.commands import common
 from smoa_jax.app.commands.common import RUN_DEFAULTS, UsageError
 from smoa_jax.errors import CheckpointError
 from smoa_jax.io import rundir
+from smoa_jax.io.files import as_path
 
 FORMATS = ("portable", "authors", "peft", "lora")
 
@@ -47,7 +48,7 @@ def register(add: common.AddCommand) -> None:
   common.add_model_flags(parser, "default: the --run's model")
 
 
-def _check_target(output: Path, overwrite: bool) -> None:
+def _check_target(output: epath.Path, overwrite: bool) -> None:
   if output.exists() and (not output.is_dir() or any(output.iterdir())):
     if not overwrite:
       raise CheckpointError(f"--output {output} exists and is not empty; pass --overwrite to "
@@ -58,14 +59,14 @@ def _check_target(output: Path, overwrite: bool) -> None:
                             "to delete it. Choose another directory.")
 
 
-def _export(args: argparse.Namespace, output: Path, run_config: dict) -> tuple[str, dict]:
+def _export(args: argparse.Namespace, output: epath.Path, run_config: dict) -> tuple[str, dict]:
   """Write the export; returns its kind ("merged", "portable", "authors", "peft" or "lora") and
   what the LoRA conversion measured (empty for the others)."""
   import smoa_jax
   from smoa_jax.io.files import atomic_directory
   from smoa_jax.io.portable import read_adapter
 
-  adapter_dir = Path(args.run) / rundir.ADAPTER_DIR
+  adapter_dir = as_path(args.run) / rundir.ADAPTER_DIR
   _check_target(output, args.overwrite)
   task = run_config["flags"].get("task", RUN_DEFAULTS["task"])
   num_labels = run_config.get("num_labels")
@@ -82,8 +83,9 @@ def _export(args: argparse.Namespace, output: Path, run_config: dict) -> tuple[s
     return args.format, extra
   if args.adapter_only:
     read_adapter(adapter_dir)  # refuse a missing or damaged adapter before copying it
-    with atomic_directory(output) as staged:
-      shutil.copytree(adapter_dir, staged, dirs_exist_ok=True)
+    with atomic_directory(output) as staged:  # the run's adapter directory holds files only
+      for file in adapter_dir.iterdir():
+        (staged / file.name).write_bytes(file.read_bytes())
     return "portable", {}
   smoa_jax.to_hf(common.model_with_adapter(args, run_config, task, num_labels), output)
   return "merged", {}
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
   """Merged Hugging Face directory, or the adapter (portable / authors' / PEFT / as LoRA)."""
   if (args.format == "lora") != (args.rank is not None or args.energy is not None):
     raise UsageError("--rank / --energy go with --format lora, which needs one of them")
-  output = Path(args.output)
+  output = as_path(args.output)
   run_config = rundir.read_run(args.run)
   with common.locked(output, "export"):  # for the whole export: a second writer is refused
     kind, extra = _export(args, output, run_config)

@@ -12,10 +12,13 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from etils import epath
+
 from smoa_jax.app.commands import common
 from smoa_jax.app.commands.common import TASKS, UsageError, positive_int, run_flag
 from smoa_jax.errors import CheckpointError, ConfigError, DataError
 from smoa_jax.io import rundir
+from smoa_jax.io.files import as_path
 from smoa_jax.models.blocks import REMAT_POLICIES
 
 # Flags that may differ when a run is resumed (everything else must match the run).
@@ -69,6 +72,10 @@ def _add_optimizer_flags(parser: argparse.ArgumentParser) -> None:
            "keeps only the layer inputs (least memory, about one more forward pass), 'dots' also "
            "keeps the weight-matmul outputs (less recompute); same losses either way",
            choices=tuple(REMAT_POLICIES))
+  run_flag(parser, "--scan-layers", "stack the decoder layers and run them under nnx.scan, so the "
+           "layer body compiles once instead of once per layer (deep models); the adapter is "
+           "saved layer by layer either way, the checkpoints are not (a resumed run keeps it)",
+           action="store_true")
   run_flag(parser, "--lr", "peak learning rate (AdamW); default: the method's (SMoA 0.03, HiRA "
            "0.02, LoRA 0.005, full 0.0003; chosen on validation data, see benchmarks/RESULTS.md)",
            type=float)
@@ -89,6 +96,10 @@ def _add_host_flags(parser: argparse.ArgumentParser) -> None:
                      help="address of process 0 for jax.distributed")
   hosts.add_argument("--num-processes", type=positive_int, help="number of processes")
   hosts.add_argument("--process-id", type=int, help="this process's index, 0..N-1")
+  hosts.add_argument("--distributed", choices=("auto",),
+                     help="'auto': start the multi-process runtime and let JAX find the "
+                     "coordinator, the process count and this process's index (Cloud TPU VM "
+                     "pod slices read them from the TPU metadata server; also Slurm, Open MPI)")
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -173,7 +184,7 @@ def _data(flags: dict[str, Any], saved: dict[str, Any] | None):
   return train, held_out, records.num_labels, digest, summary
 
 
-def _model(flags: dict[str, Any], config: Any, num_labels: int | None, adapter_dir: Path,
+def _model(flags: dict[str, Any], config: Any, num_labels: int | None, adapter_dir: epath.Path,
            resume: bool, mesh: Any = None):
   """The model with fresh adapters (and a trainable head), or with the run's adapter on resume."""
   from flax import nnx
@@ -181,7 +192,7 @@ def _model(flags: dict[str, Any], config: Any, num_labels: int | None, adapter_d
   import smoa_jax
 
   model = common.load_model(flags["model"], flags["task"], num_labels, flags["dtype"],
-                            flags["seq_len"], mesh=mesh)
+                            flags["seq_len"], mesh=mesh, scan_layers=flags["scan_layers"])
   rngs = nnx.Rngs(params=flags["seed"], dropout=flags["seed"] + 1)
   if resume:  # the layers, permutations and head come back without spectral recomputation
     smoa_jax.load_adapter(model, adapter_dir, rngs=rngs)
@@ -192,7 +203,7 @@ def _model(flags: dict[str, Any], config: Any, num_labels: int | None, adapter_d
   return model
 
 
-def _write_run_config(args: argparse.Namespace, output: Path, saved: dict[str, Any] | None,
+def _write_run_config(args: argparse.Namespace, output: epath.Path, saved: dict[str, Any] | None,
                       flags: dict[str, Any], config: Any, num_labels: int | None, digest: str,
                       summary: dict[str, Any]) -> None:
   rundir.write_json(output / rundir.RUN_CONFIG, {
@@ -207,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
   """``smoa-jax finetune``: see :mod:`smoa_jax.io.rundir` for what RUN_DIR receives."""
   from smoa_jax.parallel import sharding
 
-  output = Path(args.output)
+  output = as_path(args.output)
   saved = rundir.check_run_dir(output, resume=args.resume, overwrite=args.overwrite)
   flags = resolve_flags(args, saved)
   config = common.adapter_config(flags)  # every check that needs no data or model comes first
@@ -215,7 +226,8 @@ def run(args: argparse.Namespace) -> int:
   mesh_shape = sharding.parse_mesh(flags["mesh"]) if flags["mesh"] else None
   # Before any JAX work: joins a multi-host job from the flags, the environment or the launcher
   # (Slurm, Open MPI, Cloud TPU); a no-op on a single process.
-  sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+  sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
+                                  auto=args.distributed == "auto")
 
   import jax
 
@@ -229,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
     return _train(args, output, saved, flags, config, train_config, mesh_shape)
 
 
-def _train(args: argparse.Namespace, output: Path, saved: dict[str, Any] | None,
+def _train(args: argparse.Namespace, output: epath.Path, saved: dict[str, Any] | None,
            flags: dict[str, Any], config: Any, train_config: Any,
            mesh_shape: dict[str, int] | None) -> int:
   """Load the data and the model, train, and write RUN_DIR."""

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from smoa_jax.app.commands import common
 from smoa_jax.app.commands.common import RUN_DEFAULTS, positive_int
 from smoa_jax.io import rundir
+from smoa_jax.io.files import as_path
 
 
 def register(add: common.AddCommand) -> None:
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     task = "classification" if args.num_labels else "causal-lm"
     model = common.model_with_adapter(args, {"flags": {}}, task, args.num_labels)
     smoa_jax.apply_adapter(model, config, rngs=nnx.Rngs(0), verbose=False)
-  plot = (args.plot or Path(args.run) / rundir.DELTA_PLOT) if args.run else None
+  plot = (args.plot or as_path(args.run) / rundir.DELTA_PLOT) if args.run else None
   report = analysis.inspect_model(model, config, plot=plot)
   if args.json:
     print(json.dumps(report.to_dict()))
