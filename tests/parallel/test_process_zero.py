@@ -21,9 +21,14 @@ from tests.support.toy import SMOA, ToyLM, token_data
 @pytest.fixture
 def process(monkeypatch):
   """``process(i)``: from now on this process is process ``i`` of a job of 2."""
+  from jax.experimental import multihost_utils
+
   def become(index: int) -> None:
     monkeypatch.setattr(jax, "process_index", lambda *a, **k: index)
     monkeypatch.setattr(jax, "process_count", lambda *a, **k: 2)
+    # The other process holds the same data (train() compares it across processes).
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda mine, **k: np.stack([np.asarray(mine)] * 2))
   return become
 
 
