@@ -107,7 +107,7 @@ def test_scanned_layers_generate_like_unrolled_ones(qwen2, tmp_path):
 def test_bfloat16_weights_generate(qwen2):
   _, path = qwen2
   model = smoa_jax.from_hf(path, dtype=jnp.bfloat16)
-  assert model.init_cache(1, 8).keys.dtype == jnp.bfloat16
+  assert model.init_cache(1, 8).dtype == jnp.bfloat16
   out = greedy(model)
   assert [len(row) for row in out] == [NEW] * len(PROMPTS)
   assert all(0 <= t < CAUSAL_VOCAB for row in out for t in row)
