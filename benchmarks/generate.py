@@ -166,7 +166,7 @@ def _step_program(model: nnx.Module, batch: int, context: int,
 def _cache_bytes(model: nnx.Module, batch: int, slots: int) -> int:
   """Bytes of the keys and values of a ``slots``-slot cache (what a decode step reads)."""
   cache = jax.eval_shape(lambda: model.init_cache(batch, slots))
-  return sum(a.size * a.dtype.itemsize for a in (cache.keys, cache.values))
+  return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves((cache.keys, cache.values)))
 
 
 def measure(args: argparse.Namespace, log: Callable[[str], None]) -> Measured:

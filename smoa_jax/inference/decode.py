@@ -23,7 +23,9 @@ Positions
 Adapters are folded once per call
     Before the program runs, every adapter layer's kernel is replaced by ``W + dW``
     (:meth:`~smoa_jax.AdaptedDense.folded_kernel`; the base ``W`` if the adapter is disabled)
-    in a copy of the model that shares all other arrays (:func:`folded_copy`), so a decode step
+    in a copy of the model that shares all other arrays (:func:`folded_copy`, one jitted program
+    over the whole model, compiled once per model structure; :func:`fold_traces` counts them;
+    folding layer by layer cost SmolLM2 a split and a dispatch per layer), so a decode step
     costs the base model's matmuls whatever the adapter: SMoA's op would otherwise rebuild
     ``W * (1 + M)`` at every step (XLA's loop-invariant code motion happens to hoist that out of
     the loop on CPU -- measured -- but folding does not depend on the compiler), and LoRA would
@@ -54,13 +56,14 @@ from smoa_jax.inference.sampling import SamplingConfig, next_tokens
 from smoa_jax.layers.inject import adapter_layers
 from smoa_jax.models.base import CausalLM
 
-__all__ = ["generate_ids", "folded_copy", "bucket", "traces", "check_prompts",
+__all__ = ["generate_ids", "folded_copy", "bucket", "traces", "fold_traces", "check_prompts",
            "PROMPT_BUCKET_MIN", "NEW_TOKENS_BUCKET_MIN"]
 
 PROMPT_BUCKET_MIN = 16
 NEW_TOKENS_BUCKET_MIN = 8
 
 _traces = 0
+_fold_traces = 0
 # The callback of the streaming program being run (see generate_ids(on_token=...)).
 _on_token: Callable[[np.ndarray], None] | None = None
 
@@ -76,19 +79,33 @@ def bucket(n: int, minimum: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
-def _folded_kernel(graphdef: Any, state: Any) -> jax.Array:
-  # One compile per distinct adapter layer (shape, config): all q_proj of a model share it.
-  layer = nnx.merge(graphdef, state)
-  return layer.base_kernel() if layer.disabled else layer.folded_kernel()
+def _folded_kernels(graphdef: Any, state: Any) -> list[jax.Array]:
+  """``W + dW`` (``W`` if disabled) of every adapter layer of the model, in
+  :func:`~smoa_jax.adapter_layers` order: ONE program per model structure."""
+  global _fold_traces
+  _fold_traces += 1
+  return [layer.base_kernel() if layer.disabled else layer.folded_kernel()
+          for _, layer in adapter_layers(nnx.merge(graphdef, state))]
+
+
+def fold_traces() -> int:
+  """Fold programs (:func:`folded_copy`) traced (and so compiled) in this process so far."""
+  return _fold_traces
 
 
 def folded_copy(model: nnx.Module) -> nnx.Module:
   """A copy of ``model`` sharing its arrays, whose adapter layers hold ``W + dW`` (``W`` when
-  disabled) and are marked merged, so their forward is a plain matmul; ``model`` is unchanged."""
+  disabled) and are marked merged, so their forward is a plain matmul; ``model`` is unchanged.
+
+  All kernels are folded by one jitted program, compiled once per model structure (graphdef):
+  a call then costs one dispatch and the arithmetic, not a dispatch and a split per layer."""
   graphdef, state = nnx.split(model)
   copy = nnx.merge(graphdef, state, copy=True)  # new Variables, same (immutable) arrays
-  for _, layer in adapter_layers(copy):
-    layer.kernel[...] = _folded_kernel(*nnx.split(layer))
+  layers = adapter_layers(copy)
+  if not layers:
+    return copy
+  for (_, layer), kernel in zip(layers, _folded_kernels(graphdef, state)):
+    layer.kernel[...] = kernel
     layer.merged, layer.disabled = True, False
   return copy
 

@@ -137,11 +137,13 @@ class CausalLM(HFModel):
 
   def init_cache(self, batch: int, max_length: int, *, dtype: Dtype | None = None) -> KVCache:
     """An empty :class:`~smoa_jax.models.cache.KVCache` of ``max_length`` slots for ``batch``
-    rows: keys/values ``(layers, B, S, kv_heads, head_dim)`` (:meth:`cache_layout`) in ``dtype``
-    (default: the compute dtype of the input embedding)."""
+    rows: keys/values ``(B * kv_heads, S, head_dim)`` per layer (:meth:`cache_layout`; one
+    stacked ``(layers, ...)`` buffer when ``scan_layers``) in ``dtype`` (default: the compute
+    dtype of the input embedding)."""
     layers, kv_heads, head_dim = self.cache_layout()
     return KVCache.create(layers, batch, max_length, kv_heads, head_dim,
-                          dtype or compute_dtype(self.decoder_parts()[1]))
+                          dtype or compute_dtype(self.decoder_parts()[1]),
+                          stacked=self.scan_layers)
 
 
 @dataclasses.dataclass(frozen=True)

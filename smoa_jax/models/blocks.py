@@ -72,29 +72,46 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
 
 
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None,
-              scale: float, logit_cap: float | None = None) -> jax.Array:
+              scale: float, logit_cap: float | None = None, *, cached: bool = False) -> jax.Array:
   """Softmax attention with grouped KV heads, softmax in float32.
 
-  ``query (B, T, N, D)``, ``key``/``value (B, S, K, D)`` with ``N % K == 0`` (GQA: query head
-  ``n`` reads KV head ``n // (N // K)``, as HF's ``repeat_kv``), ``mask`` boolean broadcastable
-  to ``(B, N, T, S)`` -> ``(B, T, N, D)``. A query with no visible key gets the mean of the values
-  instead of NaN. ``logit_cap``: the scores ``scale * q.k`` are soft-capped (:func:`softcap`)
-  before the mask and the softmax (Gemma 2).
+  ``query (B, T, N, D)``, ``key``/``value (B, S, K, D)`` -- or, with ``cached``, ``(B * K, S,
+  D)`` (the KV cache's layout, :mod:`smoa_jax.models.cache`: row ``b``'s head ``k`` at ``b * K +
+  k``) -- with ``N % K == 0`` (GQA: query head ``n`` reads KV head ``n // (N // K)``, as HF's
+  ``repeat_kv``), ``mask`` boolean broadcastable to ``(B, N, T, S)`` -> ``(B, T, N, D)``. A query
+  with no visible key gets the mean of the values instead of NaN. ``logit_cap``: the scores
+  ``scale * q.k`` are soft-capped (:func:`softcap`) before the mask and the softmax (Gemma 2).
+
+  With ``cached`` both products are dots with the one batch dimension ``B * K`` leading every
+  operand, the cache buffers' own layout, so XLA reads the cached keys and values where they lie
+  (see :mod:`smoa_jax.models.cache` for what anything else costs a decode step).
   """
-  if logit_cap is None:
+  if logit_cap is None and not cached:
     return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale)
   batch, length, heads, dim = query.shape
-  kv_heads, keys = key.shape[2], key.shape[1]
-  grouped = query.reshape(batch, length, kv_heads, heads // kv_heads, dim)
-  scores = jnp.einsum("btkgd,bskd->bkgts", grouped, key,
-                      preferred_element_type=jnp.float32) * scale
+  kv_heads = key.shape[0] // batch if cached else key.shape[2]
+  keys = key.shape[1]
+  group = heads // kv_heads
+  grouped = query.reshape(batch, length, kv_heads, group, dim)
+  if cached:  # (B * K, G * T, D) . (B * K, S, D)
+    flat = jnp.moveaxis(grouped, 1, 3).reshape(batch * kv_heads, group * length, dim)
+    scores = jnp.einsum("nmd,nsd->nms", flat, key, preferred_element_type=jnp.float32)
+    scores = scores.reshape(batch, kv_heads, group, length, keys) * scale
+  else:
+    scores = jnp.einsum("btkgd,bskd->bkgts", grouped, key,
+                        preferred_element_type=jnp.float32) * scale
   scores = softcap(scores, logit_cap)
   if mask is not None:
     mask = jnp.broadcast_to(mask, (mask.shape[0], heads, length, keys))
-    mask = mask.reshape(mask.shape[0], kv_heads, heads // kv_heads, length, keys)
+    mask = mask.reshape(mask.shape[0], kv_heads, group, length, keys)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", weights, value)
+  if cached:
+    out = jnp.einsum("nms,nsd->nmd", weights.reshape(batch * kv_heads, group * length, keys),
+                     value)
+    out = jnp.moveaxis(out.reshape(batch, kv_heads, group, length, dim), 3, 1)
+  else:
+    out = jnp.einsum("bkgts,bskd->btkgd", weights, value)
   return out.reshape(batch, length, heads, dim)
 
 

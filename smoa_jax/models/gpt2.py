@@ -23,6 +23,7 @@ learned positions come from its ``position_ids``, so left-padded prompts are emb
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar, Mapping
 
 import jax
@@ -62,7 +63,8 @@ class GPT2Attention(nnx.Module):
     if cache is not None:
       cache = write_layer(cache, layer, k, v)
       k, v = read_layer(cache, layer, q.dtype)
-    out = self.c_proj(attention(q, k, v, mask, self.scale).reshape(batch, length, hidden))
+    out = attention(q, k, v, mask, self.scale, cached=cache is not None)
+    out = self.c_proj(out.reshape(batch, length, hidden))
     return out if cache is None else (out, cache)
 
 
@@ -149,14 +151,15 @@ class GPT2Model(LayerStack):
         return constrain_batch(layer(h, mask)), None
       h, c = layer(h, mask, c, index)
       return constrain_batch(h), c
-    block = self.layer_call(block)
 
     if self.scan_layers:  # a cache rides in the carry, each block writes its slice in place
-      x, cache = scan_layers(lambda layer, carry, index: block(layer, *carry, index), self.h,
+      scanned = self.layer_call(block)
+      x, cache = scan_layers(lambda layer, carry, index: scanned(layer, *carry, index), self.h,
                              (x, cache), jnp.arange(self.num_layers))
     else:
       for index, layer in enumerate(self.h):
-        x, cache = block(layer, x, cache, index)
+        # The index stays a Python int outside the remat: it picks the layer's cache buffer.
+        x, cache = self.layer_call(functools.partial(block, index=index))(layer, x, cache)
     return self.ln_f(x) if cache is None else (self.ln_f(x), cache)
 
 

@@ -29,6 +29,7 @@ index and Params gain a leading layer axis (``model/layers/self_attn/q_proj`` ke
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, ClassVar, Mapping
 
@@ -191,7 +192,8 @@ class LlamaAttention(nnx.Module):
     if cache is not None:
       cache = write_layer(cache, layer, k, v)
       k, v = read_layer(cache, layer, q.dtype)
-    out = attention(q, k, v, mask, self.scale, self.logit_cap)
+    out = attention(q, k, v, mask, self.scale, self.logit_cap,
+                    cached=cache is not None)
     out = self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
     return out if cache is None else (out, cache)
 
@@ -313,7 +315,6 @@ class LlamaModel(LayerStack):
         return constrain_batch(layer(h, *rope, mask)), None
       h, c = layer(h, *rope, mask, c, index)
       return constrain_batch(h), c
-    block = self.layer_call(block)
 
     if self.scan_layers:
       # One mask per distinct window and one RoPE table per kind, picked per layer by index:
@@ -321,15 +322,18 @@ class LlamaModel(LayerStack):
       # its own slice of it in place.
       table = jnp.stack(masks)
       cos, sin = (jnp.stack(t) for t in zip(*ropes))
+      scanned = self.layer_call(block)
       x, cache = scan_layers(
-          lambda layer, carry, item: block(layer, *carry, table[item[0]],
-                                           (cos[item[1]], sin[item[1]]), item[2]),
+          lambda layer, carry, item: scanned(layer, *carry, table[item[0]],
+                                             (cos[item[1]], sin[item[1]]), item[2]),
           self.layers, (x, cache),
           (jnp.asarray(which, jnp.int32), jnp.asarray(rope_of, jnp.int32),
            jnp.arange(len(which))))
     else:
       for index, (layer, i, r) in enumerate(zip(self.layers, which, rope_of)):
-        x, cache = block(layer, x, cache, masks[i], ropes[r], index)
+        # The index stays a Python int outside the remat: it picks the layer's cache buffer.
+        x, cache = self.layer_call(functools.partial(block, index=index))(
+            layer, x, cache, masks[i], ropes[r])
     return self.norm(x) if cache is None else (self.norm(x), cache)
 
 

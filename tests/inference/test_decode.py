@@ -90,6 +90,38 @@ def test_unmerged_adapters_generate_like_the_merged_model(qwen2, method):
     assert greedy(model) == transformers_greedy_all(hf)
 
 
+def test_one_fold_program_per_model_structure(qwen2):
+  _, path = qwen2
+  # Programs are cached per process: an adapter no other test uses, so the counts are exact.
+  config = smoa_jax.SMoAConfig(r=2, num_blocks=2, alpha=4.0, target_modules=["k_proj", "o_proj"])
+  model = with_adapter(path, config)
+  start = decode.fold_traces()
+  folded = decode.folded_copy(model)
+  assert decode.fold_traces() == start + 1
+  # Another model object of the same structure (other values) and the same model with its
+  # adapters disabled (the base kernels, a structure of its own): one new program in all.
+  other = with_adapter(path, config)
+  pairs = smoa_jax.adapter_layers(other)
+  pairs[0][1].lora_b[...] = 2 * pairs[0][1].lora_b[...]
+  again = decode.folded_copy(other)
+  assert decode.fold_traces() == start + 1
+  with smoa_jax.disable_adapter(model):
+    plain = decode.folded_copy(model)
+    decode.folded_copy(model)
+  assert decode.fold_traces() == start + 2
+  close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6,
+                                                  atol=1e-6)
+  for (_, ours), (_, base), (_, layer) in zip(smoa_jax.adapter_layers(folded),
+                                              smoa_jax.adapter_layers(plain),
+                                              smoa_jax.adapter_layers(model)):
+    assert ours.merged and not ours.disabled and base.merged and not base.disabled
+    close(ours.kernel[...], layer.folded_kernel())
+    np.testing.assert_array_equal(np.asarray(base.kernel[...]), np.asarray(layer.kernel[...]))
+  # The program folds the values it is given, not those it was traced with.
+  close(smoa_jax.adapter_layers(again)[0][1].kernel[...], pairs[0][1].folded_kernel())
+  assert not any(layer.merged for _, layer in pairs + smoa_jax.adapter_layers(model))
+
+
 def transformers_greedy_all(hf) -> list[list[int]]:
   return [transformers_greedy(hf, p) for p in PROMPTS]
 
@@ -107,7 +139,7 @@ def test_scanned_layers_generate_like_unrolled_ones(qwen2, tmp_path):
 def test_bfloat16_weights_generate(qwen2):
   _, path = qwen2
   model = smoa_jax.from_hf(path, dtype=jnp.bfloat16)
-  assert model.init_cache(1, 8).keys.dtype == jnp.bfloat16
+  assert model.init_cache(1, 8).dtype == jnp.bfloat16
   out = greedy(model)
   assert [len(row) for row in out] == [NEW] * len(PROMPTS)
   assert all(0 <= t < CAUSAL_VOCAB for row in out for t in row)
