@@ -118,6 +118,7 @@ class JaxStep:
   optimizer_bytes: int
   resident_bytes: int
   step_bytes: int
+  flops: float  # XLA's cost analysis of the compiled step (a scanned loop body counted once)
 
 
 def jax_step(model: nnx.Module, batch: dict[str, jax.Array]) -> JaxStep:
@@ -135,7 +136,7 @@ def jax_step(model: nnx.Module, batch: dict[str, jax.Array]) -> JaxStep:
 
   return JaxStep(run, _common.tree_size(params), _common.tree_nbytes(opt_state),
                  compiled.memory_analysis().argument_size_in_bytes,
-                 _common.allocated_bytes(compiled))
+                 _common.allocated_bytes(compiled), _common.compiled_flops(compiled))
 
 
 def jax_forward(model: nnx.Module, batch: dict[str, jax.Array]) -> Callable[[], Any]:
