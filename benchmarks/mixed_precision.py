@@ -153,25 +153,27 @@ def render(runs: list[Run], args: argparse.Namespace, plot_path: str | None) -> 
   curve_spread = (statistics.fmean(float(np.mean(np.abs(curve[a] - curve[b]))) for a, b in pairs)
                   if pairs else float("nan"))
   resident = {d: by[d, seeds[0]].resident for d in DTYPES}
+  model = "A tiny random Llama (--quick)" if args.quick else "SmolLM2-135M-Instruct"
   parts = [
-      f"SmolLM2-135M-Instruct with SMoA K=2 r=8 on {', '.join(_models.LLAMA_TARGETS)}, "
-      f"Shakespeare passages of `benchmarks/quality_real.py` ({args.steps} steps of "
-      f"{args.batch} x {args.seq} tokens, lr {args.lr:g}, warmup {args.warmup}, validation "
-      f"{args.val_limit} passages); each seed in both base dtypes (what differs and what is "
-      "counted: the docstring of `benchmarks/mixed_precision.py`). `tail loss` = mean training "
-      f"loss of the last {tail} steps; `resident` = model arrays + AdamW state (MiB).",
+      (f"{model} with SMoA K=2 r=8 on {', '.join(_models.LLAMA_TARGETS)}, "
+       f"Shakespeare passages of `benchmarks/quality_real.py` ({args.steps} steps of "
+       f"{args.batch} x {args.seq} tokens, lr {args.lr:g}, warmup {args.warmup}, validation "
+       f"{args.val_limit} passages); each seed in both base dtypes (what differs and what is "
+       "counted: the docstring of `benchmarks/mixed_precision.py`). `tail loss` = mean training "
+       f"loss of the last {tail} steps; `resident` = model arrays + AdamW state (MiB)."),
       _common.markdown_table(["base dtype", "seed", "first loss", "tail loss", "validation loss",
                               "resident", "s"], rows),
       "\n".join([
-          f"- bfloat16 - float32, same seed: tail loss {', '.join(f'{g:+.4f}' for g in gaps_tail)}"
-          f"; validation loss {', '.join(f'{g:+.4f}' for g in gaps_val)}; smoothed curves "
-          f"(window {args.window}) differ by {curve_gap:.4f} on average over the steps.",
-          f"- float32 seed to seed: tail loss range {max(f32_tail) - min(f32_tail):.4f}, "
-          f"validation loss range {max(f32_val) - min(f32_val):.4f}; smoothed curves differ by "
-          f"{curve_spread:.4f} on average.",
-          f"- Resident memory: bfloat16 {_common.format_mib(resident['bfloat16'])} MiB vs float32 "
-          f"{_common.format_mib(resident['float32'])} MiB = "
-          f"{resident['bfloat16'] / resident['float32']:.2f}x.",
+          (f"- bfloat16 - float32, same seed: tail loss "
+           f"{', '.join(f'{g:+.4f}' for g in gaps_tail)}; validation loss "
+           f"{', '.join(f'{g:+.4f}' for g in gaps_val)}; smoothed curves (window {args.window}) "
+           f"differ by {curve_gap:.4f} on average over the steps."),
+          (f"- float32 seed to seed: tail loss range {max(f32_tail) - min(f32_tail):.4f}, "
+           f"validation loss range {max(f32_val) - min(f32_val):.4f}; smoothed curves differ by "
+           f"{curve_spread:.4f} on average."),
+          (f"- Resident memory: bfloat16 {_common.format_mib(resident['bfloat16'])} MiB vs "
+           f"float32 {_common.format_mib(resident['float32'])} MiB = "
+           f"{resident['bfloat16'] / resident['float32']:.2f}x."),
       ]),
   ]
   if plot_path:

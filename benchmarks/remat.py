@@ -99,7 +99,7 @@ def _name(seq: int, policy: str) -> str:
 @dataclasses.dataclass
 class Measured:
   compiled: dict[tuple[int, str], Compiled]  # (seq, policy) at --batch
-  timings: _common.Timings  # candidates named by _name, at --time-batch
+  timings: _common.Timings | None  # candidates named by _name, at --time-batch; None: --rounds 0
   model: str
 
 
@@ -122,13 +122,16 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> Measured:
     for policy in POLICIES:
       step = remat_step(model, policy, token_batch(config["vocab_size"], args.batch, seq, 0))
       compiled[seq, policy] = Compiled(step.resident_bytes, step.step_bytes, step.flops)
-      if args.time_batch != args.batch:  # the step at --batch is compiled, never run
+      if args.rounds and args.time_batch != args.batch:  # the step at --batch is never run
         step = remat_step(model, policy,
                           token_batch(config["vocab_size"], args.time_batch, seq, 0))
-      runs[_name(seq, policy)] = step.run
+      if args.rounds:
+        runs[_name(seq, policy)] = step.run
       log(f"compiled {_name(seq, policy)}: peak at batch {args.batch} "
           f"{_common.format_mib(compiled[seq, policy].peak)} MiB")
   smoa_jax.set_remat(model, "none")
+  if not runs:
+    return Measured(compiled, None, description)
   log(f"timing {len(runs)} steps at batch {args.time_batch}, {args.rounds} interleaved rounds")
   timings = _common.time_interleaved(runs, rounds=args.rounds, max_seconds=args.max_seconds)
   return Measured(compiled, timings, description)
@@ -143,10 +146,11 @@ def render(m: Measured, args: argparse.Namespace) -> str:
     for policy in POLICIES:
       c = m.compiled[seq, policy]
       name = _name(seq, policy)
+      times = ([f"{t.median(name):.3g}", f"{t.ratio(name, _name(seq, 'none')):.2f}"] if t else
+               ["-", "-"])
       rows.append([seq, policy, *map(_common.format_mib, (c.resident, c.step, c.peak)),
                    f"{c.peak / none.peak:.2f}", f"{c.flops / 1e9:,.1f}",
-                   f"{c.flops / none.flops:.2f}", f"{t.median(name):.3g}",
-                   f"{t.ratio(name, _name(seq, 'none')):.2f}"])
+                   f"{c.flops / none.flops:.2f}", *times])
   layers = "unrolled layers (--unrolled)" if args.unrolled else "`scan_layers=True`"
   parts = [
       f"One training step (forward + backward + clip + AdamW, float32) of {m.model} with SMoA "
@@ -155,9 +159,10 @@ def render(m: Measured, args: argparse.Namespace) -> str:
       f"batch {args.batch}: `resident` = arguments (weights, factors, AdamW state, batch), "
       "`step` = temp + output - donated alias, `peak` = their sum. `GFLOP` = XLA's "
       "`cost_analysis()` (the scanned layer body counted once: the program outside the layer "
-      f"loop plus one layer). Step time at batch {args.time_batch} (why: the docstring of "
-      f"`benchmarks/remat.py`), one interleaved run of {t.rounds} rounds; `time / none` is the "
-      "median of per-round ratios.",
+      "loop plus one layer). " + (
+          f"Step time at batch {args.time_batch} (why: the docstring of `benchmarks/remat.py`), "
+          f"one interleaved run of {t.rounds} rounds; `time / none` is the median of per-round "
+          "ratios." if t else "Not timed (`--rounds 0`)."),
       _common.markdown_table(["T", "remat", "resident", "step", "peak", "peak / none", "GFLOP",
                               "flops / none", "step s", "time / none"], rows),
   ]
@@ -165,11 +170,13 @@ def render(m: Measured, args: argparse.Namespace) -> str:
   verdicts = []
   for policy in POLICIES[1:]:
     peak = m.compiled[longest, policy].peak / m.compiled[longest, "none"].peak
-    slower = t.ratio(_name(longest, policy), _name(longest, "none"))
-    verdicts.append(
-        f"- `{policy}` at T={longest}: peak {peak:.2f}x of `none` (goal <= {PEAK_GOAL}: "
-        f"**{'MET' if peak <= PEAK_GOAL else 'MISSED'}**), time {slower:.2f}x (goal <= "
-        f"{TIME_GOAL}: **{'MET' if slower <= TIME_GOAL else 'MISSED'}**).")
+    verdict = (f"- `{policy}` at T={longest}: peak {peak:.2f}x of `none` (goal <= {PEAK_GOAL}: "
+               f"**{'MET' if peak <= PEAK_GOAL else 'MISSED'}**)")
+    if t:
+      slower = t.ratio(_name(longest, policy), _name(longest, "none"))
+      verdict += (f", time {slower:.2f}x (goal <= {TIME_GOAL}: "
+                  f"**{'MET' if slower <= TIME_GOAL else 'MISSED'}**)")
+    verdicts.append(verdict + ".")
   parts.append("\n".join(verdicts))
   return "\n\n".join(parts)
 
@@ -185,7 +192,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--time-batch", type=int, default=1,
                       help="sequences per timed step (default 1: `none` at 4 x 2048 needs more "
                            "memory than a shared machine has free)")
-  parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default 3)")
+  parser.add_argument("--rounds", type=int, default=3,
+                      help="interleaved timing rounds (default 3; 0: memory only, nothing run)")
   parser.add_argument("--max-seconds", type=float, default=1800.0,
                       help="stop timing after this long, once 3 rounds are done")
   parser.add_argument("--unrolled", action="store_true",

@@ -70,8 +70,7 @@ def test_quality_synthetic_quick_runs_and_does_not_write():
 def test_remat_quick_runs_and_does_not_write():
   before = _results_text()
   body = remat.main(["--quick", "--no-write"])
-  rows = [line for line in body.splitlines() if line.startswith("| 16 |") or
-          line.startswith("| 32 |")]
+  rows = [line for line in body.splitlines() if line.startswith(("| 16 |", "| 32 |"))]
   assert len(rows) == 2 * len(remat.POLICIES), body
   assert "`full` at T=32" in body and "`dots` at T=32" in body
   assert _results_text() == before
