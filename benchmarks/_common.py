@@ -58,6 +58,7 @@ __all__ = [
     "aot_compile",
     "blocking_call",
     "allocated_bytes",
+    "compiled_cost",
     "array_nbytes",
     "tree_nbytes",
     "tree_size",
@@ -113,6 +114,16 @@ def allocated_bytes(compiled: jax.stages.Compiled) -> int:
   output buffers, less the outputs that reuse donated argument buffers."""
   stats = compiled.memory_analysis()
   return stats.temp_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+
+
+def compiled_cost(compiled: jax.stages.Compiled) -> tuple[float, float]:
+  """``(flops, bytes accessed)`` of one call by XLA's cost analysis of the compiled program (0.0
+  where the backend gives none). A loop body (``scan``) is counted once, not once per iteration."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
+    cost = cost[0] if cost else {}
+  cost = cost or {}
+  return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
 
 def array_nbytes(array: Any) -> int:

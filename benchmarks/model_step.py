@@ -152,7 +152,7 @@ class JaxStep:
   optimizer_bytes: int
   resident_bytes: int
   step_bytes: int
-  xla_flops: float  # XLA's cost analysis of the compiled step
+  xla_flops: float  # XLA's cost analysis of the compiled step (a scanned loop body counted once)
   xla_bytes: float
 
 
@@ -169,12 +169,9 @@ def jax_step(model: nnx.Module, batch: dict[str, jax.Array]) -> JaxStep:
     state[0], state[1], loss = compiled(state[0], state[1], rest, batch)
     return jax.block_until_ready((state[0], state[1], loss))
 
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # one dict per program in old jax
   return JaxStep(run, _common.tree_size(params), _common.tree_nbytes(opt_state),
                  compiled.memory_analysis().argument_size_in_bytes,
-                 _common.allocated_bytes(compiled), float(cost.get("flops", 0.0)),
-                 float(cost.get("bytes accessed", 0.0)))
+                 _common.allocated_bytes(compiled), *_common.compiled_cost(compiled))
 
 
 def jax_forward(model: nnx.Module, batch: dict[str, jax.Array]) -> Callable[[], Any]:

@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 import smoa_jax
+from smoa_jax.app import assets
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks` is a folder of scripts at the repo root, not installed
@@ -26,7 +27,9 @@ from benchmarks import (
   _common,
   _models,
   layer_step,
+  mixed_precision,
   quality_synthetic,
+  remat,
   spectral_prep,
 )
 from benchmarks.authors_torch import compare_with_smoa_jax
@@ -60,6 +63,28 @@ def test_quality_synthetic_quick_runs_and_does_not_write():
   rows = [line for line in body.splitlines() if line.startswith("| random 96x160 |")]
   assert len(rows) == len(quality_synthetic.TARGETS) * len(quality_synthetic.METHODS)
   assert sum("**best**" in row for row in rows) == len(quality_synthetic.TARGETS)
+  assert _results_text() == before
+
+
+@pytest.mark.slow  # compiles six training steps (a minute of CPU)
+def test_remat_quick_runs_and_does_not_write():
+  before = _results_text()
+  body = remat.main(["--quick", "--no-write"])
+  rows = [line for line in body.splitlines() if line.startswith(("| 16 |", "| 32 |"))]
+  assert len(rows) == 2 * len(remat.POLICIES), body
+  assert "`full` at T=32" in body and "`dots` at T=32" in body
+  assert _results_text() == before
+
+
+@pytest.mark.slow  # two short fine-tunes (tokenizes Shakespeare; needs the SmolLM2 tokenizer)
+@pytest.mark.assets
+@pytest.mark.skipif(not (assets.is_cached("smollm2") and assets.is_cached("shakespeare")),
+                    reason="SmolLM2 or Shakespeare not cached (run 'smoa-jax fetch-assets')")
+def test_mixed_precision_quick_runs_and_does_not_write():
+  before = _results_text()
+  body = mixed_precision.main(["--quick", "--no-write"])
+  assert "| float32 | 0 |" in body and "| bfloat16 | 0 |" in body
+  assert "= 0.50x." in body  # a bfloat16 base halves the tiny model's resident bytes
   assert _results_text() == before
 
 
