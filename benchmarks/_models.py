@@ -25,6 +25,7 @@ The authors' algorithm
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -35,6 +36,7 @@ import optax
 from flax import nnx
 
 import smoa_jax
+from benchmarks import _common
 
 __all__ = [
     "LLAMA_TARGETS",
@@ -42,6 +44,7 @@ __all__ = [
     "SMOLLM2_CONFIG",
     "tiny_llama_config",
     "save_random_model",
+    "measure_logged",
     "save_random_llama",
     "smollm2_model",
     "smollm2_directory",
@@ -124,6 +127,15 @@ def fast_compile(enabled: bool) -> Iterator[None]:
     yield
   finally:
     jax.config.update(name, previous)
+
+
+def measure_logged(measure: Callable[[Any, Callable[[str], None]], Any], args: Any
+                   ) -> tuple[Any, float]:
+  """``(measure(args, log), load average at the start)``: ``log`` prints with the minutes
+  elapsed, and ``--quick`` (``args.quick``) compiles under :func:`fast_compile`."""
+  load_at_start = _common.load_average()
+  with fast_compile(args.quick):
+    return measure(args, _common.minutes_log(time.perf_counter())), load_at_start
 
 
 def randomize_lora_b(model: nnx.Module, seed: int, scale: float = 0.01) -> None:

@@ -212,9 +212,7 @@ def main(argv: Sequence[str] | None = None) -> str:
   """Run the benchmark, print the results, update RESULTS.md and the plot unless told not to."""
   argv = _common.cli_argv(argv)
   args = parse_args(argv)
-  load_at_start = _common.load_average()
-  with _models.fast_compile(args.quick):
-    runs = measure(args, _common.minutes_log(time.perf_counter()))
+  runs, load_at_start = _models.measure_logged(measure, args)
   plot_path = None
   if not args.no_write:
     plot_path = plot(runs, args.window, PLOT).relative_to(_common.RESULTS_PATH.parent).as_posix()

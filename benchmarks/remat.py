@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -212,9 +211,7 @@ def main(argv: Sequence[str] | None = None) -> str:
   """Run the benchmark, print the results, update RESULTS.md unless told not to; return the body."""
   argv = _common.cli_argv(argv)
   args = parse_args(argv)
-  load_at_start = _common.load_average()
-  with _models.fast_compile(args.quick):
-    measured = measure(args, _common.minutes_log(time.perf_counter()))
+  measured, load_at_start = _models.measure_logged(measure, args)
   body = render(measured, args)
   section, title = ((f"{SECTION}_unrolled", "remat, unrolled layers (--unrolled)") if args.unrolled
                     else (SECTION, "remat: memory and time of SmolLM2-135M's step by remat policy"))

@@ -36,7 +36,6 @@ import warnings
 from typing import Any, Literal, Sequence
 
 import numpy as np
-from etils import epath
 from safetensors import SafetensorError
 from safetensors.numpy import load, load_file
 
