@@ -345,10 +345,12 @@ class _Run:
     self.eval_data, self.on_save = eval_data, on_save
     num_examples = len(next(iter(train_data.values())))
     # Every process steps through the same batches: a different copy of the data would mix
-    # silently, a different row count would hang at the first uneven step.
-    sharding.check_same_on_all_processes(
-        "training data", data_lib.digest(train_data, eval_data),
-        [num_examples, len(next(iter(eval_data.values()))) if eval_data else 0])
+    # silently, a different row count would hang at the first uneven step. (One process has
+    # nothing to compare, so the data is not hashed.)
+    if jax.process_count() > 1:
+      sharding.check_same_on_all_processes(
+          "training data", data_lib.digest(train_data, eval_data),
+          [num_examples, len(next(iter(eval_data.values()))) if eval_data else 0])
     self.total = config.total_steps(num_examples)
     self.per_epoch = data_lib.batches_per_epoch(num_examples, config.batch_size)
     tx, self.schedule = make_optimizer(config, self.total)

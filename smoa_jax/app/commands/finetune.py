@@ -280,6 +280,7 @@ def _train(args: argparse.Namespace, output: epath.Path, saved: dict[str, Any] |
     records = [json.loads(line) for line in result.metrics_path.read_text().splitlines() if line]
     plot_training_curves({output.name: records}, output / rundir.LOSS_PLOT,
                          title=f"{flags['method']} on {Path(flags['data']).name}")
-  print(json.dumps({"step": result.step, "train": result.train_metrics,
-                    "eval": result.eval_metrics, "run": str(output)}))
+  if writer:  # one summary line per job, not one per process
+    print(json.dumps({"step": result.step, "train": result.train_metrics,
+                      "eval": result.eval_metrics, "run": str(output)}))
   return 0
