@@ -4,7 +4,8 @@ Never imports PyTorch. Commands (:mod:`benchmarks._procs`): ``build`` loads the 
 every JAX candidate (:func:`benchmarks.model_step.jax_step`), the merged and base forwards, and
 writes the SMoA layers' blocks and factors (:func:`benchmarks._models.authors_spec`) to
 ``<workdir>/K{k}.npz`` for the PyTorch worker's authors models; it answers what each step holds
-(trainable scalars, memory, XLA's cost analysis). ``round`` times one interleaved round.
+(trainable scalars, memory, XLA's cost analysis) and whether the merged forward compiled to the
+base forward's program. ``round`` times one interleaved round.
 """
 
 from __future__ import annotations
@@ -60,12 +61,13 @@ def build(handlers: dict[str, Callable[..., Any]], *, model_dir: str, workdir: s
       steps[cand.name] = jax_step(model, data)
       log(f"compiled {cand.name}")
     group: dict[str, Callable[[], Any]] = {name: s.run for name, s in steps.items()}
-    group["merged fwd"] = jax_forward(merged, data)
-    group["base fwd"] = jax_forward(base, data)
+    group["merged fwd"], merged_program = jax_forward(merged, data)
+    group["base fwd"], base_program = jax_forward(base, data)
   handlers["round"] = _procs.round_handler(group)
-  return {name: {"trainable": s.trainable, "optimizer": s.optimizer_bytes,
-                 "resident": s.resident_bytes, "step": s.step_bytes, "xla_flops": s.xla_flops,
-                 "xla_bytes": s.xla_bytes} for name, s in steps.items()}
+  return {"merged_is_base": merged_program == base_program,
+          **{name: {"trainable": s.trainable, "optimizer": s.optimizer_bytes,
+                    "resident": s.resident_bytes, "step": s.step_bytes, "xla_flops": s.xla_flops,
+                    "xla_bytes": s.xla_bytes} for name, s in steps.items()}}
 
 
 if __name__ == "__main__":

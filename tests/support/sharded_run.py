@@ -63,8 +63,8 @@ def make_checkpoint(path: Path) -> str:
 
 
 def start(args: list[str], devices: int, env: dict[str, str] | None = None,
-          cache_dir: Path | None = None) -> subprocess.Popen:
-  """Start ``python -m tests.support.sharded_run ARGS`` with ``devices`` simulated CPU devices.
+          cache_dir: Path | None = None, module: str = "tests.support.sharded_run") -> subprocess.Popen:
+  """Start ``python -m MODULE ARGS`` with ``devices`` simulated CPU devices.
 
   ``cache_dir``: a JAX compilation cache, so programs compiled twice in the run compile once.
   """
@@ -73,12 +73,13 @@ def start(args: list[str], devices: int, env: dict[str, str] | None = None,
   if cache_dir is not None:
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  return subprocess.Popen([sys.executable, "-m", "tests.support.sharded_run", *args], cwd=ROOT, env=env,
+  return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def finish(procs: list[subprocess.Popen], timeout: float) -> None:
-  """Wait for every process; on a failure or timeout kill the others and raise with the logs."""
+def finish(procs: list[subprocess.Popen], timeout: float, returncode: int = 0) -> list[str]:
+  """Wait for every process and return their logs; when one does not exit with ``returncode``,
+  or on a timeout, kill the others and raise with the logs."""
   try:
     outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
   except subprocess.TimeoutExpired:
@@ -88,10 +89,12 @@ def finish(procs: list[subprocess.Popen], timeout: float) -> None:
       if proc.poll() is None:
         proc.kill()
         proc.wait()
-  failed = [(i, out) for i, (proc, out) in enumerate(zip(procs, outputs)) if proc.returncode != 0]
+  failed = [(i, out) for i, (proc, out) in enumerate(zip(procs, outputs))
+            if proc.returncode != returncode]
   if failed:
-    raise AssertionError("\n".join(f"--- process {i} (exit {procs[i].returncode}):\n{out[-6000:]}"
-                                    for i, out in failed))
+    raise AssertionError("\n".join(f"--- process {i} (exit {procs[i].returncode}, expected "
+                                    f"{returncode}):\n{out[-6000:]}" for i, out in failed))
+  return outputs
 
 
 def token_data(n: int = 16, length: int = 8, vocab: int = 64) -> dict[str, np.ndarray]:

@@ -262,7 +262,6 @@ def _train(args: argparse.Namespace, output: epath.Path, saved: dict[str, Any] |
   train_config = dataclasses.replace(train_config, learning_rate=learning_rate)
   if writer:
     common.log(f"learning rate {learning_rate:g} ({source}; --lr sets another)")
-  if writer:
     if args.overwrite:
       rundir.clear_run_dir(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -276,11 +275,10 @@ def _train(args: argparse.Namespace, output: epath.Path, saved: dict[str, Any] |
   result = smoa_jax.train(model, common.task_of(flags["task"]), train_tokens.arrays, train_config,
                           eval_data=eval_tokens.arrays if eval_tokens is not None else None,
                           output_dir=output, resume=saved is not None, on_save=on_save, mesh=mesh)
-  if writer:
+  if writer:  # one plot and one summary line per job, not one per process
     records = [json.loads(line) for line in result.metrics_path.read_text().splitlines() if line]
     plot_training_curves({output.name: records}, output / rundir.LOSS_PLOT,
                          title=f"{flags['method']} on {Path(flags['data']).name}")
-  if writer:  # one summary line per job, not one per process
     print(json.dumps({"step": result.step, "train": result.train_metrics,
                       "eval": result.eval_metrics, "run": str(output)}))
   return 0
