@@ -152,6 +152,22 @@ def test_study_run_cache_round_trip_and_keys(tmp_path):
     cache.load(other)
 
 
+def test_study_estimate_counts_each_run_once(tmp_path):
+  plan = study.STUDIES["shakespeare"]
+  rate = study.SECONDS_PER_STEP["shakespeare"]
+  minutes = study.estimate(plan, study.RunCache(tmp_path))
+  steps = plan.base.steps
+  # lr: the 3-point grid and one widening per method; seeds: 4 more seeds per method.
+  assert minutes["lr"] == pytest.approx(4 * steps * sum(rate.values()) / 60)
+  assert minutes["seeds"] == pytest.approx(4 * steps * sum(rate.values()) / 60)
+  # budget: 4 budgets x 4 series at seed 0, less the 3 runs at p = 8 that the seeds part has.
+  per_p = rate["lora"] + rate["hira"] + 2 * rate["smoa"]
+  shared = rate["lora"] + rate["hira"] + rate["smoa"]
+  assert minutes["budget"] == pytest.approx((4 * per_p - shared) * steps / 60)
+  # K ablation: K = 4 (seeds 1, 2; seed 0 is on the budget curve) and K = 8 (seeds 0-2).
+  assert minutes["kablation"] == pytest.approx(5 * rate["smoa"] * steps / 60)
+
+
 def test_study_widens_the_grid_until_the_best_rate_is_interior():
   calls = []
 
