@@ -428,7 +428,8 @@ def _diff_text(plan: StudyPlan, a: str, b: str, res: Paired) -> str:
   if res.verdict == "one seed":
     return text + " (one seed: no interval)."
   return (text + f", 95% interval [{scale * res.low:+.2f}, {scale * res.high:+.2f}]: "
-          f"**{a} {res.verdict}**" + ("." if res.verdict != "level" else " (the interval holds 0)."))
+          f"**{a} {res.verdict}**"
+          + ("." if res.verdict != "level" else " (the interval holds 0)."))
 
 
 # -- the parts -------------------------------------------------------------------------------------
@@ -690,14 +691,21 @@ def render(plan: StudyPlan, cache: RunCache, *, plots: bool) -> str:
                  f"{_fmt(plan, ref['test'])}.")
   except NotRun:
     parts.append("Reference: not run yet.")
+  bodies, verdicts = [], []
   for part in PARTS:
     plot = PLOTS_DIR / f"study_{plan.task}_budget.png" if plots and part == "budget" else None
     try:
       body = PART_FUNCTIONS[part](runner, plot)
     except NotRun:
       body = "Not run yet."
-    parts.append(f"### {PART_TITLES[part]} (`--part {part}`)\n\n{body}")
-  return "\n\n".join(parts)
+    # Every comparison with an interval ends in a bold verdict: the conclusions gather them.
+    verdicts += [f"- {PART_TITLES[part]}: {line[2:]}" for line in body.splitlines()
+                 if line.startswith("- ") and "**" in line]
+    bodies.append(f"### {PART_TITLES[part]} (`--part {part}`)\n\n{body}")
+  conclusions = ("### Conclusions (95% t intervals of paired differences; the sections below "
+                 "give the details)\n\n" + ("\n".join(verdicts) if verdicts else
+                                            "None yet: no comparison with an interval has run."))
+  return "\n\n".join(parts + [conclusions] + bodies)
 
 
 # -- command line ----------------------------------------------------------------------------------

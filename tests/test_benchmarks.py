@@ -102,6 +102,8 @@ def test_study_quick_runs_every_part_then_trains_nothing_from_its_cache(tmp_path
   first = study.main(argv)
   files = sorted((tmp_path / "sentiment").glob("*.json"))
   assert len(files) > 10 and "Not run yet" not in first, first
+  conclusions = first[first.index("### Conclusions"):first.index("### Learning rates")]
+  assert conclusions.count("\n- ") >= 6 and "**SMoA " in conclusions, conclusions
   assert all(json.loads(f.read_text())["config"]["quick"] for f in files)
   # Every part has its table, read back from the cache.
   for header in ("| method | chosen lr |", "| method | trainable | lr |", "| p | method | r |",
@@ -124,6 +126,7 @@ def test_study_renders_parts_without_runs_as_not_run_yet(tmp_path):
   # Publishing reads the cache only: with no runs, nothing is trained and nothing is faked.
   body = study.render(study.STUDIES["shakespeare"], study.RunCache(tmp_path), plots=False)
   assert body.count("Not run yet.") == len(study.PARTS) and "Reference: not run yet." in body
+  assert "None yet: no comparison with an interval has run." in body
   assert not any(tmp_path.iterdir())
 
 
