@@ -85,6 +85,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -412,6 +413,8 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
 def _pm(plan: StudyPlan, values: Sequence[float]) -> str:
   if not all(math.isfinite(v) for v in values):
     return "diverged"
+  if len(values) == 1:  # no spread to show
+    return _fmt(plan, values[0])
   mean, sd = _mean_sd(values)
   if plan.base.higher_is_better:
     return f"{100 * mean:.1f}% +- {100 * sd:.1f}"
@@ -527,11 +530,12 @@ def part_budget(runner: Runner, plot: Path | None = None) -> str:
           "method keeps the rate it was chosen at p = "
           f"{plan.base.p} (SMoA K=4 takes SMoA K=2's): no grid per budget.\n\n"
           + _common.markdown_table(["p", "method", "r", "trainable", "lr",
-                                    f"test {plan.base.metric} (mean +- sd)"], rows)
+                                    f"test {plan.base.metric} (mean +- sd; one seed: "
+                                    "the value)"], rows)
           + "\n\n" + "\n".join(lines))
   if plot is not None:
     _plot_budget(plan, curves, plot)
-    text += f"\n\n![budget curve]({plot.relative_to(ROOT).as_posix()})"
+    text += f"\n\n![budget curve]({Path(os.path.relpath(plot, ROOT)).as_posix()})"
   return text
 
 

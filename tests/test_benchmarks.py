@@ -120,6 +120,11 @@ def test_study_quick_runs_every_part_then_trains_nothing_from_its_cache(tmp_path
   assert second.rsplit("\n\n", 1)[0] == first.rsplit("\n\n", 1)[0]  # all but the last line
   assert sorted((tmp_path / "sentiment").glob("*.json")) == files
   assert _results_text() == before
+  # The budget plot, drawn from the cache alone.
+  runner = study.Runner(study.quick_study(study.STUDIES["sentiment"]), study.RunCache(tmp_path),
+                        train=False)
+  text = study.part_budget(runner, tmp_path / "budget.png")
+  assert (tmp_path / "budget.png").stat().st_size > 0 and "budget.png)" in text
 
 
 def test_study_renders_parts_without_runs_as_not_run_yet(tmp_path):
