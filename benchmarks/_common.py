@@ -70,6 +70,7 @@ __all__ = [
     "command_line",
     "markdown_table",
     "write_section",
+    "atomic_write_text",
     "cli_argv",
     "benchmark_parser",
     "add_run_flags",
@@ -259,6 +260,13 @@ def write_section(name: str, title: str, body: str, *, command: str, machine: st
     text = pattern.sub(lambda _: section, text)
   else:
     text = text.rstrip("\n") + "\n\n" + section + "\n"
+  atomic_write_text(path, text)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+  """Replace ``path`` by ``text`` atomically: a temporary file in the same folder, then
+  ``os.replace``; readers see the old file or the new one, never a half-written one. An existing
+  file keeps its permissions, a new one gets 0644."""
   mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:

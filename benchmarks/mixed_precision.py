@@ -69,9 +69,9 @@ def train_run(ctx: quality_real.Context, dtype: str, seed: int, args: argparse.N
   model = smoa_jax.from_hf(ctx.model_dir, dtype=jnp.dtype(dtype), scan_layers=True)
   smoa_jax.apply_adapter(model, _budgets.smoa_config(8, 2, _models.LLAMA_TARGETS),
                          rngs=nnx.Rngs(seed), verbose=False, show_progress=False,
-                         blocks=ctx.blocks)
-  if ctx.blocks is None:
-    ctx.blocks = {path: layer.blocks for path, layer in smoa_jax.adapter_layers(model)}
+                         blocks=ctx.blocks.get(2))
+  if 2 not in ctx.blocks:
+    ctx.blocks[2] = {path: layer.blocks for path, layer in smoa_jax.adapter_layers(model)}
   config = smoa_jax.TrainConfig(steps=args.steps, batch_size=args.batch, learning_rate=args.lr,
                                 warmup_steps=args.warmup, seed=seed, log_every=1, progress=False)
   start = time.perf_counter()

@@ -98,6 +98,7 @@ class Plan:
   val_limit: int | None
   test_limit: int | None
   eval_batch: int
+  num_blocks: int = 2  # SMoA's K (r = K p)
 
   @property
   def higher_is_better(self) -> bool:
@@ -109,8 +110,8 @@ class Plan:
 
   @property
   def budget(self) -> _budgets.EqualBudget:
-    """SMoA r = 2p in K = 2 blocks vs LoRA and HiRA r = p."""
-    return _budgets.EqualBudget(self.p, num_blocks=2)
+    """SMoA r = K p in K blocks (K = 2 unless set) vs LoRA and HiRA r = p."""
+    return _budgets.EqualBudget(self.p, num_blocks=self.num_blocks)
 
 
 SENTIMENT = Plan(
@@ -168,7 +169,8 @@ class Context:
   model_dir: Path
   data: dict[str, dict[str, np.ndarray]]
   task: Any
-  blocks: dict[str, Any] | None = None  # SMoA spectral blocks by module path (computed once)
+  # SMoA spectral blocks by K, then by module path (computed once per K).
+  blocks: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
   kernel_curves: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
 
 
@@ -240,29 +242,35 @@ class Run:
   seed: int
   trainable: int
   head: int
-  seconds: float
+  seconds: float  # training and validation
   val: float | None
   model: Any
+  train_seconds: float = math.nan  # training alone (compiling included)
+  loss: float = math.nan  # mean training loss over the run (NaN when it diverged)
 
 
-def train_run(ctx: Context, method: Method, lr: float, seed: int, *, validate: bool) -> Run:
+def train_run(ctx: Context, method: Method, lr: float, seed: int, *, validate: bool,
+              plan: Plan | None = None) -> Run:
   """Adapt a fresh model, train it, and (``validate``) score it on the validation split.
 
-  A run whose loss becomes non-finite scores the worst possible validation metric.
+  ``plan`` overrides ``ctx.plan``'s budget and schedule (``p``, ``num_blocks``, ``steps``,
+  ``warmup_steps``); the data and evaluation stay ``ctx``'s. A run whose loss becomes non-finite
+  scores the worst possible validation metric.
   """
   from flax import nnx
 
   import smoa_jax
 
-  plan = ctx.plan
+  plan = ctx.plan if plan is None else plan
   model = load_model(ctx, seed)
   config = adapter_config(method.kind, plan)
   if config is not None:
-    smoa_blocks = ctx.blocks if method.kind == "smoa" else None
+    smoa_blocks = ctx.blocks.get(plan.num_blocks) if method.kind == "smoa" else None
     report = smoa_jax.apply_adapter(model, config, rngs=nnx.Rngs(seed), verbose=False,
                                     blocks=smoa_blocks)
-    if method.kind == "smoa" and ctx.blocks is None:
-      ctx.blocks = {path: layer.blocks for path, layer in smoa_jax.adapter_layers(model)}
+    if method.kind == "smoa" and smoa_blocks is None:
+      ctx.blocks[plan.num_blocks] = {path: layer.blocks
+                                     for path, layer in smoa_jax.adapter_layers(model)}
     trainable = report.trainable_params
   else:
     trainable = 0
@@ -275,14 +283,16 @@ def train_run(ctx: Context, method: Method, lr: float, seed: int, *, validate: b
       steps=plan.steps, batch_size=plan.batch_size, learning_rate=lr,
       warmup_steps=plan.warmup_steps, seed=seed, log_every=plan.steps, progress=False)
   start = time.perf_counter()
-  val = None
+  val, loss, train_seconds = None, math.nan, math.nan
   try:
-    smoa_jax.train(model, ctx.task, ctx.data["train"], train_config)
+    result = smoa_jax.train(model, ctx.task, ctx.data["train"], train_config)
+    train_seconds, loss = time.perf_counter() - start, result.train_metrics["loss"]
     if validate:
       val = _score(ctx, model, "validation")
   except smoa_jax.NonFiniteLossError:
     val = -math.inf if plan.higher_is_better else math.inf
-  return Run(method, lr, seed, trainable, head, time.perf_counter() - start, val, model)
+  return Run(method, lr, seed, trainable, head, time.perf_counter() - start, val, model,
+             train_seconds, loss)
 
 
 def _score(ctx: Context, model: Any, split: str) -> float:

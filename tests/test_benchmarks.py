@@ -7,6 +7,9 @@ writer is checked to touch only its own section.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from benchmarks import (
   quality_synthetic,
   remat,
   spectral_prep,
+  study,
 )
 from benchmarks.authors_torch import compare_with_smoa_jax
 
@@ -86,6 +90,129 @@ def test_mixed_precision_quick_runs_and_does_not_write():
   assert "| float32 | 0 |" in body and "| bfloat16 | 0 |" in body
   assert "= 0.50x." in body  # a bfloat16 base halves the tiny model's resident bytes
   assert _results_text() == before
+
+
+@pytest.mark.slow  # about 20 tiny fine-tunes (tokenizes the sentiment data; MiniLM's tokenizer)
+@pytest.mark.assets
+@pytest.mark.skipif(not (assets.is_cached("minilm") and assets.is_cached("sentiment")),
+                    reason="MiniLM or the sentiment data not cached (run 'smoa-jax fetch-assets')")
+def test_study_quick_runs_every_part_then_trains_nothing_from_its_cache(tmp_path, monkeypatch):
+  before = _results_text()
+  argv = ["--task", "sentiment", "--quick", "--cache-dir", str(tmp_path)]
+  first = study.main(argv)
+  files = sorted((tmp_path / "sentiment").glob("*.json"))
+  assert len(files) > 10 and "Not run yet" not in first, first
+  conclusions = first[first.index("### Conclusions"):first.index("### Learning rates")]
+  assert conclusions.count("\n- ") >= 6 and "**SMoA " in conclusions, conclusions
+  assert all(json.loads(f.read_text())["config"]["quick"] for f in files)
+  # Every part has its table, read back from the cache.
+  for header in ("| method | chosen lr |", "| method | trainable | lr |", "| p | method | r |",
+                 "| K | r | lr |", "| run | steps |"):
+    assert header in first, header
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("a cached run was trained again")
+
+  monkeypatch.setattr(study.quality_real, "train_run", no_training)
+  monkeypatch.setattr(study.quality_real, "make_context", no_training)
+  second = study.main(argv)
+  assert "trained 0 runs" in second
+  assert second.rsplit("\n\n", 1)[0] == first.rsplit("\n\n", 1)[0]  # all but the last line
+  assert sorted((tmp_path / "sentiment").glob("*.json")) == files
+  assert _results_text() == before
+  # The budget plot, drawn from the cache alone.
+  runner = study.Runner(study.quick_study(study.STUDIES["sentiment"]), study.RunCache(tmp_path),
+                        train=False)
+  text = study.part_budget(runner, tmp_path / "budget.png")
+  assert (tmp_path / "budget.png").stat().st_size > 0 and "budget.png)" in text
+
+
+def test_study_renders_parts_without_runs_as_not_run_yet(tmp_path):
+  # Publishing reads the cache only: with no runs, nothing is trained and nothing is faked.
+  body = study.render(study.STUDIES["shakespeare"], study.RunCache(tmp_path), plots=False)
+  assert body.count("Not run yet.") == len(study.PARTS) and "Reference: not run yet." in body
+  assert "None yet: no comparison with an interval has run." in body
+  assert not any(tmp_path.iterdir())
+
+
+def test_study_quick_never_caches_into_the_repository():
+  with pytest.raises(SystemExit):
+    study.parse_args(["--task", "sentiment", "--quick", "--cache-dir",
+                      str(study.RUNS_DIR / "sentiment")])
+  with pytest.raises(SystemExit):
+    study.parse_args(["--task", "instruct"])
+
+
+def test_study_run_cache_round_trip_and_keys(tmp_path):
+  cache = study.RunCache(tmp_path)
+  spec = study.RunSpec("sentiment", "smoa", 8, 2, 0.04, 0, 300, 30, 32, 64, ("query", "value"),
+                       None, None, False)
+  assert cache.load(spec) is None
+  cache.store(spec, {"val": 0.8, "test": 0.81})
+  assert cache.load(spec) == {"val": 0.8, "test": 0.81}
+  assert [p.name for p in (tmp_path / "sentiment").iterdir()] == [f"{spec.key}.json"]
+  other = dataclasses.replace(spec, seed=1)
+  assert other.key != spec.key and cache.load(other) is None
+  assert dataclasses.replace(spec, protocol=study.PROTOCOL + 1).key != spec.key
+  # A file that holds another run under this key (hand-edited, or a collision) is an error.
+  cache.path(other).write_text(cache.path(spec).read_text())
+  with pytest.raises(ValueError, match="delete it"):
+    cache.load(other)
+
+
+def test_study_estimate_counts_each_run_once(tmp_path):
+  plan = study.STUDIES["shakespeare"]
+  rate = study.SECONDS_PER_STEP["shakespeare"]
+  minutes = study.estimate(plan, study.RunCache(tmp_path))
+  steps = plan.base.steps
+  # lr: the 3-point grid and one widening per method; seeds: 4 more seeds per method.
+  assert minutes["lr"] == pytest.approx(4 * steps * sum(rate.values()) / 60)
+  assert minutes["seeds"] == pytest.approx(4 * steps * sum(rate.values()) / 60)
+  # budget: 4 budgets x 4 series at seed 0, less the 3 runs at p = 8 that the seeds part has.
+  per_p = rate["lora"] + rate["hira"] + 2 * rate["smoa"]
+  shared = rate["lora"] + rate["hira"] + rate["smoa"]
+  assert minutes["budget"] == pytest.approx((4 * per_p - shared) * steps / 60)
+  # K ablation: K = 4 (seeds 1, 2; seed 0 is on the budget curve) and K = 8 (seeds 0-2).
+  assert minutes["kablation"] == pytest.approx(5 * rate["smoa"] * steps / 60)
+
+
+def test_study_widens_the_grid_until_the_best_rate_is_interior():
+  calls = []
+
+  def score(lr):  # validation accuracy peaking at lr = 1e-3 (log-quadratic)
+    calls.append(lr)
+    return 1.0 - (np.log10(lr) + 3.0) ** 2
+
+  choice = study.select_lr(score, (0.02, 0.04, 0.08), higher_is_better=True, factor=2.0,
+                           max_widenings=10)
+  # 0.02 / 2^4 = 0.00125 is the best; 0.000625 (one more step down) shows it is interior.
+  assert choice.lr == 0.00125 and not choice.on_edge and choice.widenings == 5
+  assert calls == [0.02, 0.04, 0.08, 0.01, 0.005, 0.0025, 0.00125, 0.000625]
+  assert list(choice.scores) == sorted(calls)
+  capped = study.select_lr(score, (0.02, 0.04, 0.08), higher_is_better=True, max_widenings=2)
+  assert capped.lr == 0.005 and capped.on_edge and capped.widenings == 2
+  # Perplexity (lower is better), the top rate diverges: widen upwards once, then stop there.
+  ppl = {0.01: 70.0, 0.02: 65.0, 0.04: 60.0, 0.08: math.inf}
+  choice = study.select_lr(ppl.__getitem__, (0.01, 0.02, 0.04), higher_is_better=False)
+  assert choice.lr == 0.04 and not choice.on_edge and choice.widenings == 1
+
+
+def test_study_paired_difference_on_known_numbers():
+  t = 4.302652729911275  # scipy.stats.t.ppf(0.975, 2)
+  res = study.paired_difference([3.0, 4.0, 5.0], [2.0, 2.0, 2.0], higher_is_better=True)
+  # d = (1, 2, 3): mean 2, sd 1, half width t / sqrt(3).
+  assert res.n == 3 and res.mean == pytest.approx(2.0)
+  assert (res.low, res.high) == pytest.approx((2 - t / math.sqrt(3), 2 + t / math.sqrt(3)))
+  assert res.verdict == "level"
+  tight = ([2.0, 2.1, 1.9], [0.0, 0.0, 0.0])
+  assert study.paired_difference(*tight, higher_is_better=True).verdict == "ahead"
+  assert study.paired_difference(*tight, higher_is_better=False).verdict == "behind"
+  assert study.paired_difference(tight[1], tight[0], higher_is_better=False).verdict == "ahead"
+  assert study.paired_difference([1.0], [0.0], higher_is_better=True).verdict == "one seed"
+  assert study.paired_difference([1.0, math.inf], [0.0, 1.0],
+                                 higher_is_better=False).verdict == "diverged"
+  with pytest.raises(ValueError, match="same seeds"):
+    study.paired_difference([1.0, 2.0], [1.0], higher_is_better=True)
 
 
 @pytest.mark.parametrize("method", quality_synthetic.METHODS)
