@@ -88,6 +88,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -179,13 +180,24 @@ def _logits(graphdef: Any, state: Any, ids: jax.Array, mask: jax.Array) -> jax.A
   return nnx.merge(graphdef, state)(ids, attention_mask=mask)
 
 
+DEBUG_TABLES = ("FileNames", "FunctionNames", "FileLocations", "StackFrames")
+
+
+def program_text(compiled: jax.stages.Compiled) -> str:
+  """The optimized HLO of ``compiled`` without its debug information (op metadata and the
+  source-location tables, which name the caller's line): two programs with equal text are the
+  same executable."""
+  text = re.sub(r", metadata=\{[^}]*\}", "", compiled.as_text())
+  return "\n\n".join(block for block in text.split("\n\n") if not block.startswith(DEBUG_TABLES))
+
+
 def jax_forward(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[Callable[[], Any], str]:
-  """AOT-compiled logits of the whole model (merged-inference timing), and the optimized HLO
-  text of that program (two models with equal text run the very same executable)."""
+  """AOT-compiled logits of the whole model (merged-inference timing), and that program's
+  :func:`program_text`."""
   graphdef, state = nnx.split(model)
   args = (state, batch["input_ids"], batch["attention_mask"])
   compiled = _common.aot_compile(functools.partial(_logits, graphdef), *args)
-  return _common.blocking_call(compiled, *args), compiled.as_text()
+  return _common.blocking_call(compiled, *args), program_text(compiled)
 
 
 # -- cost model ------------------------------------------------------------------------------------

@@ -54,6 +54,8 @@ def test_model_step_quick_runs_and_does_not_write():
                "Equal trainable parameters", "Goal 1", "Goal 2", "Goal 3",
                "two worker processes, one per framework"):
     assert text in body, text
+  # The merged model's forward is the base model's very program (what Goal 3 rests on).
+  assert "compiled to the very same XLA program" in body
   # Every candidate was timed: a number in each row's step time, none missing.
   rows = [line for line in body.splitlines() if line.startswith("| PEFT ")]
   assert len(rows) == 2 * 2  # PEFT LoRA and HiRA, in the speed and memory tables

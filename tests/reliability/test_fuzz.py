@@ -46,11 +46,17 @@ def test_ops_stay_finite_and_merge_round_trips(case):
   b = b + 0.05 * jnp.asarray(rng.standard_normal(b.shape), jnp.float32)  # |1 + s ab| stays > 0
   x = jnp.asarray(rng.standard_normal((3, m)) * scale, dtype)
 
-  y, grads = jax.value_and_grad(lambda a, b: jnp.sum(op.apply(x, None, w, a, b, perms).astype(jnp.float32)),
-                                argnums=(0, 1))(a, b)
+  @jax.jit  # one program per drawn shape: op by op, each example compiled dozens of them
+  def check(x, w, a, b, perms):
+    y, grads = jax.value_and_grad(
+        lambda a, b: jnp.sum(op.apply(x, None, w, a, b, perms).astype(jnp.float32)),
+        argnums=(0, 1))(a, b)
+    restored = op.unmerged_kernel(op.merged_kernel(w, a, b, perms), a, b, perms)
+    return y, grads, op.delta(w, a, b, perms), restored
+
+  y, grads, delta, restored = check(x, w, a, b, perms)
   assert np.isfinite(float(y)) and all(np.all(np.isfinite(np.asarray(g))) for g in grads)
-  assert np.all(np.isfinite(np.asarray(op.delta(w, a, b, perms))))
-  restored = op.unmerged_kernel(op.merged_kernel(w, a, b, perms), a, b, perms)
+  assert np.all(np.isfinite(np.asarray(delta)))
   rtol = 1e-5 if dtype == jnp.float32 else 2e-2
   np.testing.assert_allclose(np.asarray(restored, np.float32), np.asarray(w, np.float32),
                              rtol=rtol, atol=rtol * scale * 1e-3)
