@@ -39,13 +39,15 @@ def inputs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def test_cached_decoding_equals_the_full_forward(checkpoint, scan):
   model = smoa_jax.from_hf(checkpoint, scan_layers=scan)
   ids, mask, positions = (jnp.asarray(a) for a in inputs())
-  full = np.asarray(model(ids, mask, positions))
+  # Jitted: one program per input length (op by op, every call compiled each primitive).
+  call = nnx.jit(lambda model, *args, cache=None: model(*args, cache=cache))
+  full = np.asarray(call(model, ids, mask, positions))
   cache = model.init_cache(2, 16)
   # A prefill of 5 tokens, a chunk of 3, then one token at a time.
   pieces = []
   for start, stop in [(0, 5), (5, 8)] + [(t, t + 1) for t in range(8, LENGTH)]:
-    logits, cache = model(ids[:, start:stop], mask[:, start:stop], positions[:, start:stop],
-                          cache=cache)
+    logits, cache = call(model, ids[:, start:stop], mask[:, start:stop], positions[:, start:stop],
+                         cache=cache)
     pieces.append(np.asarray(logits))
   cached = np.concatenate(pieces, axis=1)
   valid = np.asarray(mask).astype(bool)  # padded query positions are undefined in both

@@ -84,8 +84,11 @@ def loss_and_grad(model: nnx.Module):
   return jax.jit(jax.value_and_grad(loss_fn)), params
 
 
-@pytest.mark.parametrize("family,scan", [("llama", False), ("llama", True), ("gpt2", False),
-                                         ("gpt2", True)])
+# By default scanned Llama and unrolled GPT-2 (both families, both layer stacks); the rest with
+# -m slow.
+@pytest.mark.parametrize("family,scan", [pytest.param("llama", False, marks=pytest.mark.slow),
+                                         ("llama", True), ("gpt2", False),
+                                         pytest.param("gpt2", True, marks=pytest.mark.slow)])
 def test_remat_keeps_losses_and_gradients(family, scan):
   model = adapted_model(family, scan)
   data = batch(2, 12)

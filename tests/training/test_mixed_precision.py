@@ -42,8 +42,13 @@ def test_bfloat16_base_keeps_adapters_and_optimizer_in_their_dtype(llama_dir, ad
   assert dtypes(model, TrainableParam) == {expected}  # SMoA's a and b
   assert opt_state_dtypes(model) == {expected}  # AdamW's moments follow the factors
   data = {k: jnp.asarray(v) for k, v in token_data(4, vocab=97).items()}
-  logits = model(data["input_ids"], attention_mask=data["attention_mask"])
-  loss, weight, _ = smoa_jax.CausalLMTask().loss(model, data)
+
+  @nnx.jit  # one program (op by op, the two forwards compiled every primitive)
+  def forward_and_loss(model, data):
+    logits = model(data["input_ids"], attention_mask=data["attention_mask"])
+    return logits, smoa_jax.CausalLMTask().loss(model, data)
+
+  logits, (loss, weight, _) = forward_and_loss(model, data)
   assert logits.dtype == jnp.float32 and loss.dtype == jnp.float32 and weight.dtype == jnp.float32
 
 
