@@ -12,8 +12,10 @@ from __future__ import annotations
 from tests.support import xla
 
 xla.compile_fast()  # before anything starts JAX: the workers and subprocesses inherit it
+_SHARED_COMPILATIONS = xla.share_compilations()
 
-import types  # noqa: E402
+import shutil  # noqa: E402
+import types
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -26,6 +28,26 @@ from tests.support import corpus, hf, sharded_run, toy
 from tests.support.cli import LM_RUN_EXTRA, finetune_argv
 from tests.support.files import tree_digest, write_jsonl
 from tests.support.state import adapter_arrays
+
+
+# The longest test files of the default run (1-3 min each on 2 cores), handed out first: with
+# `--dist loadfile --no-loadscope-reorder` (pyproject.toml) a worker takes whole files in collection
+# order, and a long file handed out last keeps one worker busy after the other is done (xdist's own
+# order, most tests first, left the 90 s multi-process test to the end).
+LONGEST_FIRST = ("app/test_cli.py", "test_readme.py", "parallel/test_multiprocess.py",
+                 "training/test_loop.py", "models/test_remat.py", "inference/test_decode.py",
+                 "app/test_demo.py", "models/test_gemma.py", "test_scripts.py", "test_examples.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  tests = Path(__file__).parent
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.relative_to(tests).as_posix(), len(rank)))
+
+
+def pytest_unconfigure(config):
+  if _SHARED_COMPILATIONS is not None:  # the process that created it: the controller
+    shutil.rmtree(_SHARED_COMPILATIONS)
 
 
 def _read_only(path: Path) -> Iterator[Path]:

@@ -26,6 +26,7 @@ import pytest
 import smoa_jax
 from smoa_jax.app import assets, cli
 from tests.support.corpus import VERSE
+from tests.support.decoding import greedy_without_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -80,11 +81,7 @@ def check_generation(namespace: dict) -> None:
   whole sequence through the model for every new token, without a cache."""
   model, ids = namespace["model"], namespace["ids"]
   cached = smoa_jax.generate_ids(model, ids, max_new_tokens=6, eos_token_ids=[])
-  for prompt, new in zip(ids, cached):
-    sequence = list(prompt)
-    for _ in range(6):
-      sequence.append(int(jnp.argmax(model(jnp.asarray([sequence]))[0, -1])))
-    assert new == sequence[len(prompt):]
+  assert cached == greedy_without_cache(model, ids, 6)
 
 
 def check_named_adapters(namespace: dict) -> None:

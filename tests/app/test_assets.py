@@ -18,6 +18,7 @@ from flax import nnx
 import smoa_jax
 from smoa_jax.app import assets
 from smoa_jax.models.hf import from_hf
+from tests.support.decoding import greedy_without_cache
 from tests.support.package_index import (
   EXPECTED,
   Index,
@@ -204,18 +205,10 @@ def test_smollm2_logits_and_greedy_generation_match_transformers():
     ref_ids = hf.generate(torch.tensor(ids), max_new_tokens=new_tokens,
                           do_sample=False).numpy()[0, ids.shape[1]:]
   model = from_hf(path)
-  forward = nnx.jit(lambda m, x: m(x))
-  # Greedy decoding without a cache: one fixed-length buffer (one compilation); causal attention
-  # makes the logits at position t independent of the buffer's tail.
-  length = ids.shape[1]
-  buffer = jnp.zeros((1, length + new_tokens), jnp.int32).at[:, :length].set(ids)
   # 30 float32 layers, logits up to ~40: accumulation-order differences reach ~1e-4.
-  np.testing.assert_allclose(np.asarray(forward(model, buffer))[:, :length], ref_logits, atol=1e-3,
-                             rtol=0)
-  for step in range(len(ref_ids)):
-    next_id = jnp.argmax(forward(model, buffer)[0, length + step - 1])
-    buffer = buffer.at[0, length + step].set(next_id)
-  ours = np.asarray(buffer[0, length:length + len(ref_ids)])
+  np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(ids))),
+                             ref_logits, atol=1e-3, rtol=0)
+  (ours,) = greedy_without_cache(model, ids.tolist(), len(ref_ids))
   np.testing.assert_array_equal(ours, ref_ids)
   assert "Paris" in tokenizer.decode(ours)
 
