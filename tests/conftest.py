@@ -42,7 +42,8 @@ LONGEST_FIRST = ("app/test_cli.py", "test_readme.py", "parallel/test_multiproces
 def pytest_collection_modifyitems(config, items):
   tests = Path(__file__).parent
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.relative_to(tests).as_posix(), len(rank)))
+  items.sort(key=lambda item: rank.get(item.path.relative_to(tests).as_posix(), len(rank))
+             if item.path.is_relative_to(tests) else len(rank))
 
 
 def pytest_unconfigure(config):
