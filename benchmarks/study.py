@@ -51,7 +51,8 @@ come from quality_real's RESULTS section (s / run over steps, compiling and the 
 included, at a 1-min load average of 1-2): SMoA 1.49 / LoRA 0.83 / HiRA 0.93 s on sentiment
 (MiniLM, 32 x 64 tokens), 4.07 / 3.43 / 3.27 s on Shakespeare (SmolLM2, 4 x 128 tokens). A
 FLOP count agrees (about 130 and 420 GFLOP per step), so these are not dominated by overheads.
-Once runs are cached, their own mean seconds per step replace them. The lr part assumes one
+Once runs are cached, their own median seconds per step replace them (the median: a run
+timed while the machine was busy must not inflate the rest). The lr part assumes one
 widening per method; a run shared between parts counts in the first; SMoA at K = 4 and 8 and
 the larger budgets are costed like K = 2 at p (a slight underestimate). Estimated minutes on 2
 cores with the defaults:
@@ -625,14 +626,14 @@ PART_TITLES = {"lr": "Learning rates", "seeds": "Final runs (equal parameters)",
 
 # -- the compute estimate --------------------------------------------------------------------------
 def seconds_per_step(plan: StudyPlan, cache: RunCache) -> dict[str, float]:
-  """Per method: mean seconds per step of the task's cached full runs, else quality_real's."""
+  """Per method: median seconds per step of the task's cached full runs, else quality_real's."""
   rates = dict(SECONDS_PER_STEP[plan.task])
   measured: dict[str, list[float]] = {}
   for record in cache.results(plan.task):
     config, result = record["config"], record["result"]
     if config["quick"] == plan.quick and config["steps"] and not result["diverged"]:
       measured.setdefault(config["method"], []).append(result["seconds"] / config["steps"])
-  rates.update({kind: statistics.mean(v) for kind, v in measured.items()})
+  rates.update({kind: statistics.median(v) for kind, v in measured.items()})
   return rates
 
 
