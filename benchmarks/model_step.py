@@ -158,10 +158,12 @@ class JaxStep:
   xla_bytes: float
 
 
-def jax_step(model: nnx.Module, batch: dict[str, jax.Array]) -> JaxStep:
-  """AOT-compile forward + backward + clip + AdamW over the model's ``TrainableParam`` arrays."""
+def jax_step(model: nnx.Module, batch: dict[str, jax.Array], task: Any = None) -> JaxStep:
+  """AOT-compile forward + backward + clip + AdamW over the model's ``TrainableParam`` arrays,
+  for ``task``'s loss (default ``smoa_jax.CausalLMTask()``)."""
   tx, _ = make_optimizer(smoa_jax.TrainConfig(steps=1000, learning_rate=LEARNING_RATE), 1000)
-  step, params, rest = _models.train_step(model, smoa_jax.CausalLMTask(), tx)
+  task = smoa_jax.CausalLMTask() if task is None else task
+  step, params, rest = _models.train_step(model, task, tx)
   params = jax.tree.map(jnp.copy, params)  # donated below: never the arrays other models share
   opt_state = tx.init(params)
   compiled = _common.aot_compile(step, params, opt_state, rest, batch, donate_argnums=(0, 1))

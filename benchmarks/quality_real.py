@@ -249,36 +249,49 @@ class Run:
   loss: float = math.nan  # mean training loss over the run (NaN when it diverged)
 
 
-def train_run(ctx: Context, method: Method, lr: float, seed: int, *, validate: bool,
-              plan: Plan | None = None) -> Run:
-  """Adapt a fresh model, train it, and (``validate``) score it on the validation split.
-
-  ``plan`` overrides ``ctx.plan``'s budget and schedule (``p``, ``num_blocks``, ``steps``,
-  ``warmup_steps``); the data and evaluation stay ``ctx``'s. A run whose loss becomes non-finite
-  scores the worst possible validation metric.
-  """
+def adapted_model(ctx: Context, kind: str, seed: int, plan: Plan | None = None
+                  ) -> tuple[Any, int, int]:
+  """``(model, trainable, head)``: a fresh model (:func:`load_model`) with the method's adapter
+  at ``plan``'s budget (default ``ctx.plan``), the classification head trainable on sentiment;
+  ``trainable`` counts the adapter's arrays, ``head`` the head's. SMoA's spectral blocks are
+  computed once per K and kept in ``ctx.blocks``."""
   from flax import nnx
 
   import smoa_jax
 
   plan = ctx.plan if plan is None else plan
   model = load_model(ctx, seed)
-  config = adapter_config(method.kind, plan)
+  config = adapter_config(kind, plan)
+  trainable = 0
   if config is not None:
-    smoa_blocks = ctx.blocks.get(plan.num_blocks) if method.kind == "smoa" else None
+    smoa_blocks = ctx.blocks.get(plan.num_blocks) if kind == "smoa" else None
     report = smoa_jax.apply_adapter(model, config, rngs=nnx.Rngs(seed), verbose=False,
                                     blocks=smoa_blocks)
-    if method.kind == "smoa" and smoa_blocks is None:
+    if kind == "smoa" and smoa_blocks is None:
       ctx.blocks[plan.num_blocks] = {path: layer.blocks
                                      for path, layer in smoa_jax.adapter_layers(model)}
     trainable = report.trainable_params
-  else:
-    trainable = 0
   head = 0
   if plan.task == "sentiment":
     smoa_jax.mark_trainable(model, r"classifier/.*")
     head = _common.tree_size([v for path, v in nnx.iter_graph(model)
                               if isinstance(v, smoa_jax.TrainableParam) and "classifier" in path])
+  return model, trainable, head
+
+
+def train_run(ctx: Context, method: Method, lr: float, seed: int, *, validate: bool,
+              plan: Plan | None = None) -> Run:
+  """Adapt a fresh model (:func:`adapted_model`), train it, and (``validate``) score it on the
+  validation split.
+
+  ``plan`` overrides ``ctx.plan``'s budget and schedule (``p``, ``num_blocks``, ``steps``,
+  ``warmup_steps``); the data and evaluation stay ``ctx``'s. A run whose loss becomes non-finite
+  scores the worst possible validation metric.
+  """
+  import smoa_jax
+
+  plan = ctx.plan if plan is None else plan
+  model, trainable, head = adapted_model(ctx, method.kind, seed, plan)
   train_config = smoa_jax.TrainConfig(
       steps=plan.steps, batch_size=plan.batch_size, learning_rate=lr,
       warmup_steps=plan.warmup_steps, seed=seed, log_every=plan.steps, progress=False)

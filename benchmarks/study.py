@@ -29,10 +29,14 @@ Parts (``--part``; ``all`` runs them in this order, each part trains the runs it
     The K ablation at the default budget p: K = 1 (HiRA, with HiRA's rate), 2, 4, 8 (SMoA's rate),
     paired against K = 2.
 ``wallclock``
-    Equal wall-clock: LoRA trains as many steps as fit into SMoA's measured training time (mean
-    ``train_seconds`` of SMoA's final runs over the same seeds, divided by LoRA's measured
-    seconds per step; both include compiling), with LoRA's chosen rate and the same warmup
-    fraction, against SMoA at its steps, paired by seed.
+    Equal wall-clock: LoRA trains ``round(steps * t_SMoA / t_LoRA)`` steps, with ``t`` the
+    seconds of one compiled training step (the model's loss, backward and AdamW update, one batch
+    of the run's size; ``benchmarks.model_step.jax_step``) of SMoA K = 2 and LoRA at the default
+    budget, timed side by side in one process: :data:`TIMING_ROUNDS` interleaved rounds after a
+    warmup round, ``t_SMoA / t_LoRA`` the median of the per-round ratios. The runs' own
+    ``train_seconds`` are not used: each was taken under whatever else the machine ran at the
+    time. The timing is cached like a run (method ``timing``). LoRA keeps its chosen rate and the
+    warmup fraction; it is compared with SMoA at its steps, paired by seed.
 
 Run cache: every finished run is one JSON file ``benchmarks/study_runs/<task>/<hash>.json``
 holding its full config (task, method, r, K, lr, seed, steps, warmup, batch, seq_len, targets,
@@ -106,6 +110,7 @@ COMPILE_CACHE = Path.home() / ".cache" / "smoa-jax" / "jax-cache"
 PARTS = ("lr", "seeds", "budget", "kablation", "wallclock")
 TASKS = ("sentiment", "shakespeare", "instruct")
 WIDEN_FACTOR = 2.0
+TIMING_ROUNDS = 20  # interleaved SMoA/LoRA step timings of the wallclock part
 MAX_WIDENINGS = 3
 BUDGET_PS = (2, 4, 8, 16)
 NAMES = {"smoa": "SMoA", "lora": "LoRA", "hira": "HiRA"}
@@ -130,6 +135,7 @@ class StudyPlan:
   ablation_ks: tuple[int, ...]
   ablation_seeds: tuple[int, ...]
   wallclock_seeds: tuple[int, ...]
+  timing_rounds: int = TIMING_ROUNDS
   quick: bool = False
   widen_factor: float = WIDEN_FACTOR
   max_widenings: int = MAX_WIDENINGS
@@ -162,7 +168,7 @@ def quick_study(plan: StudyPlan) -> StudyPlan:
   base = dataclasses.replace(quality_real.quick_plan(plan.base), seeds=(0, 1))
   return dataclasses.replace(plan, base=base, budget_ps=(1, 2), curve_seeds=(0,),
                              ablation_ks=(1, 2, 4), ablation_seeds=(0, 1), wallclock_seeds=(0, 1),
-                             quick=True, max_widenings=1)
+                             timing_rounds=3, quick=True, max_widenings=1)
 
 
 def _round_lr(lr: float) -> float:
@@ -177,7 +183,7 @@ class RunSpec:
   the majority class (sentiment) or the pretrained model (Shakespeare)."""
 
   task: str
-  method: str  # smoa | lora | hira | reference
+  method: str  # smoa | lora | hira | reference | timing (steps = timed rounds)
   r: int
   num_blocks: int
   lr: float
@@ -267,6 +273,11 @@ class Runner:
   def reference(self) -> dict[str, Any]:
     return self.result(self.spec("reference", p=0, lr=0.0, seed=0, steps=0))
 
+  def step_timing(self) -> dict[str, Any]:
+    """SMoA K = 2 against LoRA at the default budget: seconds per training step, side by side."""
+    return self.result(self.spec("timing", p=self.plan.base.p, num_blocks=2, lr=0.0, seed=0,
+                                 steps=self.plan.timing_rounds))
+
   def start_part(self, part: str) -> None:
     self.part, self.part_started = part, time.perf_counter()
     self.part_estimate = estimate(self.plan, self.cache)[part] * 60
@@ -281,10 +292,15 @@ class Runner:
     self.cache.store(spec, result)
     self.trained += 1
     elapsed = time.perf_counter() - self.part_started
-    self.log(f"[{spec.task} {self.part} run {self.trained}] {_describe(spec)}: validation "
-             f"{_fmt(self.plan, result['val'])}, test {_fmt(self.plan, result['test'])} "
-             f"({result['seconds']:.0f} s); part {self.part} {elapsed / 60:.1f} min of about "
-             f"{self.part_estimate / 60:.0f} (the estimate counts its cached runs too)")
+    if spec.method == "timing":
+      outcome = (f"SMoA {result['smoa_seconds']:.3f} s, LoRA {result['lora_seconds']:.3f} s per "
+                 f"step, ratio {result['ratio']:.2f}")
+    else:
+      outcome = (f"validation {_fmt(self.plan, result['val'])}, test "
+                 f"{_fmt(self.plan, result['test'])} ({result['seconds']:.0f} s)")
+    self.log(f"[{spec.task} {self.part} run {self.trained}] {_describe(spec)}: {outcome}; part "
+             f"{self.part} {elapsed / 60:.1f} min of about {self.part_estimate / 60:.0f} (the "
+             "estimate counts its cached runs too)")
     return result
 
   def _context(self) -> quality_real.Context:
@@ -297,6 +313,8 @@ class Runner:
   def _train(self, spec: RunSpec) -> dict[str, Any]:
     ctx = self._context()
     plan = ctx.plan
+    if spec.method == "timing":
+      return _time_steps(ctx, spec)
     if spec.method == "reference":
       if plan.task == "sentiment":
         majority = int(np.bincount(ctx.data["train"]["labels"]).argmax())
@@ -320,9 +338,33 @@ class Runner:
             "loss": None if diverged else run.loss, "diverged": diverged}
 
 
+def _time_steps(ctx: quality_real.Context, spec: RunSpec) -> dict[str, Any]:
+  """Seconds per compiled training step of SMoA (K = ``spec.num_blocks``, r = ``spec.r``) and
+  LoRA (r = ``spec.p``), ``spec.steps`` interleaved rounds after one warmup round."""
+  import jax.numpy as jnp
+
+  from benchmarks.model_step import jax_step
+
+  plan = dataclasses.replace(ctx.plan, p=spec.p, num_blocks=spec.num_blocks)
+  batch = {name: jnp.asarray(v[:plan.batch_size]) for name, v in ctx.data["train"].items()}
+  steps = {}
+  for kind in ("smoa", "lora"):
+    model, _, _ = quality_real.adapted_model(ctx, kind, spec.seed, plan)
+    model.train()  # dropout on, as in training
+    steps[kind] = jax_step(model, batch, ctx.task).run
+  load = _common.load_average()
+  timings = _common.time_interleaved(steps, rounds=spec.steps, warmup=1)
+  q1, q3 = timings.ratio_quartiles("smoa", "lora")
+  return {"smoa_seconds": timings.median("smoa"), "lora_seconds": timings.median("lora"),
+          "ratio": timings.ratio("smoa", "lora"), "ratio_quartiles": [q1, q3],
+          "rounds": timings.rounds, "load_average": load}
+
+
 def _describe(spec: RunSpec) -> str:
   if spec.method == "reference":
     return "reference"
+  if spec.method == "timing":
+    return f"step timing, SMoA r={spec.r} K={spec.num_blocks} vs LoRA r={spec.p}"
   k = f" K={spec.num_blocks}" if spec.method == "smoa" else ""
   return (f"{NAMES.get(spec.method, spec.method)} r={spec.r}{k} lr {spec.lr:g} seed {spec.seed}, "
           f"{spec.steps} steps")
@@ -588,27 +630,26 @@ def part_wallclock(runner: Runner, plot: Path | None = None) -> str:
   seeds = plan.wallclock_seeds
   smoa = _final(runner, "smoa", seeds)
   lora = _final(runner, "lora", seeds)
-  if any(runner.result(s)["diverged"] for s in smoa + lora):
-    return "A final SMoA or LoRA run diverged: no wall-clock to match."
-  smoa_seconds = statistics.mean(runner.result(s)["train_seconds"] for s in smoa)
-  lora_rate = statistics.mean(runner.result(s)["steps_per_sec"] for s in lora)
-  steps = max(plan.base.steps, round(smoa_seconds * lora_rate))
+  timing = runner.step_timing()
+  steps = max(plan.base.steps, round(plan.base.steps * timing["ratio"]))
   longer = _final(runner, "lora", seeds, steps=steps)
   smoa_tests, lora_tests, longer_tests = (_tests(runner, s) for s in (smoa, lora, longer))
   hib = plan.base.higher_is_better
-  rows = [[f"SMoA K=2 r={smoa[0].r}", plan.base.steps, f"{smoa_seconds:.0f}",
-           _pm(plan, smoa_tests)],
+  q1, q3 = timing["ratio_quartiles"]
+  rows = [[f"SMoA K=2 r={smoa[0].r}", plan.base.steps,
+           f"{plan.base.steps * timing['smoa_seconds']:.0f}", _pm(plan, smoa_tests)],
           [f"LoRA r={lora[0].r}, equal steps", plan.base.steps,
-           f"{statistics.mean(runner.result(s)['train_seconds'] for s in lora):.0f}",
-           _pm(plan, lora_tests)],
+           f"{plan.base.steps * timing['lora_seconds']:.0f}", _pm(plan, lora_tests)],
           [f"LoRA r={lora[0].r}, equal wall-clock", steps,
-           f"{statistics.mean(runner.result(s)['train_seconds'] for s in longer):.0f}",
-           _pm(plan, longer_tests)]]
-  return (f"LoRA trained for as many steps as fit into SMoA's mean measured training time "
-          f"({smoa_seconds:.0f} s over seeds {', '.join(map(str, seeds))}, compiling included) "
-          f"at LoRA's measured {lora_rate:.2f} steps/s: {steps} steps, same rate and warmup "
-          "fraction.\n\n"
-          + _common.markdown_table(["run", "steps", "train s (mean)",
+           f"{steps * timing['lora_seconds']:.0f}", _pm(plan, longer_tests)]]
+  return (f"One training step timed side by side in one process ({timing['rounds']} interleaved "
+          f"rounds, load average {timing['load_average']:.1f} at the start): SMoA K=2 "
+          f"{timing['smoa_seconds']:.3f} s, LoRA {timing['lora_seconds']:.3f} s, SMoA / LoRA = "
+          f"{timing['ratio']:.2f} (per-round quartiles {q1:.2f}-{q3:.2f}). LoRA at equal "
+          f"wall-clock trains {plan.base.steps} x {timing['ratio']:.2f} = {steps} steps, same "
+          f"rate and warmup fraction; seeds {', '.join(map(str, seeds))}. Training seconds below "
+          "are steps x the timed step (compiling and evaluation excluded).\n\n"
+          + _common.markdown_table(["run", "steps", "train s",
                                     f"test {plan.base.metric} (mean +- sd)"], rows)
           + "\n\n" + "\n".join([
               _diff_text(plan, "SMoA", "LoRA at equal steps",
@@ -631,7 +672,8 @@ def seconds_per_step(plan: StudyPlan, cache: RunCache) -> dict[str, float]:
   measured: dict[str, list[float]] = {}
   for record in cache.results(plan.task):
     config, result = record["config"], record["result"]
-    if config["quick"] == plan.quick and config["steps"] and not result["diverged"]:
+    if (config["method"] in NAMES and config["quick"] == plan.quick and config["steps"]
+        and not result["diverged"]):
       measured.setdefault(config["method"], []).append(result["seconds"] / config["steps"])
   rates.update({kind: statistics.median(v) for kind, v in measured.items()})
   return rates

@@ -104,7 +104,12 @@ def test_study_quick_runs_every_part_then_trains_nothing_from_its_cache(tmp_path
   assert len(files) > 10 and "Not run yet" not in first, first
   conclusions = first[first.index("### Conclusions"):first.index("### Learning rates")]
   assert conclusions.count("\n- ") >= 6 and "**SMoA " in conclusions, conclusions
-  assert all(json.loads(f.read_text())["config"]["quick"] for f in files)
+  records = [json.loads(f.read_text()) for f in files]
+  assert all(r["config"]["quick"] for r in records)
+  # The equal-wall-clock LoRA runs take their length from one side-by-side step timing.
+  (timing,) = [r["result"] for r in records if r["config"]["method"] == "timing"]
+  assert timing["rounds"] == 3 and timing["smoa_seconds"] > 0 and timing["lora_seconds"] > 0
+  assert f"SMoA / LoRA = {timing['ratio']:.2f}" in first
   # Every part has its table, read back from the cache.
   for header in ("| method | chosen lr |", "| method | trainable | lr |", "| p | method | r |",
                  "| K | r | lr |", "| run | steps |"):
