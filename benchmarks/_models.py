@@ -68,14 +68,16 @@ SMOLLM2_CONFIG = {
 }
 
 
-def tiny_llama_config(vocab_size: int = 256) -> dict[str, Any]:
-  """A one-layer Llama config.json whose target kernels are all 32 x 32 (``--quick`` runs)."""
+def tiny_llama_config(vocab_size: int = 256, max_position_embeddings: int = 64
+                      ) -> dict[str, Any]:
+  """A one-layer Llama config.json whose target kernels are all 32 x 32 (``--quick`` runs);
+  chat-templated rows need ``max_position_embeddings`` of 256."""
   return {
       "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab_size,
       "hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 1,
       "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16,
-      "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
-      "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}, "hidden_act": "silu",
+      "max_position_embeddings": max_position_embeddings, "rms_norm_eps": 1e-5,
+      "tie_word_embeddings": True, "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}, "hidden_act": "silu",
   }
 
 

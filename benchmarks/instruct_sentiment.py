@@ -135,8 +135,8 @@ def make_context(plan: Plan, quick: bool, workdir: Path) -> Context:
   real_dir = assets.fetch_smollm2()
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(real_dir))
   if quick:
-    config = {**_models.tiny_llama_config(len(tokenizer)), "max_position_embeddings": 256}
-    model_dir = _models.save_random_llama(config, workdir / "tiny")
+    model_dir = _models.save_random_llama(_models.tiny_llama_config(len(tokenizer), 256),
+                                          workdir / "tiny")
   else:
     model_dir = real_dir
   split = datasets.split_sentiment(assets.load_sentiment())

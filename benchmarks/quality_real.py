@@ -18,6 +18,13 @@ targets for every method; only the adapter differs:
     validation play, the 39 others train), 128 tokens with an EOS appended (as ``smoa-jax
     finetune`` does). Targets ``q_proj, k_proj, v_proj, up_proj, down_proj`` of all 30 layers.
     Metric: test perplexity (exp of the mean next-token loss over real tokens), before and after.
+``instruct`` (for ``benchmarks/study.py`` only; not one of this script's ``--task`` choices)
+    SmolLM2-135M-Instruct instruction-tuned on the sentiment chat task of
+    ``benchmarks/instruct_sentiment.py`` (the sentiment split above posed as one user turn, the
+    answer ``positive`` or ``negative``; loss on the answer only, packed rows of 128 tokens).
+    Metric: the accuracy of GENERATED answers (greedy, at most ``max_new_tokens`` tokens; an
+    answer that does not start with a label is wrong), on evenly spaced subsets of the
+    validation and test reviews. Reference: the instruct model zero-shot.
 
 Methods, at an equal budget of trainable parameters (``p`` = LoRA's rank): **SMoA** r = 2p, K = 2
 spectral blocks (``sum_k r_k (|C_k| + |R_k|) = p (in + out)`` on every kernel), **LoRA** r = p,
@@ -99,14 +106,21 @@ class Plan:
   test_limit: int | None
   eval_batch: int
   num_blocks: int = 2  # SMoA's K (r = K p)
+  max_new_tokens: int = 8  # instruct: the longest generated answer scored
 
   @property
   def higher_is_better(self) -> bool:
-    return self.task == "sentiment"
+    return self.task != "shakespeare"
 
   @property
   def metric(self) -> str:
-    return "accuracy" if self.task == "sentiment" else "perplexity"
+    return "perplexity" if self.task == "shakespeare" else "accuracy"
+
+  @property
+  def reference_name(self) -> str:
+    """The floor every method is read against."""
+    return {"sentiment": "majority class", "shakespeare": "pretrained model"}.get(
+        self.task, "instruct model zero-shot")
 
   @property
   def budget(self) -> _budgets.EqualBudget:
@@ -129,13 +143,20 @@ SHAKESPEARE = Plan(
              Method("full FT", "full", (3e-5, 1e-4, 3e-4))),
     val_limit=48, test_limit=64, eval_batch=16)
 PLANS = {"sentiment": SENTIMENT, "shakespeare": SHAKESPEARE}
+# The study's third task (no grid of its own here: the study chooses the rates).
+INSTRUCT = Plan(
+    task="instruct", p=8, targets=_models.LLAMA_TARGETS, steps=24, batch_size=4, seq_len=128,
+    warmup_steps=2, seeds=(0, 1, 2), methods=(), val_limit=100, test_limit=100, eval_batch=25)
 
 
 def quick_plan(plan: Plan) -> Plan:
-  """The same methods on tiny sizes, one seed, one learning rate each (a smoke test)."""
+  """The same methods on tiny sizes, one seed, one learning rate each (a smoke test). Instruct
+  rows keep their length: a chat-templated review does not fit into 16 tokens."""
   methods = tuple(dataclasses.replace(m, lrs=m.lrs[:1]) for m in plan.methods)
-  return dataclasses.replace(plan, p=2, steps=3, batch_size=4, seq_len=16, warmup_steps=1,
-                             seeds=(0,), methods=methods, val_limit=8, test_limit=8, eval_batch=8)
+  return dataclasses.replace(plan, p=2, steps=3, batch_size=4,
+                             seq_len=plan.seq_len if plan.task == "instruct" else 16,
+                             warmup_steps=1, seeds=(0,), methods=methods, val_limit=8,
+                             test_limit=8, eval_batch=8, max_new_tokens=2)
 
 
 # -- models and data -------------------------------------------------------------------------------
@@ -149,7 +170,8 @@ def _tiny_dir(task: str, vocab_size: int, directory: Path) -> Path:
                                      num_attention_heads=2, intermediate_size=32,
                                      max_position_embeddings=64)
     return _models.save_random_model(transformers.BertModel, config, directory)
-  return _models.save_random_llama(_models.tiny_llama_config(vocab_size), directory)
+  return _models.save_random_llama(
+      _models.tiny_llama_config(vocab_size, 256 if task == "instruct" else 64), directory)
 
 
 def _evenly(arrays: dict[str, np.ndarray], limit: int | None) -> dict[str, np.ndarray]:
@@ -169,6 +191,9 @@ class Context:
   model_dir: Path
   data: dict[str, dict[str, np.ndarray]]
   task: Any
+  tokenizer: Any = None  # instruct: asks the held-out reviews
+  # instruct: the held-out reviews by split (``data[split]["labels"]`` holds their labels).
+  reviews: dict[str, list[str]] = dataclasses.field(default_factory=dict)
   # SMoA spectral blocks by K, then by module path (computed once per K).
   blocks: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
   kernel_curves: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
@@ -186,6 +211,8 @@ def make_context(plan: Plan, quick: bool, workdir: Path) -> Context:
   real_dir = assets.fetch_minilm() if plan.task == "sentiment" else assets.fetch_smollm2()
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(real_dir))
   model_dir = _tiny_dir(plan.task, len(tokenizer), workdir / plan.task) if quick else real_dir
+  if plan.task == "instruct":
+    return _instruct_context(plan, quick, model_dir, tokenizer)
   if plan.task == "sentiment":
     parts = datasets.split_sentiment(assets.load_sentiment())
     records = {name: data_lib.Records(texts, labels, 2, f"sentiment/{name}")
@@ -199,13 +226,37 @@ def make_context(plan: Plan, quick: bool, workdir: Path) -> Context:
   data = {}
   for name, rec in records.items():
     if quick:  # a few dozen examples: the smoke test tokenizes in well under a second
-      rec = dataclasses.replace(rec, texts=rec.texts[:64],
-                                labels=None if rec.labels is None else rec.labels[:64])
+      rec = dataclasses.replace(rec, texts=rec.texts[:QUICK_EXAMPLES],
+                                labels=None if rec.labels is None else rec.labels[:QUICK_EXAMPLES])
     arrays = data_lib.tokenize(rec, tokenizer, plan.seq_len,
                                add_eos=plan.task == "shakespeare").arrays
-    limit = {"validation": plan.val_limit, "test": plan.test_limit}.get(name)
-    data[name] = _evenly(arrays, limit)
+    data[name] = _evenly(arrays, _limit(plan, name))
   return Context(plan, model_dir, data, task)
+
+
+QUICK_EXAMPLES = 64  # per split, with --quick
+
+
+def _limit(plan: Plan, split: str) -> int | None:
+  return {"validation": plan.val_limit, "test": plan.test_limit}.get(split)
+
+
+def _instruct_context(plan: Plan, quick: bool, model_dir: Path, tokenizer: Any) -> Context:
+  """The sentiment chat task: packed training rows (loss on the answers), held-out reviews."""
+  import smoa_jax
+  from smoa_jax.app import assets, datasets, llm_demo
+
+  data, reviews = {}, {}
+  for name, (texts, labels) in datasets.split_sentiment(assets.load_sentiment()).items():
+    if quick:
+      texts, labels = texts[:QUICK_EXAMPLES], labels[:QUICK_EXAMPLES]
+    if name == "train":
+      data[name] = llm_demo.chat_training_data(tokenizer, texts, labels, plan.seq_len).arrays
+      continue
+    rows = _evenly({"rows": np.arange(len(texts))}, _limit(plan, name))["rows"]
+    reviews[name] = [texts[i] for i in rows]
+    data[name] = {"labels": np.asarray(labels)[rows]}
+  return Context(plan, model_dir, data, smoa_jax.CausalLMTask(), tokenizer, reviews)
 
 
 def load_model(ctx: Context, seed: int):
@@ -309,8 +360,16 @@ def train_run(ctx: Context, method: Method, lr: float, seed: int, *, validate: b
 
 
 def _score(ctx: Context, model: Any, split: str) -> float:
+  """The task's metric on ``split``; instruct: the accuracy of the generated answers."""
   import smoa_jax
 
+  if ctx.plan.task == "instruct":
+    from smoa_jax.app.datasets import answer_sentiment
+
+    _, labels = answer_sentiment(model, ctx.tokenizer, ctx.reviews[split],
+                                 max_new_tokens=ctx.plan.max_new_tokens,
+                                 batch_size=ctx.plan.eval_batch)
+    return float(np.mean([a == t for a, t in zip(labels, ctx.data[split]["labels"])]))
   return smoa_jax.evaluate(model, ctx.task, ctx.data[split],
                            batch_size=ctx.plan.eval_batch)[ctx.plan.metric]
 

@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 import smoa_jax
-from smoa_jax.app import assets
+from smoa_jax.app import assets, datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks` is a folder of scripts at the repo root, not installed
@@ -31,6 +31,7 @@ from benchmarks import (
   _models,
   layer_step,
   mixed_precision,
+  quality_real,
   quality_synthetic,
   remat,
   spectral_prep,
@@ -144,8 +145,38 @@ def test_study_quick_never_caches_into_the_repository():
   with pytest.raises(SystemExit):
     study.parse_args(["--task", "sentiment", "--quick", "--cache-dir",
                       str(study.RUNS_DIR / "sentiment")])
-  with pytest.raises(SystemExit):
-    study.parse_args(["--task", "instruct"])
+
+
+@pytest.mark.assets
+@pytest.mark.skipif(not (assets.is_cached("smollm2") and assets.is_cached("sentiment")),
+                    reason="SmolLM2 or the sentiment data not cached (run 'smoa-jax fetch-assets')")
+def test_study_instruct_task_trains_on_answers_and_scores_generated_labels(tmp_path, monkeypatch):
+  plan = study.quick_study(study.STUDIES["instruct"]).base
+  ctx = quality_real.make_context(plan, True, tmp_path)
+  train = ctx.data["train"]
+  # Packed chat rows with the loss on the answers only.
+  assert train["input_ids"].shape[1] == plan.seq_len
+  assert 0 < train["loss_mask"].sum() < train["attention_mask"].sum()
+  for split, limit in (("validation", plan.val_limit), ("test", plan.test_limit)):
+    assert len(ctx.reviews[split]) == len(ctx.data[split]["labels"]) == limit
+  truth = ctx.data["validation"]["labels"]
+  # The metric reads the labels of the generated answers: an off-format answer (None) is wrong.
+  read = [int(t) for t in truth[:5]] + [None] + [1 - int(t) for t in truth[6:]]
+
+  def answers(model, tokenizer, texts, *, max_new_tokens, batch_size):
+    assert texts == ctx.reviews["validation"] and max_new_tokens == plan.max_new_tokens
+    return ["..."] * len(texts), read
+
+  monkeypatch.setattr(datasets, "answer_sentiment", answers)
+  assert quality_real._score(ctx, None, "validation") == pytest.approx(5 / len(truth))
+
+
+@pytest.mark.slow  # about 2 minutes: every part with a tiny Llama that generates its answers
+@pytest.mark.assets
+def test_study_quick_runs_every_part_of_the_instruct_task(tmp_path):
+  body = study.main(["--task", "instruct", "--quick", "--cache-dir", str(tmp_path)])
+  assert "Not run yet" not in body and "Reference (instruct model zero-shot)" in body
+  assert "| run | steps |" in body
 
 
 def test_study_run_cache_round_trip_and_keys(tmp_path):
