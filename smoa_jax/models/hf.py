@@ -339,6 +339,39 @@ def _fresh_value(path: str, shape: tuple[int, ...], dtype: Any, std: float,
   return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
+def _checked_config(config: dict[str, Any], file: Path, *, num_labels: int | None,
+                    param_dtype: Dtype, scan_layers: bool, mesh: Mesh | None
+                    ) -> tuple[type[HFModel], dict[str, Any], int]:
+  """``(model class, values, bytes)`` from config.json alone, before any module exists: every field checked
+  (one :class:`CheckpointError` listing all violations), and the bytes the parameters will take
+  on this process (on CPU a mesh's local devices share the host's memory)."""
+  config_schema.check_selection(config, file=file)
+  try:
+    cls = model_class(config, num_labels)
+    values = config_schema.check(config, cls.architecture, file=file)
+    labels = (config_schema.label_count(values, num_labels)
+              if cls is BertForSequenceClassification else None)
+    needed = sizes.config_param_bytes(cls, values, param_dtype, num_labels=labels,
+                                      scan_layers=scan_layers, mesh=mesh)
+  except ConfigError as err:
+    raise CheckpointError(f"{file}: {err}") from err
+  if mesh is not None and jax.local_devices()[0].platform == "cpu":
+    needed *= len(mesh.local_devices)
+  return cls, values, needed
+
+
+def _initialize_fresh(params: dict[str, nnx.Param], std: float, seed: int,
+                      mesh: Mesh | None) -> None:
+  """Fill the parameters the checkpoint lacks (module path -> Param), one key per path from
+  ``seed``, laid out on ``mesh`` by their sharding annotation."""
+  keys = jax.random.split(jax.random.key(seed), len(params))
+  for key, (path, param) in zip(keys, params.items()):
+    value = _fresh_value(path, param.shape, param.dtype, std, key)
+    if mesh is not None:
+      value = sharding.place(value, sharding.named(mesh, param.get_metadata("out_sharding")))
+    param.set_value(value)
+
+
 def from_hf(path: str | os.PathLike[str], dtype: Dtype = jnp.float32, *,
             revision: str | None = None, param_dtype: Dtype | None = None,
             num_labels: int | None = None, max_bytes: int | None = None, seed: int = 0,
@@ -388,19 +421,8 @@ def from_hf(path: str | os.PathLike[str], dtype: Dtype = jnp.float32, *,
   config = _read_config(directory)
   file = directory / "config.json"
   param_dtype = dtype if param_dtype is None else param_dtype
-  # From config.json alone, before any module exists: every field checked, the bytes priced.
-  config_schema.check_selection(config, file=file)
-  try:
-    cls = model_class(config, num_labels)
-    values = config_schema.check(config, cls.architecture, file=file)
-    labels = (config_schema.label_count(values, num_labels)
-              if cls is BertForSequenceClassification else None)
-    needed = sizes.config_param_bytes(cls, values, param_dtype, num_labels=labels,
-                                      scan_layers=scan_layers, mesh=mesh)
-  except ConfigError as err:
-    raise CheckpointError(f"{file}: {err}") from err
-  if mesh is not None and jax.local_devices()[0].platform == "cpu":
-    needed *= len(mesh.local_devices)
+  cls, values, needed = _checked_config(config, file, num_labels=num_labels,
+                                        param_dtype=param_dtype, scan_layers=scan_layers, mesh=mesh)
   _check_size(needed, max_bytes, f"{cls.__name__} from {directory}")
   try:
     model = nnx.eval_shape(lambda: build_model(config, num_labels=num_labels, dtype=dtype,
@@ -420,13 +442,7 @@ def from_hf(path: str | os.PathLike[str], dtype: Dtype = jnp.float32, *,
         params[p].set_value(_load(ckpt, params[p], pieces, mesh))
         bar.update()
   if fresh:
-    std = values["initializer_range"]
-    keys = jax.random.split(jax.random.key(seed), len(fresh))
-    for key, p in zip(keys, fresh):
-      value = _fresh_value(p, params[p].shape, params[p].dtype, std, key)
-      if mesh is not None:
-        value = sharding.place(value, sharding.named(mesh, params[p].get_metadata("out_sharding")))
-      params[p].set_value(value)
+    _initialize_fresh({p: params[p] for p in fresh}, values["initializer_range"], seed, mesh)
     if warn_fresh:
       warnings.warn(f"{len(fresh)} parameters are not in {directory} and were freshly "
                     f"initialized (train them before use): {fresh}", stacklevel=2)
