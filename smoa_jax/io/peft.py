@@ -379,17 +379,7 @@ def load_peft_adapter(model: HFModel, directory: str | os.PathLike, *,
   factor_keys = {k for n in targets
                  for k in formats.factor_keys(n, (1,), per_block=False, names=_NAMES[method])}
   heads, stray = _heads(model, spec, tensors, factor_keys)
-  missing = sorted(factor_keys - set(tensors))
-  if missing or stray:
-    owners = {re.sub(r"\.(lora_[AB]\.weight|hira_[AB]|weight|bias)$", "",
-                     k.removeprefix(formats.PREFIX)) for k in stray}
-    unknown = sorted(owners - set(modules))
-    raise AdapterMismatchError(
-        f"{path} does not fit this {type(model).__name__}: "
-        + (f"missing keys ({len(missing)}): {missing[:6]}; " if missing else "")
-        + (f"unexpected keys ({len(stray)}): {stray[:6]} (modules the model lacks, like "
-           f"{unknown[:3]}, mean another base model; keys outside target_modules and "
-           "modules_to_save are not imported)" if stray else ""))
+  _check_keys(model, path, modules, sorted(factor_keys - set(tensors)), stray)
   for n in targets:  # every shape before the model changes
     n_in, n_out = modules[n].site.shape
     key_a, key_b = formats.factor_keys(n, (1,), per_block=False, names=_NAMES[method])
@@ -401,32 +391,63 @@ def load_peft_adapter(model: HFModel, directory: str | os.PathLike, *,
     if problems:
       raise AdapterMismatchError(f"{path} does not fit this {type(model).__name__}:\n  "
                                  + "\n  ".join(problems))
-    groups: dict[tuple, list[str]] = collections.defaultdict(list)
-    for n in targets:  # one group of layers per distinct config
-      c = configs[n]
-      if not modules[n].site.adapted:
-        groups[c.method, c.r, c.alpha, c.dropout].append(n)
-    reports = []
-    for names in groups.values():
-      paths = [modules[n].path for n in names]
-      config = dataclasses.replace(configs[names[0]], target_modules=tuple(paths))
-      reports.append(adapt_modules(model, config, paths, rngs=rngs or nnx.Rngs(0),
-                                   verbose=verbose, name=name))
+    reports = _adapt_targets(model, targets, modules, configs, name=name,
+                             rngs=rngs or nnx.Rngs(0), verbose=verbose)
     layers = {site.name: site.module for site in linear_sites(model) if site.adapted}
     for n in targets:
       layer = layers[modules[n].path]
       a, b = formats.decode_factors(n, layer.op, tensors, per_block=False, names=_NAMES[method])
       layer.lora_a[...] = a.astype(layer.lora_a.dtype)
       layer.lora_b[...] = b.astype(layer.lora_b.dtype)
-    if heads:
-      frozen = [p for p in heads if p not in _trainable_paths(model)]
-      if frozen:
-        mark_trainable(model, "|".join(map(re.escape, frozen)))
-      variables = _trainable_paths(model)
-      for p, value in heads.items():
-        variables[p][...] = value.astype(variables[p].dtype)
+    _write_heads(model, heads)
   return PeftImport(method, {modules[n].path: configs[n] for n in targets}, tuple(heads),
                     tuple(reports))
+
+def _check_keys(model: HFModel, path: epath.Path, modules: dict[str, Any], missing: list[str],
+                stray: list[str]) -> None:
+  """Raise :class:`AdapterMismatchError` naming the missing factor keys and the stray keys
+  (modules the model lacks point at another base model)."""
+  if not (missing or stray):
+    return
+  owners = {re.sub(r"\.(lora_[AB]\.weight|hira_[AB]|weight|bias)$", "",
+                   k.removeprefix(formats.PREFIX)) for k in stray}
+  unknown = sorted(owners - set(modules))
+  raise AdapterMismatchError(
+      f"{path} does not fit this {type(model).__name__}: "
+      + (f"missing keys ({len(missing)}): {missing[:6]}; " if missing else "")
+      + (f"unexpected keys ({len(stray)}): {stray[:6]} (modules the model lacks, like "
+         f"{unknown[:3]}, mean another base model; keys outside target_modules and "
+         "modules_to_save are not imported)" if stray else ""))
+
+
+def _adapt_targets(model: HFModel, targets: list[str], modules: dict[str, Any],
+                   configs: dict[str, Any], *, name: str, rngs: nnx.Rngs,
+                   verbose: bool) -> list[AdapterReport]:
+  """Give every target that has no adapter yet its layer, one :func:`adapt_modules` call per
+  distinct config; returns their reports."""
+  groups: dict[tuple, list[str]] = collections.defaultdict(list)
+  for n in targets:
+    c = configs[n]
+    if not modules[n].site.adapted:
+      groups[c.method, c.r, c.alpha, c.dropout].append(n)
+  reports = []
+  for names in groups.values():
+    paths = [modules[n].path for n in names]
+    config = dataclasses.replace(configs[names[0]], target_modules=tuple(paths))
+    reports.append(adapt_modules(model, config, paths, rngs=rngs, verbose=verbose, name=name))
+  return reports
+
+
+def _write_heads(model: HFModel, heads: dict[str, np.ndarray]) -> None:
+  """Make the ``modules_to_save`` parameters trainable (if they are not) and load them."""
+  if not heads:
+    return
+  frozen = [p for p in heads if p not in _trainable_paths(model)]
+  if frozen:
+    mark_trainable(model, "|".join(map(re.escape, frozen)))
+  variables = _trainable_paths(model)
+  for p, value in heads.items():
+    variables[p][...] = value.astype(variables[p].dtype)
 
 
 def _trainable_paths(model: nnx.Module) -> dict[str, nnx.Variable]:
