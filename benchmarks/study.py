@@ -76,8 +76,9 @@ instruct        65     65      73         31         18    252
 The sentiment runs of the study then took about 1.4x these seconds per step (its estimate from
 its own cached runs: 353 minutes). So the issue's minimum for the headline comparison (3x
 steps, 5 seeds: parts ``lr`` and ``seeds``) alone costs about 2 hours per task, and the whole
-study about 13 hours for the three tasks, not the 2 hours the issue asked for; the defaults already cut what they may (one seed on
-the budget curve, three for the K ablation and the wall-clock comparison). Run it part by part,
+study about 13 hours for the three tasks, not the 2 hours the issue asked for; the defaults
+already cut what they may (one seed on the budget curve, three for the K ablation and the
+wall-clock comparison). Run it part by part,
 one or two parts per session; the cache makes every session's work count. ``--budget-ps``,
 ``--curve-seeds``, ``--ablation-seeds`` and ``--wallclock-seeds`` shrink the optional parts
 further (pass the same values when publishing: the section is rendered for the sizes given).

@@ -342,9 +342,10 @@ def _fresh_value(path: str, shape: tuple[int, ...], dtype: Any, std: float,
 def _checked_config(config: dict[str, Any], file: Path, *, num_labels: int | None,
                     param_dtype: Dtype, scan_layers: bool, mesh: Mesh | None
                     ) -> tuple[type[HFModel], dict[str, Any], int]:
-  """``(model class, values, bytes)`` from config.json alone, before any module exists: every field checked
-  (one :class:`CheckpointError` listing all violations), and the bytes the parameters will take
-  on this process (on CPU a mesh's local devices share the host's memory)."""
+  """``(model class, values, bytes)`` from config.json alone, before any module exists: every
+  field checked (one :class:`CheckpointError` listing all violations), and the bytes the
+  parameters will take on this process (on CPU a mesh's local devices share the host's
+  memory)."""
   config_schema.check_selection(config, file=file)
   try:
     cls = model_class(config, num_labels)
